@@ -1,0 +1,234 @@
+//! Kafka: client settings, topic administration, and the idempotent producer capture writes
+//! through. Everything speaks the plain Kafka protocol through `rdkafka`, so any cluster works
+//! by configuration alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+/// How to reach one Kafka cluster.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.mechanism`,
+    /// `sasl.password`). Values of keys that look secret are never printed.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "token", "key"]
+                    .iter()
+                    .any(|s| k.contains(s));
+                (k.as_str(), if secret { "***" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+/// A Kafka failure with what Ferry was doing at the time.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka {cluster} ({servers}): {action}: {source}")]
+pub struct KafkaError {
+    /// `origin` or `destination`.
+    pub cluster: String,
+    /// The bootstrap servers.
+    pub servers: String,
+    /// What was being done (`creating topic ferry.public.t`, …).
+    pub action: String,
+    /// The client's error.
+    pub source: RdError,
+}
+
+impl KafkaError {
+    /// Whether retrying could help: configuration and authorization errors are permanent,
+    /// everything else (timeouts, transport, broker not available) is retried.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self.source.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::InvalidConfig
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidTopic
+            )
+        ) && !matches!(self.source, RdError::ClientConfig(..))
+    }
+}
+
+/// Client context for readers that run to the end of a partition: reaching the end is the
+/// expected outcome there, not an error worth a log line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: RdError, reason: &str) {
+        if !matches!(error, RdError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// A consumer that reads partitions to their end, outside any consumer group.
+pub type Reader = BaseConsumer<ReaderContext>;
+
+/// A topic to create when missing.
+#[derive(Clone, Debug)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Topic configuration (e.g. `cleanup.policy=compact`).
+    pub config: Vec<(String, String)>,
+}
+
+/// A named cluster: configuration plus the name used in messages.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// `origin` or `destination`.
+    pub name: String,
+    /// Settings.
+    pub config: KafkaConfig,
+}
+
+impl Cluster {
+    /// A cluster handle.
+    pub fn new(name: impl Into<String>, config: KafkaConfig) -> Self {
+        Cluster {
+            name: name.into(),
+            config,
+        }
+    }
+
+    fn err(&self, action: impl Into<String>, source: RdError) -> KafkaError {
+        KafkaError {
+            cluster: self.name.clone(),
+            servers: self.config.bootstrap_servers.clone(),
+            action: action.into(),
+            source,
+        }
+    }
+
+    /// Base client settings: bootstrap servers plus the configured extra properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.config.bootstrap_servers);
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// An idempotent producer (`acks=all`, zstd, murmur2 partitioner so keys land where Java
+    /// clients would put them).
+    pub fn producer(&self, linger_ms: u64) -> Result<FutureProducer, KafkaError> {
+        let mut c = self.client_config();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "zstd")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", linger_ms.to_string())
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", "200000")
+            .set("message.timeout.ms", "300000");
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c.create().map_err(|e| self.err("creating producer", e))
+    }
+
+    /// A consumer outside any group, for reading a topic from its start.
+    pub fn reader(&self) -> Result<Reader, KafkaError> {
+        let mut c = self.client_config();
+        c.set("group.id", "ferry-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        c.create_with_context(ReaderContext)
+            .map_err(|e| self.err("creating consumer", e))
+    }
+
+    /// Creates the topics that do not exist yet; existing ones are left as they are.
+    pub async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), KafkaError> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .map_err(|e| self.err("creating admin client", e))?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| {
+                t.config.iter().fold(
+                    NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1)),
+                    |n, (k, v)| n.set(k, v),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics(&new, &opts)
+            .await
+            .map_err(|e| self.err("creating topics", e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(self.err(format!("creating topic {name}"), RdError::AdminOp(code)))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Partition counts of the given topics (0 for a topic the cluster does not know).
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<i32, KafkaError> {
+        let consumer = self.reader()?;
+        let md = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| self.err(format!("reading metadata of {topic}"), e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as i32))
+    }
+
+    /// Asks the cluster for its brokers; used by `ferry check`.
+    pub fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
+        let consumer = self.reader()?;
+        let md = consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| self.err("fetching metadata", e))?;
+        Ok(md
+            .brokers()
+            .iter()
+            .map(|b| format!("{}:{} (id {})", b.host(), b.port(), b.id()))
+            .collect())
+    }
+}

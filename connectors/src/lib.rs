@@ -1,0 +1,15 @@
+//! The systems Ferry talks to.
+//!
+//! Glossary:
+//! - **publication / slot**: the Postgres objects logical replication reads through; the slot's
+//!   confirmed flush LSN is capture's checkpoint.
+//! - **pgoutput**: Postgres' built-in logical decoding output; [`postgres::pgoutput`] decodes it.
+//! - **relation**: a table as the replication stream describes it; each new shape becomes a new
+//!   table schema version.
+//! - **origin / destination cluster**: the Kafka clusters in the two regions ([`kafka`]).
+
+pub mod kafka;
+pub mod postgres;
+pub mod secret;
+
+pub use secret::Secret;

@@ -1,0 +1,349 @@
+//! Catalog queries: table shapes, keys, types, publications and slots.
+
+use std::collections::HashMap;
+
+use ferry_schemas::{Column, ColumnType, TableId, TableSchema};
+use tokio_postgres::Client;
+
+use super::{quote_ident, quote_literal};
+
+/// What the catalog says about one type.
+#[derive(Clone, Debug)]
+pub struct TypeInfo {
+    /// `typname` for `pg_catalog` types, else `schema.typname`.
+    pub name: String,
+    /// How values of this type are represented.
+    pub ty: ColumnType,
+}
+
+fn builtin(name: &str) -> Option<ColumnType> {
+    Some(match name {
+        "int2" => ColumnType::Int2,
+        "int4" => ColumnType::Int4,
+        "int8" => ColumnType::Int8,
+        "float4" => ColumnType::Float4,
+        "float8" => ColumnType::Float8,
+        "bool" => ColumnType::Bool,
+        "numeric" => ColumnType::Numeric,
+        "text" | "varchar" | "bpchar" | "name" | "char" => ColumnType::Text,
+        "bytea" => ColumnType::Bytea,
+        "date" => ColumnType::Date,
+        "time" => ColumnType::Time,
+        "timestamp" => ColumnType::Timestamp,
+        "timestamptz" => ColumnType::TimestampTz,
+        "uuid" => ColumnType::Uuid,
+        "json" | "jsonb" => ColumnType::Json,
+        _ => return None,
+    })
+}
+
+fn scalar_type(namespace: &str, name: &str, typtype: &str) -> ColumnType {
+    if typtype == "e" {
+        return ColumnType::Enum;
+    }
+    if namespace == "pg_catalog" {
+        if let Some(t) = builtin(name) {
+            return t;
+        }
+    }
+    ColumnType::Other
+}
+
+/// Resolves type oids to Ferry column types with one catalog query.
+pub async fn resolve_types(
+    client: &Client,
+    oids: &[u32],
+) -> Result<HashMap<u32, TypeInfo>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT t.oid, t.typname::text, n.nspname::text, t.typtype::text, t.typcategory::text, \
+                    e.typname::text, en.nspname::text, e.typtype::text, e.typcategory::text \
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+             LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' \
+             LEFT JOIN pg_namespace en ON en.oid = e.typnamespace \
+             WHERE t.oid = ANY($1)",
+            &[&oids],
+        )
+        .await?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let oid: u32 = row.get(0);
+        let name: String = row.get(1);
+        let ns: String = row.get(2);
+        let typtype: String = row.get(3);
+        let elem: Option<String> = row.get(5);
+        let ty = match elem {
+            Some(elem) => {
+                let elem_ns: String = row.get(6);
+                let elem_type: String = row.get(7);
+                let elem_cat: String = row.get(8);
+                if elem_cat == "A" {
+                    ColumnType::Other
+                } else {
+                    ColumnType::Array(Box::new(scalar_type(&elem_ns, &elem, &elem_type)))
+                }
+            }
+            None => scalar_type(&ns, &name, &typtype),
+        };
+        let name = if ns == "pg_catalog" {
+            name
+        } else {
+            format!("{ns}.{name}")
+        };
+        out.insert(oid, TypeInfo { name, ty });
+    }
+    Ok(out)
+}
+
+/// A table's oid, looked up by name; `None` when it does not exist.
+pub async fn table_oid(
+    client: &Client,
+    table: &TableId,
+) -> Result<Option<u32>, tokio_postgres::Error> {
+    let qualified = format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.table)
+    );
+    let row = client
+        .query_one("SELECT to_regclass($1)::oid", &[&qualified])
+        .await?;
+    Ok(row.get::<_, Option<u32>>(0))
+}
+
+/// The replicated columns of a table (as pgoutput sends them: not dropped, not generated), in
+/// order, with their type oids.
+pub async fn table_columns(
+    client: &Client,
+    relid: u32,
+) -> Result<Vec<(String, u32)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text, atttypid FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+             ORDER BY attnum",
+            &[&relid],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Key columns: the primary key, else the replica identity index, else nothing.
+pub async fn key_columns(
+    client: &Client,
+    relid: u32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, i.indisprimary FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)",
+            &[&relid],
+        )
+        .await?;
+    let primary: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1))
+        .map(|r| r.get(0))
+        .collect();
+    if !primary.is_empty() {
+        return Ok(primary);
+    }
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Builds a table schema version from column names and type oids, resolving types and keys
+/// from the catalog. The snapshot and the stream both build through here, so the same shape
+/// always yields the same schema (and fingerprint).
+pub async fn build_schema(
+    client: &Client,
+    database: &str,
+    id: TableId,
+    relid: u32,
+    columns: &[(String, u32)],
+) -> Result<TableSchema, tokio_postgres::Error> {
+    let oids: Vec<u32> = columns.iter().map(|(_, oid)| *oid).collect();
+    let types = resolve_types(client, &oids).await?;
+    let keys = key_columns(client, relid).await?;
+    let columns = columns
+        .iter()
+        .map(|(name, oid)| {
+            let info = types.get(oid);
+            Column {
+                name: name.clone(),
+                pg_type: info.map_or_else(|| format!("oid {oid}"), |t| t.name.clone()),
+                type_oid: *oid,
+                ty: info.map_or(ColumnType::Other, |t| t.ty.clone()),
+                key: keys.contains(name),
+            }
+        })
+        .collect();
+    Ok(TableSchema {
+        database: database.to_string(),
+        id,
+        columns,
+    })
+}
+
+/// The tables a publication covers.
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<TableId>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Whether a publication exists.
+pub async fn publication_exists(
+    client: &Client,
+    publication: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Creates the publication when missing: for the listed tables, or for all tables when the
+/// list is empty. Tables listed in config but missing from an existing publication are added.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[TableId],
+) -> Result<(), tokio_postgres::Error> {
+    let list = tables
+        .iter()
+        .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
+        .collect::<Vec<_>>();
+    if !publication_exists(client, publication).await? {
+        let target = if list.is_empty() {
+            "FOR ALL TABLES".to_string()
+        } else {
+            format!("FOR TABLE {}", list.join(", "))
+        };
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} {target}",
+                quote_ident(publication)
+            ))
+            .await?;
+        return Ok(());
+    }
+    let existing = publication_tables(client, publication).await?;
+    let missing: Vec<String> = tables
+        .iter()
+        .zip(&list)
+        .filter(|(t, _)| !existing.contains(t))
+        .map(|(_, q)| q.clone())
+        .collect();
+    if !missing.is_empty() {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(publication),
+                missing.join(", ")
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// A replication slot's state.
+#[derive(Clone, Debug)]
+pub struct SlotInfo {
+    /// The output plugin (Ferry needs `pgoutput`).
+    pub plugin: Option<String>,
+    /// The database the slot belongs to.
+    pub database: Option<String>,
+    /// Whether a session is streaming from it now.
+    pub active: bool,
+    /// The last position the consumer confirmed.
+    pub confirmed_flush_lsn: Option<String>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL the slot holds back.
+    pub retained_bytes: Option<i64>,
+}
+
+/// Looks a replication slot up.
+pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active: r.get(2),
+        confirmed_flush_lsn: r.get(3),
+        wal_status: r.get(4),
+        retained_bytes: r.get(5),
+    }))
+}
+
+/// Drops a replication slot (waiting for it to be released if a session still holds it).
+pub async fn drop_slot(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot({}) FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(name),
+            quote_literal(name)
+        ))
+        .await
+}
+
+/// Server settings and privileges that capture depends on.
+#[derive(Clone, Debug)]
+pub struct ServerFacts {
+    /// `server_version`.
+    pub version: String,
+    /// `wal_level`.
+    pub wal_level: String,
+    /// `max_replication_slots`.
+    pub max_replication_slots: i64,
+    /// Slots in use.
+    pub slots_used: i64,
+    /// `max_wal_senders`.
+    pub max_wal_senders: i64,
+    /// Whether the current user may replicate (REPLICATION attribute or superuser).
+    pub can_replicate: bool,
+}
+
+/// Reads [`ServerFacts`].
+pub async fn server_facts(client: &Client) -> Result<ServerFacts, tokio_postgres::Error> {
+    let r = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('wal_level'), \
+                    current_setting('max_replication_slots')::bigint, \
+                    (SELECT count(*) FROM pg_replication_slots), \
+                    current_setting('max_wal_senders')::bigint, \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await?;
+    Ok(ServerFacts {
+        version: r.get(0),
+        wal_level: r.get(1),
+        max_replication_slots: r.get(2),
+        slots_used: r.get(3),
+        max_wal_senders: r.get(4),
+        can_replicate: r.get(5),
+    })
+}

@@ -1,0 +1,97 @@
+//! PostgreSQL: connection settings, catalog queries, the pgoutput decoder and the change decoder
+//! that turns replication messages into [`ferry_schemas::ChangeEvent`]s.
+
+pub mod catalog;
+pub mod changes;
+pub mod pgoutput;
+pub mod values;
+
+use serde::Deserialize;
+
+use crate::Secret;
+
+/// Where a Postgres database is and how to log in.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// User; capture needs the REPLICATION attribute (or superuser).
+    pub user: String,
+    /// Password (empty for trust authentication).
+    #[serde(default)]
+    pub password: Secret,
+    /// Database name.
+    pub database: String,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+impl PgConfig {
+    /// Settings for an ordinary (non-replication) session with Ferry's pinned text formats.
+    pub fn tokio_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.database)
+            .application_name("ferry")
+            .options(values::SESSION_OPTIONS)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if !self.password.expose().is_empty() {
+            c.password(self.password.expose());
+        }
+        c
+    }
+
+    /// Opens an ordinary session; the connection task is owned by the returned guard.
+    pub async fn connect(&self) -> Result<Session, tokio_postgres::Error> {
+        let (client, connection) = self.tokio_config().connect(tokio_postgres::NoTls).await?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres session ended");
+            }
+        });
+        Ok(Session { client, task })
+    }
+
+    /// `host:port/database`, for messages.
+    pub fn display(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.database)
+    }
+}
+
+/// An open ordinary session; dropping it closes the connection.
+pub struct Session {
+    /// The client.
+    pub client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+/// Quotes an identifier for SQL (`"a""b"`).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL (`'it''s'`), for the simple-query protocol.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

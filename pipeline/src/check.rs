@@ -1,0 +1,187 @@
+//! `ferry check`: verifies every prerequisite and says exactly what to fix.
+
+use std::time::Duration;
+
+use ferry_connectors::kafka::Cluster;
+use ferry_connectors::postgres::catalog;
+
+use crate::config::Config;
+
+/// One check's outcome.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found, and for a failure what to do.
+    pub detail: String,
+}
+
+fn finding(name: &str, ok: bool, detail: impl Into<String>) -> Finding {
+    Finding {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check. Never fails itself: an unreachable system is a failed finding.
+pub async fn run(cfg: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (name, kafka) in [
+        ("origin broker", &cfg.origin.kafka),
+        ("destination broker", &cfg.destination.kafka),
+    ] {
+        let cluster = Cluster::new(name, kafka.clone());
+        let probe =
+            tokio::task::spawn_blocking(move || cluster.probe(Duration::from_secs(5))).await;
+        out.push(match probe {
+            Ok(Ok(brokers)) => finding(name, true, format!("reachable: {}", brokers.join(", "))),
+            Ok(Err(e)) => finding(
+                name,
+                false,
+                format!("{e}. Is it running? `ops/stack up` starts the local brokers"),
+            ),
+            Err(e) => finding(name, false, e.to_string()),
+        });
+    }
+
+    let pgc = &cfg.origin.postgres;
+    let target = pgc.display();
+    let session = match pgc.connect().await {
+        Ok(s) => {
+            out.push(finding("postgres", true, format!("reachable: {target}")));
+            s
+        }
+        Err(e) => {
+            out.push(finding(
+                "postgres",
+                false,
+                format!("{target}: {e}. Is it running and does the database exist? `ops/stack up` prepares it"),
+            ));
+            return out;
+        }
+    };
+    let facts = match catalog::server_facts(&session).await {
+        Ok(f) => f,
+        Err(e) => {
+            out.push(finding("postgres settings", false, e.to_string()));
+            return out;
+        }
+    };
+    out.push(if facts.wal_level == "logical" {
+        finding("wal_level", true, "logical")
+    } else {
+        finding(
+            "wal_level",
+            false,
+            format!(
+                "is {}; capture needs logical. Fix: ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+                facts.wal_level
+            ),
+        )
+    });
+    out.push(if facts.can_replicate {
+        finding(
+            "replication privilege",
+            true,
+            format!("user {} may replicate", pgc.user),
+        )
+    } else {
+        finding(
+            "replication privilege",
+            false,
+            format!(
+                "user {0} may not replicate. Fix: ALTER ROLE {0} WITH REPLICATION",
+                pgc.user
+            ),
+        )
+    });
+    let c = &cfg.capture;
+    let slot = catalog::slot(&session, &c.slot).await;
+    let free = facts.max_replication_slots - facts.slots_used;
+    match slot {
+        Ok(Some(s)) => {
+            let mut problems = Vec::new();
+            if s.plugin.as_deref() != Some("pgoutput") {
+                problems.push(format!("uses plugin {:?}, not pgoutput", s.plugin));
+            }
+            if s.database.as_deref() != Some(pgc.database.as_str()) {
+                problems.push(format!("belongs to database {:?}", s.database));
+            }
+            if s.wal_status.as_deref() == Some("lost") {
+                problems.push("was invalidated (wal_status lost); drop it".into());
+            }
+            let detail = format!(
+                "slot {} exists (active: {}, confirmed flush {}, wal_status {}, retains {} bytes)",
+                c.slot,
+                s.active,
+                s.confirmed_flush_lsn.unwrap_or_else(|| "-".into()),
+                s.wal_status.unwrap_or_else(|| "-".into()),
+                s.retained_bytes.unwrap_or(0)
+            );
+            out.push(if problems.is_empty() {
+                finding("replication slot", true, detail)
+            } else {
+                finding("replication slot", false, format!("{detail}: {}", problems.join("; ")))
+            });
+        }
+        Ok(None) if free > 0 => out.push(finding(
+            "replication slot",
+            true,
+            format!(
+                "slot {} will be created ({free} of {} slots free)",
+                c.slot, facts.max_replication_slots
+            ),
+        )),
+        Ok(None) => out.push(finding(
+            "replication slot",
+            false,
+            format!(
+                "slot {} does not exist and all {} slots are used. Fix: raise max_replication_slots or drop an unused slot",
+                c.slot, facts.max_replication_slots
+            ),
+        )),
+        Err(e) => out.push(finding("replication slot", false, e.to_string())),
+    }
+    out.push(finding(
+        "wal senders",
+        facts.max_wal_senders > 0,
+        format!("max_wal_senders = {}", facts.max_wal_senders),
+    ));
+    match catalog::publication_exists(&session, &c.publication).await {
+        Ok(true) => {
+            let tables = catalog::publication_tables(&session, &c.publication)
+                .await
+                .unwrap_or_default();
+            let missing: Vec<String> = cfg
+                .tables()
+                .into_iter()
+                .filter(|t| !tables.contains(t))
+                .map(|t| t.to_string())
+                .collect();
+            out.push(finding(
+                "publication",
+                true,
+                if missing.is_empty() {
+                    format!("{} covers {} tables", c.publication, tables.len())
+                } else {
+                    format!(
+                        "{} covers {} tables; capture will add {}",
+                        c.publication,
+                        tables.len(),
+                        missing.join(", ")
+                    )
+                },
+            ));
+        }
+        Ok(false) => out.push(finding(
+            "publication",
+            true,
+            format!("{} will be created by capture", c.publication),
+        )),
+        Err(e) => out.push(finding("publication", false, e.to_string())),
+    }
+    out
+}

@@ -1,0 +1,296 @@
+//! Configuration: plain serde data, loaded from a TOML file layered with `FERRY__SECTION__KEY`
+//! environment overrides, validated once at start. Errors name the field path.
+
+use std::path::Path;
+
+use ferry_connectors::kafka::KafkaConfig;
+use ferry_connectors::postgres::PgConfig;
+use ferry_schemas::TableId;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The origin region: its database and Kafka cluster.
+    pub origin: Origin,
+    /// The destination region.
+    pub destination: Destination,
+    /// Change capture settings.
+    #[serde(default)]
+    pub capture: Capture,
+}
+
+/// The origin region.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    /// Region name, recorded in every event's `source.region`.
+    pub region: String,
+    /// The source database.
+    pub postgres: PgConfig,
+    /// The origin Kafka cluster.
+    pub kafka: KafkaConfig,
+}
+
+/// The destination region.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Region name.
+    pub region: String,
+    /// The destination Kafka cluster.
+    pub kafka: KafkaConfig,
+}
+
+/// Change capture settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capture {
+    /// Replication slot name (created when missing).
+    pub slot: String,
+    /// Publication name (created when missing).
+    pub publication: String,
+    /// Tables to capture as `schema.table`; empty means every table of the publication (a
+    /// missing publication is then created `FOR ALL TABLES`).
+    pub tables: Vec<String>,
+    /// Topics are named `<topic_prefix>.<schema>.<table>`.
+    pub topic_prefix: String,
+    /// Partitions of each new table topic.
+    pub partitions: i32,
+    /// Whether to snapshot tables' existing rows before streaming their changes.
+    pub snapshot: bool,
+    /// Rows per snapshot chunk. 10k rows keeps a chunk's key set small in memory while making
+    /// the per-chunk watermark writes negligible.
+    pub snapshot_chunk_rows: usize,
+    /// How often the position is reported to Postgres. 1 s keeps retained WAL low at the cost
+    /// of one small message per second.
+    pub status_interval_ms: u64,
+    /// How often a heartbeat is written to the WAL so an idle database still advances the slot.
+    pub heartbeat_interval_ms: u64,
+    /// How often the publication is checked for newly added tables.
+    pub publication_poll_ms: u64,
+    /// Producer linger: how long the producer waits to fill a batch. 20 ms trades a little
+    /// latency for far fewer, better-compressed requests.
+    pub linger_ms: u64,
+    /// Longest back-off between retries of a transient failure.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            slot: "ferry".into(),
+            publication: "ferry".into(),
+            tables: Vec::new(),
+            topic_prefix: "ferry".into(),
+            partitions: 3,
+            snapshot: true,
+            snapshot_chunk_rows: 10_000,
+            status_interval_ms: 1_000,
+            heartbeat_interval_ms: 10_000,
+            publication_poll_ms: 5_000,
+            linger_ms: 20,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// Configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override could not be read or does not match the expected shape.
+    #[error("configuration {path}: {message}")]
+    Load {
+        /// The file.
+        path: String,
+        /// What was wrong (names the field).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("configuration field {field}: {message}")]
+    Invalid {
+        /// The field path, e.g. `capture.partitions`.
+        field: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path` layered with `FERRY__SECTION__KEY` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let load_err = |e: config::ConfigError| ConfigError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        if !path.exists() {
+            return Err(ConfigError::Load {
+                path: path.display().to_string(),
+                message: "file not found (pass --config or set FERRY_CONFIG)".into(),
+            });
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("FERRY")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(load_err)?;
+        let cfg: Config = raw.try_deserialize().map_err(load_err)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                field: field.into(),
+                message: message.into(),
+            })
+        };
+        let c = &self.capture;
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !ident_ok(&c.slot) {
+            return invalid(
+                "capture.slot",
+                "must be 1-63 characters of a-z, 0-9 and _ (a Postgres slot name)",
+            );
+        }
+        if c.publication.is_empty() {
+            return invalid("capture.publication", "must not be empty");
+        }
+        if c.partitions < 1 {
+            return invalid("capture.partitions", "must be at least 1");
+        }
+        if c.snapshot_chunk_rows == 0 {
+            return invalid("capture.snapshot_chunk_rows", "must be at least 1");
+        }
+        if c.topic_prefix.is_empty()
+            || !c
+                .topic_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return invalid(
+                "capture.topic_prefix",
+                "must be non-empty and use only a-z, A-Z, 0-9, '.', '_' and '-'",
+            );
+        }
+        for (i, t) in c.tables.iter().enumerate() {
+            if parse_table(t).is_none() {
+                return invalid(
+                    &format!("capture.tables[{i}]"),
+                    &format!("{t:?} is not of the form schema.table"),
+                );
+            }
+        }
+        if self.origin.kafka.bootstrap_servers.is_empty() {
+            return invalid("origin.kafka.bootstrap_servers", "must not be empty");
+        }
+        if self.destination.kafka.bootstrap_servers.is_empty() {
+            return invalid("destination.kafka.bootstrap_servers", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The configured tables as ids.
+    pub fn tables(&self) -> Vec<TableId> {
+        self.capture
+            .tables
+            .iter()
+            .filter_map(|t| parse_table(t))
+            .collect()
+    }
+}
+
+/// Parses `schema.table`.
+pub fn parse_table(s: &str) -> Option<TableId> {
+    let (schema, table) = s.split_once('.')?;
+    (!schema.is_empty() && !table.is_empty()).then(|| TableId::new(schema, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> std::path::PathBuf {
+        let p = dir.join("ferry.toml");
+        std::fs::write(&p, body).expect("write config");
+        p
+    }
+
+    const BASE: &str = r#"
+[origin]
+region = "eu"
+[origin.postgres]
+host = "127.0.0.1"
+user = "postgres"
+password = "hunter2"
+database = "db"
+[origin.kafka]
+bootstrap_servers = "127.0.0.1:19092"
+[destination]
+region = "us"
+[destination.kafka]
+bootstrap_servers = "127.0.0.1:29092"
+"#;
+
+    fn tmpdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("tmpdir");
+        d
+    }
+
+    #[test]
+    fn defaults_apply_and_secrets_stay_hidden() {
+        let p = write(&tmpdir("ok"), BASE);
+        let cfg = Config::load(&p).expect("valid");
+        assert_eq!(cfg.capture.partitions, 3);
+        assert_eq!(cfg.origin.postgres.port, 5432);
+        let dump = format!("{cfg:?}");
+        assert!(!dump.contains("hunter2"), "{dump}");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let p = write(
+            &tmpdir("unknown"),
+            &format!("{BASE}\n[capture]\nslott = \"x\"\n"),
+        );
+        let err = Config::load(&p).expect_err("unknown field").to_string();
+        assert!(err.contains("slott"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let p = write(
+            &tmpdir("invalid"),
+            &format!("{BASE}\n[capture]\npartitions = 0\n"),
+        );
+        let err = Config::load(&p).expect_err("invalid").to_string();
+        assert!(err.contains("capture.partitions"), "{err}");
+        let p = write(
+            &tmpdir("tables"),
+            &format!("{BASE}\n[capture]\ntables = [\"nodot\"]\n"),
+        );
+        let err = Config::load(&p).expect_err("invalid").to_string();
+        assert!(err.contains("capture.tables[0]"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_says_how_to_fix() {
+        let err = Config::load(Path::new("/nonexistent/ferry.toml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("--config"), "{err}");
+    }
+}

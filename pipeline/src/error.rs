@@ -1,0 +1,100 @@
+//! Pipeline errors, each knowing whether a retry could help.
+
+use ferry_connectors::kafka::KafkaError;
+use ferry_connectors::postgres::changes::ChangeError;
+use ferry_schemas::{AvroError, Lsn};
+
+/// Why capture stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// A query on the source database failed.
+    #[error("postgres {target}: {action}: {source}")]
+    Postgres {
+        /// `host:port/db`.
+        target: String,
+        /// What was being done.
+        action: String,
+        /// The driver's error.
+        source: tokio_postgres::Error,
+    },
+    /// The replication stream failed.
+    #[error("replication stream from slot {slot}: {source}")]
+    Replication {
+        /// The slot.
+        slot: String,
+        /// The transport's error.
+        source: pgwire_replication::PgWireError,
+    },
+    /// A change could not be decoded.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// An event could not be encoded.
+    #[error("encoding a change at LSN {lsn}: {source}")]
+    Encode {
+        /// Where in the WAL.
+        lsn: Lsn,
+        /// What was wrong.
+        source: AvroError,
+    },
+    /// A Kafka operation failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The broker did not acknowledge a record.
+    #[error("kafka origin: record for {topic} (lsn {lsn}) was not acknowledged: {reason}")]
+    Delivery {
+        /// The topic.
+        topic: String,
+        /// LSN of the batch it belonged to, when known.
+        lsn: String,
+        /// The broker's or client's reason.
+        reason: String,
+    },
+    /// The source is not set up so that capture can work; the message says what to fix.
+    #[error("{0}")]
+    Setup(String),
+    /// Stored capture state could not be read.
+    #[error("capture state topic {topic}: {reason}")]
+    State {
+        /// The state topic.
+        topic: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl CaptureError {
+    /// Whether a retry could help. Bad data and bad setup are permanent; connections, brokers
+    /// and unknown failures are retried with back-off.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CaptureError::Postgres { source, .. } => source.as_db_error().is_none_or(|db| {
+                // Class 08 (connection), 53 (resources), 57 (operator intervention), 40
+                // (transaction rollback) are passing; syntax, privilege and undefined-object
+                // errors are not.
+                let class = &db.code().code()[..2];
+                matches!(class, "08" | "53" | "57" | "40" | "55")
+            }),
+            CaptureError::Replication { .. } => true,
+            CaptureError::Change(e) => e.is_retryable(),
+            CaptureError::Encode { .. } => false,
+            CaptureError::Kafka(e) => e.is_retryable(),
+            CaptureError::Delivery { .. } => true,
+            CaptureError::Setup(_) => false,
+            CaptureError::State { .. } => false,
+        }
+    }
+}
+
+/// Wraps a Postgres error with its target and action.
+pub fn pg(
+    target: &str,
+    action: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> CaptureError {
+    let target = target.to_string();
+    let action = action.into();
+    move |source| CaptureError::Postgres {
+        target,
+        action,
+        source,
+    }
+}

@@ -1,0 +1,165 @@
+//! The `ferry` binary: parse arguments, load configuration, start logging, run, map errors to
+//! exit codes (0 ok, 1 a check failed, 2 a permanent error, 3 bad configuration).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_connectors::kafka::Cluster;
+use ferry_pipeline::capture::{self, SinkMode, Stats};
+use ferry_pipeline::config::{parse_table, Config};
+use ferry_pipeline::{check, inspect, sink};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Keeps data in sync across regions: change capture, shipping and apply over Kafka"
+)]
+struct Cli {
+    /// Configuration file (TOML); FERRY__SECTION__KEY environment variables override it.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_CONFIG",
+        default_value = "ops/ferry.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verify prerequisites (brokers, Postgres, wal_level, privileges, slot, publication) and say what to fix.
+    Check,
+    /// Capture Postgres changes into the origin Kafka topics (runs until stopped).
+    Capture {
+        /// Decode and encode only, send nothing (measures capture without a broker).
+        #[arg(long)]
+        null_sink: bool,
+    },
+    /// List the origin topics with their partitions and record counts.
+    Topics,
+    /// Print a table topic's records decoded with the published Avro schemas, as JSON lines.
+    Tail {
+        /// The table, as schema.table.
+        table: String,
+        /// Stop after this many records.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Export every published writer schema as <fingerprint>.avsc files.
+    Schemas {
+        /// Directory to write into.
+        #[arg(long, default_value = "schemas-export")]
+        out: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match run(cli.command, cfg).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let prefix = cfg.capture.topic_prefix.clone();
+    match command {
+        Command::Check => {
+            let findings = check::run(&cfg).await;
+            let mut failed = 0;
+            for f in &findings {
+                println!(
+                    "{} {:<22} {}",
+                    if f.ok { "ok  " } else { "FAIL" },
+                    f.name,
+                    f.detail
+                );
+                failed += usize::from(!f.ok);
+            }
+            if failed > 0 {
+                println!("{failed} check(s) failed");
+                return Ok(ExitCode::from(1));
+            }
+            println!("all checks passed");
+        }
+        Command::Capture { null_sink } => {
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                let _ = stop_tx.send(true);
+            });
+            let mode = if null_sink {
+                SinkMode::Null
+            } else {
+                SinkMode::Kafka
+            };
+            let stats = Arc::new(Stats::default());
+            capture::run(&cfg, mode, stop_rx, stats).await?;
+        }
+        Command::Topics => {
+            let rows = tokio::task::spawn_blocking(move || inspect::topic_counts(&origin, &prefix))
+                .await??;
+            println!("{:<50} {:>10} {:>12}", "topic", "partitions", "records");
+            for (t, p, n) in rows {
+                println!("{t:<50} {p:>10} {n:>12}");
+            }
+        }
+        Command::Tail { table, limit } => {
+            let id = parse_table(&table).context("table must be schema.table")?;
+            let topic = sink::table_topic(&prefix, &id);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let schemas = inspect::load_schemas(&origin, &prefix)?;
+                let mut cache = std::collections::HashMap::new();
+                for (p, off, _key, value) in inspect::read_all(&origin, &topic, limit)? {
+                    let Some(value) = value else { continue };
+                    let json = inspect::decode_record(&schemas, &mut cache, &value)
+                        .with_context(|| format!("{topic} partition {p} offset {off}"))?;
+                    println!("{json}");
+                }
+                Ok(())
+            })
+            .await??;
+        }
+        Command::Schemas { out } => {
+            let n = tokio::task::spawn_blocking(move || {
+                inspect::export_schemas(&origin, &prefix, &out)
+            })
+            .await??;
+            println!("exported {n} schemas");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

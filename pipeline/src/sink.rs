@@ -1,0 +1,306 @@
+//! Where captured events go: the origin Kafka cluster, or nowhere (the null sink, for measuring
+//! decode and encode alone). A closed set, so an enum rather than a trait.
+//!
+//! Progress: every record handed to the producer yields a delivery future. The capture loop
+//! groups them per transaction into [`AckBatch`]es, in WAL order, and the [`acker`] task awaits
+//! them in that order; only when every record of a batch (and of every batch before it) is
+//! acknowledged by the broker (`acks=all`, idempotent producer) is the batch's LSN published as
+//! safe to confirm to Postgres.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
+use ferry_schemas::{ChangeEvent, EncodedSchema, Lsn, Op, TableId};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::CaptureError;
+
+/// Records of one transaction (or one slice of a large one) and the LSN that becomes safe once
+/// they are all acknowledged (`None` for a slice in the middle of a transaction).
+pub struct AckBatch {
+    /// Safe position after this batch, if it closes a transaction.
+    pub lsn: Option<Lsn>,
+    /// Delivery futures, in production order.
+    pub deliveries: Vec<(String, DeliveryFuture)>,
+}
+
+/// Awaits deliveries in order and publishes each batch's LSN once everything up to it is
+/// acknowledged. Ends with an error on the first failed delivery; nothing after it is ever
+/// published as safe.
+pub async fn acker(
+    mut rx: mpsc::Receiver<AckBatch>,
+    safe: watch::Sender<Lsn>,
+) -> Result<(), CaptureError> {
+    while let Some(batch) = rx.recv().await {
+        let lsn = batch
+            .lsn
+            .map_or_else(|| "mid-transaction".into(), |l| l.to_string());
+        for (topic, d) in batch.deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(CaptureError::Delivery {
+                        topic,
+                        lsn,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(CaptureError::Delivery {
+                        topic,
+                        lsn,
+                        reason: "producer closed before the broker answered".into(),
+                    })
+                }
+            }
+        }
+        if let Some(l) = batch.lsn {
+            safe.send_if_modified(|cur| {
+                let moved = l > *cur;
+                if moved {
+                    *cur = l;
+                }
+                moved
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The Kafka topic of a table: `<prefix>.<schema>.<table>`, with characters Kafka does not allow
+/// replaced by `_`.
+pub fn table_topic(prefix: &str, table: &TableId) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{prefix}.{}.{}", clean(&table.schema), clean(&table.table))
+}
+
+/// The compacted topic holding every writer schema, keyed by fingerprint.
+pub fn schema_topic(prefix: &str) -> String {
+    format!("{prefix}._schemas")
+}
+
+/// The compacted topic holding capture state (snapshot progress), keyed by slot.
+pub fn state_topic(prefix: &str) -> String {
+    format!("{prefix}._state")
+}
+
+/// Sends events to the origin cluster.
+pub struct KafkaSink {
+    cluster: Cluster,
+    producer: FutureProducer,
+    prefix: String,
+    partitions: i32,
+    topics: HashMap<TableId, (String, i32)>,
+    schemas: HashSet<[u8; 8]>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Where events go.
+pub enum Sink {
+    /// The origin Kafka cluster.
+    Kafka(Box<KafkaSink>),
+    /// Nowhere: events are encoded and dropped (benchmarks).
+    Null {
+        /// Scratch buffer, reused.
+        buf: Vec<u8>,
+    },
+}
+
+fn compacted(name: String) -> TopicSpec {
+    TopicSpec {
+        name,
+        partitions: 1,
+        config: vec![("cleanup.policy".into(), "compact".into())],
+    }
+}
+
+impl Sink {
+    /// A Kafka sink; creates the schema and state topics when missing.
+    pub async fn kafka(
+        cluster: Cluster,
+        prefix: &str,
+        partitions: i32,
+        linger_ms: u64,
+    ) -> Result<Sink, KafkaError> {
+        cluster
+            .ensure_topics(&[
+                compacted(schema_topic(prefix)),
+                compacted(state_topic(prefix)),
+            ])
+            .await?;
+        let producer = cluster.producer(linger_ms)?;
+        Ok(Sink::Kafka(Box::new(KafkaSink {
+            cluster,
+            producer,
+            prefix: prefix.to_string(),
+            partitions,
+            topics: HashMap::new(),
+            schemas: HashSet::new(),
+            key: Vec::new(),
+            value: Vec::new(),
+        })))
+    }
+
+    /// Makes a schema version known downstream: creates the table's topic when missing and
+    /// publishes the key and value schemas to the schema topic, waiting for the broker.
+    pub async fn register(&mut self, schema: &EncodedSchema) -> Result<(), CaptureError> {
+        let Sink::Kafka(k) = self else {
+            return Ok(());
+        };
+        let id = schema.table().id.clone();
+        if !k.topics.contains_key(&id) {
+            let topic = table_topic(&k.prefix, &id);
+            k.cluster
+                .ensure_topics(&[TopicSpec {
+                    name: topic.clone(),
+                    partitions: k.partitions,
+                    config: vec![],
+                }])
+                .await?;
+            let count = k
+                .cluster
+                .partition_count(&topic, Duration::from_secs(10))?
+                .max(1);
+            tracing::info!(table = %id, topic, partitions = count, "table topic ready");
+            k.topics.insert(id, (topic, count));
+        }
+        let topic = schema_topic(&k.prefix);
+        if k.schemas.contains(&schema.key_fp.0) && k.schemas.contains(&schema.value_fp.0) {
+            return Ok(());
+        }
+        for (fp, json) in [
+            (schema.key_fp, &schema.key_json),
+            (schema.value_fp, &schema.value_json),
+        ] {
+            if k.schemas.contains(&fp.0) {
+                continue;
+            }
+            let key = fp.to_string();
+            k.producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(json.as_bytes()),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| CaptureError::Delivery {
+                    topic: topic.clone(),
+                    lsn: "schema".into(),
+                    reason: e.to_string(),
+                })?;
+            k.schemas.insert(fp.0);
+        }
+        tracing::info!(
+            table = %schema.table().id,
+            value_fingerprint = %schema.value_fp,
+            columns = schema.table().columns.len(),
+            "schema version published"
+        );
+        Ok(())
+    }
+
+    /// Encodes and sends one event. Deliveries to await are appended to `pending`.
+    pub async fn send(
+        &mut self,
+        schema: &EncodedSchema,
+        event: &ChangeEvent,
+        pending: &mut Vec<(String, DeliveryFuture)>,
+    ) -> Result<(), CaptureError> {
+        let lsn = Lsn(event.source.lsn);
+        let encode_err = |source| CaptureError::Encode { lsn, source };
+        match self {
+            Sink::Null { buf } => {
+                buf.clear();
+                if let Some(image) = event.key_image().filter(|_| schema.has_key()) {
+                    schema.encode_key(image, buf).map_err(encode_err)?;
+                }
+                schema.encode_value(event, buf).map_err(encode_err)?;
+                Ok(())
+            }
+            Sink::Kafka(k) => {
+                let (topic, partitions) =
+                    k.topics.get(&schema.table().id).cloned().ok_or_else(|| {
+                        CaptureError::Setup(format!(
+                            "internal: no topic registered for {}",
+                            schema.table().id
+                        ))
+                    })?;
+                k.value.clear();
+                schema
+                    .encode_value(event, &mut k.value)
+                    .map_err(encode_err)?;
+                k.key.clear();
+                let keyed = event.op != Op::Truncate && schema.has_key();
+                if keyed {
+                    if let Some(image) = event.key_image() {
+                        schema.encode_key(image, &mut k.key).map_err(encode_err)?;
+                    }
+                }
+                // A truncate is a barrier for every key, so it goes to every partition.
+                let targets: Vec<Option<i32>> = if event.op == Op::Truncate {
+                    (0..partitions).map(Some).collect()
+                } else {
+                    vec![None]
+                };
+                for partition in targets {
+                    let mut record = FutureRecord::to(&topic).payload(&k.value);
+                    if keyed {
+                        record = record.key(&k.key);
+                    }
+                    if let Some(p) = partition {
+                        record = record.partition(p);
+                    }
+                    loop {
+                        match k.producer.send_result(record) {
+                            Ok(d) => {
+                                pending.push((topic.clone(), d));
+                                break;
+                            }
+                            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                                // The local queue is full: let the broker catch up.
+                                record = r;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err((e, _)) => {
+                                return Err(CaptureError::Delivery {
+                                    topic: topic.clone(),
+                                    lsn: lsn.to_string(),
+                                    reason: e.to_string(),
+                                })
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The producer, for writing state records.
+    pub fn producer(&self) -> Option<&FutureProducer> {
+        match self {
+            Sink::Kafka(k) => Some(&k.producer),
+            Sink::Null { .. } => None,
+        }
+    }
+
+    /// Waits until everything queued has been sent (on shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Sink::Kafka(k) = self {
+            let _ = k.producer.flush(timeout);
+        }
+    }
+}

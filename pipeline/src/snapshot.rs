@@ -1,0 +1,445 @@
+//! Snapshots that never lock the source or hold a long transaction: tables are read in
+//! key-ordered chunks that interleave with the live change stream (the DBLog idea, with
+//! Postgres visibility made exact).
+//!
+//! ```text
+//!  capture loop (stream paused at P)            source database
+//!  ─────────────────────────────────            ───────────────
+//!  BEGIN REPEATABLE READ; pg_current_snapshot() ─▶ S = (xmin, xmax, in-progress xids)
+//!  SELECT … WHERE key > last ORDER BY key LIMIT n ▶ rows as of S
+//!  COMMIT; emit high watermark ─────────────────▶ pg_logical_emit_message('ferry.watermark', …)
+//!
+//!  stream:  … P … txns (keys of txns S cannot see are noted) … [high] → remaining rows as op=r …
+//! ```
+//!
+//! Every transaction streamed after P and before the high watermark is either visible to S
+//! (the chunk already reflects it) or not (xid ≥ xmax or in progress at S): its keys are dropped
+//! from the chunk, because its streamed change is newer than what the read saw. The remaining
+//! rows are emitted at the watermark's stream position, so for every key the output follows the
+//! database's order and no stale chunk row can overwrite a newer change. A transaction whose
+//! commit was already streamed before P is normally visible to S; in the microseconds between
+//! its commit record and its visibility it would not be, so a snapshot that still lists a
+//! recently streamed xid as in progress is discarded and taken again. Tables without a key are
+//! read by `ctid` and cannot be de-duplicated against the stream (a row inserted while its chunk
+//! is read may appear twice).
+//!
+//! Progress: a chunk's position is recorded (in [`crate::state`]) only once the rows emitted at
+//! its watermark are acknowledged; after a crash the same chunk is read again (duplicates from
+//! the unacknowledged tail only). Watermarks from earlier runs are ignored by id.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use ferry_connectors::postgres::changes::text_datum;
+use ferry_connectors::postgres::{catalog, quote_ident, quote_literal};
+use ferry_schemas::{ChangeEvent, Datum, EncodedSchema, Op, Source, TableId};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::error::{pg, CaptureError};
+use crate::state::{CaptureState, TableProgress};
+
+/// Prefix of Ferry's watermark messages in the WAL.
+pub const WATERMARK_PREFIX: &str = "ferry.watermark";
+
+struct Chunk {
+    id: String,
+    schema: Arc<EncodedSchema>,
+    rows: Vec<(Vec<u8>, Vec<Datum>)>,
+    last: Option<Vec<String>>,
+    complete: bool,
+    visibility: Visibility,
+    seen: HashSet<Vec<u8>>,
+    truncated: bool,
+}
+
+/// Which transactions a read's snapshot could see (32-bit xids, as the stream reports them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    xmax: u32,
+    in_progress: HashSet<u32>,
+}
+
+impl Visibility {
+    /// Parses `pg_current_snapshot()`'s text form `xmin:xmax:xip,xip,…` (64-bit xids).
+    pub fn parse(text: &str) -> Option<Visibility> {
+        let mut parts = text.split(':');
+        let _xmin: u64 = parts.next()?.parse().ok()?;
+        let xmax: u64 = parts.next()?.parse().ok()?;
+        let xip = parts.next()?;
+        let in_progress = xip
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse::<u64>().ok().map(|v| v as u32))
+            .collect::<Option<HashSet<u32>>>()?;
+        Some(Visibility {
+            xmax: xmax as u32,
+            in_progress,
+        })
+    }
+
+    /// Whether the snapshot saw transaction `xid`'s effects (xid comparison is modular).
+    pub fn sees(&self, xid: u32) -> bool {
+        (xid.wrapping_sub(self.xmax) as i32) < 0 && !self.in_progress.contains(&xid)
+    }
+}
+
+/// A chunk whose high watermark arrived: the rows to emit and the progress they make.
+pub struct ChunkDone {
+    /// The schema version the rows are encoded with.
+    pub schema: Arc<EncodedSchema>,
+    /// Snapshot events (op = r) to emit now.
+    pub events: Vec<ChangeEvent>,
+    /// The table.
+    pub table: TableId,
+    /// Its progress once these are acknowledged.
+    pub progress: TableProgress,
+}
+
+/// Runs snapshots one chunk at a time. See the module docs.
+pub struct Snapshotter {
+    slot: String,
+    region: String,
+    database: String,
+    chunk_rows: usize,
+    queue: VecDeque<TableId>,
+    chunk: Option<Chunk>,
+    run_id: u64,
+    seq: u64,
+    target: String,
+}
+
+impl Snapshotter {
+    /// A snapshotter for one capture pipeline.
+    pub fn new(slot: &str, region: &str, database: &str, chunk_rows: usize, target: &str) -> Self {
+        Snapshotter {
+            slot: slot.into(),
+            region: region.into(),
+            database: database.into(),
+            chunk_rows,
+            queue: VecDeque::new(),
+            chunk: None,
+            run_id: rand::random(),
+            seq: 0,
+            target: target.into(),
+        }
+    }
+
+    /// Adds a table to snapshot (once).
+    pub fn enqueue(&mut self, table: TableId) {
+        let busy = self
+            .chunk
+            .as_ref()
+            .is_some_and(|c| c.schema.table().id == table);
+        if !busy && !self.queue.contains(&table) {
+            self.queue.push_back(table);
+        }
+    }
+
+    /// Whether a table is queued or being read.
+    pub fn covers(&self, table: &TableId) -> bool {
+        self.queue.contains(table)
+            || self
+                .chunk
+                .as_ref()
+                .is_some_and(|c| &c.schema.table().id == table)
+    }
+
+    /// Whether there is nothing queued and nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.chunk.is_none() && self.queue.is_empty()
+    }
+
+    /// Whether a new chunk should be read now.
+    pub fn wants_chunk(&self) -> bool {
+        self.chunk.is_none() && !self.queue.is_empty()
+    }
+
+    /// Reads the next chunk of the table at the head of the queue, between two watermarks.
+    /// Returns the schema version the chunk uses (to register before its rows are sent).
+    /// `recent_xids` are the transactions streamed most recently (see the module docs).
+    pub async fn start_chunk(
+        &mut self,
+        client: &Client,
+        state: &CaptureState,
+        recent_xids: &HashSet<u32>,
+    ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
+        let Some(table) = self.queue.front().cloned() else {
+            return Ok(None);
+        };
+        let t = &self.target;
+        let Some(relid) = catalog::table_oid(client, &table)
+            .await
+            .map_err(pg(t, format!("looking up {table}")))?
+        else {
+            tracing::warn!(table = %table, "table disappeared before its snapshot; skipping it");
+            self.queue.pop_front();
+            return Ok(None);
+        };
+        let columns = catalog::table_columns(client, relid)
+            .await
+            .map_err(pg(t, format!("reading columns of {table}")))?;
+        let schema = catalog::build_schema(client, &self.database, table.clone(), relid, &columns)
+            .await
+            .map_err(pg(t, format!("reading types of {table}")))?;
+        let schema =
+            Arc::new(
+                EncodedSchema::new(&schema).map_err(|source| CaptureError::Encode {
+                    lsn: ferry_schemas::Lsn::ZERO,
+                    source,
+                })?,
+            );
+        let after = match state.tables.get(&table.to_string()) {
+            Some(TableProgress::After(k)) => Some(k.clone()),
+            _ => None,
+        };
+        self.seq += 1;
+        let id = format!("{} {:016x}-{}", self.slot, self.run_id, self.seq);
+        let key_idx = schema.table().key_indexes();
+        let keyed = !key_idx.is_empty();
+        let cols = &schema.table().columns;
+        let select_list = cols
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let order: Vec<String> = if keyed {
+            key_idx
+                .iter()
+                .map(|&i| quote_ident(&cols[i].name))
+                .collect()
+        } else {
+            vec!["ctid".into()]
+        };
+        let cast = |ty: &str| ty.split('.').map(quote_ident).collect::<Vec<_>>().join(".");
+        let predicate = match &after {
+            None => String::new(),
+            Some(k) if keyed => format!(
+                "WHERE ({}) > ({})",
+                order.join(", "),
+                key_idx
+                    .iter()
+                    .zip(k)
+                    .map(|(&i, v)| format!("{}::{}", quote_literal(v), cast(&cols[i].pg_type)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(k) => format!(
+                "WHERE ctid > {}::tid",
+                quote_literal(k.first().map_or("(0,0)", String::as_str))
+            ),
+        };
+        let sql = format!(
+            "SELECT ctid::text, {select_list} FROM {}.{} {predicate} ORDER BY {} LIMIT {}",
+            quote_ident(&table.schema),
+            quote_ident(&table.table),
+            order.join(", "),
+            self.chunk_rows
+        );
+        let (visibility, messages) = loop {
+            let read = client
+                .simple_query(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                     SELECT pg_current_snapshot()::text; {sql}; COMMIT"
+                ))
+                .await
+                .map_err(pg(t, format!("reading a snapshot chunk of {table}")))?;
+            let snapshot_text = read.iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(r) if r.columns().len() == 1 => {
+                    r.get(0).map(str::to_string)
+                }
+                _ => None,
+            });
+            let visibility = snapshot_text
+                .as_deref()
+                .and_then(Visibility::parse)
+                .ok_or_else(|| {
+                    CaptureError::Setup(format!(
+                        "unexpected pg_current_snapshot() result {snapshot_text:?}"
+                    ))
+                })?;
+            if visibility.in_progress.is_disjoint(recent_xids) {
+                break (visibility, read);
+            }
+            // A transaction already streamed is not visible yet: wait a moment and read again.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        self.emit_watermark(client, "high", &id).await?;
+
+        let mut rows = Vec::new();
+        let mut last = after.clone();
+        let mut key_buf = Vec::new();
+        for m in messages {
+            let SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            if r.columns().len() != cols.len() + 1 {
+                continue; // the pg_current_snapshot() row
+            }
+            let mut datums = Vec::with_capacity(cols.len());
+            for (i, col) in cols.iter().enumerate() {
+                datums.push(match r.get(i + 1) {
+                    None => Datum::Null,
+                    Some(text) => text_datum(text.as_bytes(), &col.ty).map_err(|source| {
+                        CaptureError::Change(
+                            ferry_connectors::postgres::changes::ChangeError::Value {
+                                lsn: ferry_schemas::Lsn::ZERO,
+                                table: table.clone(),
+                                column: col.name.clone(),
+                                source,
+                            },
+                        )
+                    })?,
+                });
+            }
+            last = Some(if keyed {
+                key_idx
+                    .iter()
+                    .map(|&i| r.get(i + 1).unwrap_or_default().to_string())
+                    .collect()
+            } else {
+                vec![r.get(0).unwrap_or_default().to_string()]
+            });
+            key_buf.clear();
+            if keyed {
+                schema.encode_key(&datums, &mut key_buf).map_err(|source| {
+                    CaptureError::Encode {
+                        lsn: ferry_schemas::Lsn::ZERO,
+                        source,
+                    }
+                })?;
+            }
+            rows.push((key_buf.clone(), datums));
+        }
+        let complete = rows.len() < self.chunk_rows;
+        tracing::debug!(table = %table, rows = rows.len(), complete, "snapshot chunk read");
+        self.chunk = Some(Chunk {
+            id,
+            schema: schema.clone(),
+            rows,
+            last,
+            complete,
+            visibility,
+            seen: HashSet::new(),
+            truncated: false,
+        });
+        Ok(Some(schema))
+    }
+
+    async fn emit_watermark(
+        &self,
+        client: &Client,
+        kind: &str,
+        id: &str,
+    ) -> Result<(), CaptureError> {
+        let sql = format!(
+            "SELECT pg_logical_emit_message(true, {}, {})",
+            quote_literal(WATERMARK_PREFIX),
+            quote_literal(&format!("{kind} {id}"))
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(pg(&self.target, "writing a snapshot watermark"))
+    }
+
+    /// Notes a streamed change: a change to one of the chunk's keys by a transaction the
+    /// chunk's read could not see drops that key's chunk row.
+    pub fn observe(&mut self, schema: &EncodedSchema, event: &ChangeEvent) {
+        let Some(chunk) = self.chunk.as_mut() else {
+            return;
+        };
+        if schema.table().id != chunk.schema.table().id {
+            return;
+        }
+        let xid = event.source.txid.unwrap_or_default() as u32;
+        if chunk.visibility.sees(xid) {
+            return;
+        }
+        if event.op == Op::Truncate {
+            chunk.truncated = true;
+            return;
+        }
+        if let Some(image) = event.key_image() {
+            let mut key = Vec::new();
+            if schema.has_key() && schema.encode_key(image, &mut key).is_ok() {
+                chunk.seen.insert(key);
+            }
+        }
+    }
+
+    /// Handles a watermark message. At the chunk's high watermark, returns the rows to emit,
+    /// positioned at `lsn` (the commit LSN of the watermark's transaction, so they order with
+    /// streamed changes exactly as the stream delivers them).
+    pub fn on_watermark(&mut self, content: &[u8], lsn: u64) -> Option<ChunkDone> {
+        let text = std::str::from_utf8(content).ok()?;
+        let (kind, id) = text.split_once(' ')?;
+        let chunk = self.chunk.as_ref()?;
+        if chunk.id != id || kind != "high" {
+            return None;
+        }
+        let chunk = self.chunk.take()?;
+        let table = chunk.schema.table().id.clone();
+        let events = if chunk.truncated {
+            Vec::new()
+        } else {
+            chunk
+                .rows
+                .into_iter()
+                .filter(|(key, _)| key.is_empty() || !chunk.seen.contains(key))
+                .enumerate()
+                .map(|(seq, (_, row))| ChangeEvent {
+                    op: Op::Read,
+                    before: None,
+                    after: Some(row),
+                    source: Source {
+                        region: self.region.clone(),
+                        database: self.database.clone(),
+                        schema: table.schema.clone(),
+                        table: table.table.clone(),
+                        lsn,
+                        seq: seq as u64,
+                        txid: None,
+                        commit_ts_us: None,
+                        snapshot: true,
+                    },
+                })
+                .collect()
+        };
+        let progress = if chunk.complete {
+            self.queue.pop_front();
+            TableProgress::Done
+        } else {
+            TableProgress::After(chunk.last.unwrap_or_default())
+        };
+        Some(ChunkDone {
+            schema: chunk.schema,
+            events,
+            table,
+            progress,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visibility_follows_the_snapshot() {
+        let v = Visibility::parse("100:105:101,103").expect("parses");
+        assert!(v.sees(99));
+        assert!(v.sees(100));
+        assert!(!v.sees(101));
+        assert!(v.sees(102));
+        assert!(!v.sees(103));
+        assert!(!v.sees(105));
+        assert!(!v.sees(200));
+        assert_eq!(Visibility::parse("7:7:").map(|v| v.in_progress.len()), Some(0));
+        // 64-bit xids past the first wraparound compare on their low 32 bits.
+        let v = Visibility::parse("4294967396:4294967400:").expect("parses");
+        assert!(v.sees(99));
+        assert!(!v.sees(104));
+        assert!(Visibility::parse("garbage").is_none());
+        assert!(Visibility::parse("1:2:x").is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! Capture state: which tables' snapshots are complete, and how far an unfinished one got.
+//!
+//! Stored as JSON in the origin cluster's compacted `<prefix>._state` topic, keyed
+//! `capture/<slot>`, written only after every record it vouches for has been acknowledged.
+//! The slot's confirmed flush LSN is the stream's checkpoint; this is the snapshot's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry_connectors::kafka::Cluster;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CaptureError;
+
+/// How far a table's snapshot got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableProgress {
+    /// Every row was emitted and acknowledged.
+    Done,
+    /// Rows up to and including this key (text form of each key column) were emitted and
+    /// acknowledged.
+    After(Vec<String>),
+}
+
+/// State of one capture pipeline (one slot).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureState {
+    /// Per table (`schema.table`), the snapshot progress.
+    pub tables: BTreeMap<String, TableProgress>,
+}
+
+fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {
+    CaptureError::State {
+        topic: topic.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads the newest state for `slot`; a missing record means "nothing done yet".
+pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, CaptureError> {
+    let consumer = cluster.reader()?;
+    let key = format!("capture/{slot}");
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map_err(|e| state_err(topic, format!("reading watermarks: {e}")))?;
+    if high <= low {
+        return Ok(CaptureState::default());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| state_err(topic, e.to_string()))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| state_err(topic, e.to_string()))?;
+    let mut state = CaptureState::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(state_err(
+                topic,
+                format!("timed out reading to offset {high}"),
+            ));
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(RdError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(state_err(topic, e.to_string())),
+            Some(Ok(m)) => {
+                if m.key() == Some(key.as_bytes()) {
+                    state = match m.payload() {
+                        None => CaptureState::default(),
+                        Some(p) => serde_json::from_slice(p).map_err(|e| {
+                            state_err(topic, format!("record at offset {}: {e}", m.offset()))
+                        })?,
+                    };
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// Writes the state for `slot` and waits for the broker's acknowledgement.
+pub async fn save(
+    producer: &FutureProducer,
+    topic: &str,
+    slot: &str,
+    state: &CaptureState,
+) -> Result<(), CaptureError> {
+    let key = format!("capture/{slot}");
+    let body = serde_json::to_vec(state).map_err(|e| state_err(topic, e.to_string()))?;
+    producer
+        .send(
+            FutureRecord::to(topic).key(&key).payload(&body),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| CaptureError::Delivery {
+            topic: topic.into(),
+            lsn: "state".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(())
+}

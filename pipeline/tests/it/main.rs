@@ -1,0 +1,11 @@
+//! Integration tests against the real local stack (`ops/stack up`): PostgreSQL with
+//! `wal_level = logical` and the two tansu brokers. Every test works in its own database, slot
+//! and topic prefix, so tests never share state.
+
+mod capture;
+mod check;
+mod crash;
+mod schema_change;
+mod snapshot;
+mod support;
+mod types;

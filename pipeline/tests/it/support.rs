@@ -1,0 +1,253 @@
+//! Shared test helpers: a private database per test, in-process capture, reading topics back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_connectors::kafka::Cluster;
+use ferry_connectors::postgres::{PgConfig, Session};
+use ferry_pipeline::capture::{self, SinkMode, Stats};
+use ferry_pipeline::config::Config;
+use ferry_pipeline::{inspect, sink};
+use ferry_schemas::TableId;
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A random lowercase tag for names.
+pub fn tag() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// A private database (with its own slot, publication and topic prefix) for one test.
+pub struct TestDb {
+    pub name: String,
+    pub cfg: Config,
+    pub session: Session,
+}
+
+impl TestDb {
+    pub async fn new(test: &str) -> TestDb {
+        let base = Config::load(&repo().join("ops/ferry.toml")).expect("ops/ferry.toml loads");
+        let t = tag();
+        let name = format!("ferry_it_{test}_{t}");
+        let admin = PgConfig {
+            database: "postgres".into(),
+            ..base.origin.postgres.clone()
+        };
+        let a = admin.connect().await.expect("postgres reachable (run ops/stack up)");
+        a.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let mut cfg = base;
+        cfg.origin.postgres.database = name.clone();
+        cfg.capture.slot = name.clone();
+        cfg.capture.publication = name.clone();
+        cfg.capture.topic_prefix = format!("it.{test}.{t}");
+        cfg.capture.heartbeat_interval_ms = 1_000;
+        cfg.capture.publication_poll_ms = 500;
+        cfg.capture.status_interval_ms = 200;
+        cfg.capture.linger_ms = 5;
+        cfg.capture.max_backoff_ms = 2_000;
+        let session = cfg.origin.postgres.connect().await.expect("connect test db");
+        TestDb { name, cfg, session }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.session
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A position after everything committed so far; wait for it with [`TestDb::wait_confirmed`].
+    pub async fn sync_point(&self) -> u64 {
+        let row = self
+            .session
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+            .await
+            .expect("current lsn");
+        // A transaction after the point, so the stream has a commit past it to confirm.
+        self.exec("SELECT pg_logical_emit_message(true, 'ferry.test', 'sync')")
+            .await;
+        row.get::<_, i64>(0) as u64
+    }
+
+    /// Waits until the slot's confirmed flush position passes `lsn`.
+    pub async fn wait_confirmed(&self, lsn: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self
+                .session
+                .query_opt(
+                    "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.name],
+                )
+                .await
+                .expect("slot query");
+            let confirmed = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64;
+            if confirmed >= lsn {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot {} confirmed {confirmed:#x}, still short of {lsn:#x} after {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes the config as TOML for running the `ferry` binary.
+    pub fn write_config(&self, dir: &Path) -> PathBuf {
+        let c = &self.cfg;
+        let p = dir.join(format!("{}.toml", self.name));
+        let body = format!(
+            r#"[origin]
+region = "origin"
+[origin.postgres]
+host = "{host}"
+port = {port}
+user = "{user}"
+database = "{db}"
+[origin.kafka]
+bootstrap_servers = "{okafka}"
+[destination]
+region = "destination"
+[destination.kafka]
+bootstrap_servers = "{dkafka}"
+[capture]
+slot = "{db}"
+publication = "{db}"
+topic_prefix = "{prefix}"
+heartbeat_interval_ms = 1000
+publication_poll_ms = 500
+status_interval_ms = 200
+linger_ms = 5
+max_backoff_ms = 2000
+snapshot_chunk_rows = {chunk}
+"#,
+            host = c.origin.postgres.host,
+            port = c.origin.postgres.port,
+            user = c.origin.postgres.user,
+            db = self.name,
+            okafka = c.origin.kafka.bootstrap_servers,
+            dkafka = c.destination.kafka.bootstrap_servers,
+            prefix = c.capture.topic_prefix,
+            chunk = c.capture.snapshot_chunk_rows,
+        );
+        std::fs::write(&p, body).expect("write config");
+        p
+    }
+
+    /// Every record of a table's topic, decoded with the published schemas, as JSON, in
+    /// (partition, offset) order.
+    pub async fn events(&self, table: &str) -> Vec<Value> {
+        let cluster = Cluster::new("origin", self.cfg.origin.kafka.clone());
+        let prefix = self.cfg.capture.topic_prefix.clone();
+        let (schema, name) = table.split_once('.').expect("schema.table");
+        let topic = sink::table_topic(&prefix, &TableId::new(schema, name));
+        tokio::task::spawn_blocking(move || {
+            let schemas = inspect::load_schemas(&cluster, &prefix).expect("schemas");
+            let mut cache = std::collections::HashMap::new();
+            let mut records = inspect::read_all(&cluster, &topic, usize::MAX).expect("read topic");
+            records.sort_by_key(|r| (r.0, r.1));
+            records
+                .into_iter()
+                .map(|(p, off, key, value)| {
+                    let value = value.expect("record has a value");
+                    let mut v = inspect::decode_record(&schemas, &mut cache, &value)
+                        .unwrap_or_else(|e| panic!("{topic}[{p}]@{off}: {e}"));
+                    v["_partition"] = p.into();
+                    v["_key"] = match key {
+                        Some(k) => inspect::decode_record(&schemas, &mut cache, &k)
+                            .unwrap_or_else(|e| panic!("key {topic}[{p}]@{off}: {e}")),
+                        None => Value::Null,
+                    };
+                    v["_fingerprint"] = value[2..10]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .into();
+                    v
+                })
+                .collect()
+        })
+        .await
+        .expect("reader task")
+    }
+
+    /// Drops the slot and the database.
+    pub async fn cleanup(self) {
+        let admin = PgConfig {
+            database: "postgres".into(),
+            ..self.cfg.origin.postgres.clone()
+        };
+        drop(self.session);
+        let Ok(a) = admin.connect().await else { return };
+        for _ in 0..50 {
+            let r = a
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}' AND NOT active",
+                    self.name
+                ))
+                .await;
+            let left = a
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.name],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0);
+            if r.is_ok() && left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = a
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .await;
+    }
+}
+
+/// Capture running in this process.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ferry_pipeline::error::CaptureError>>,
+    pub stats: Arc<Stats>,
+}
+
+pub fn start_capture(cfg: &Config) -> Running {
+    let (stop, rx) = watch::channel(false);
+    let stats = Arc::new(Stats::default());
+    let cfg = cfg.clone();
+    let s = stats.clone();
+    let task = tokio::spawn(async move { capture::run(&cfg, SinkMode::Kafka, rx, s).await });
+    Running { stop, task, stats }
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(60), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("capture did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+/// Rows of `events` whose `op` is `op`.
+pub fn ops(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["op"].as_str().unwrap_or("?").to_string())
+        .collect()
+}

@@ -1,0 +1,644 @@
+//! Avro schemas per table version, and the single-object encoding of keys and values.
+//!
+//! A table version gets two schemas: `<ns>.Key` (the key columns, never null) and
+//! `<ns>.Envelope` (op, before, after, source, unchanged_toast), where `<ns>` is
+//! `ferry.<database>.<schema>.<table>` with every name reduced to Avro's `[A-Za-z_][A-Za-z0-9_]*`.
+//! Fields carry their Postgres type in a `pg_type` attribute (and the original column name in
+//! `pg_name` when it had to be changed), which Avro readers ignore.
+//!
+//! Records are written with the specification's single-object encoding: `C3 01`, the 8-byte
+//! little-endian CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form, then
+//! the Avro binary body. The body is written here directly (no intermediate `Value` tree), which
+//! keeps capture cheap; the tests decode every shape with the `apache-avro` reader.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use serde_json::{json, Value as Json};
+
+use crate::event::{ChangeEvent, Datum};
+use crate::table::{ColumnType, TableSchema};
+
+/// The two bytes that open every single-object encoded record.
+pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
+
+/// A schema's CRC-64-AVRO fingerprint, in the byte order single-object encoding writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; 8]);
+
+impl Fingerprint {
+    /// The fingerprint of an Avro schema's Parsing Canonical Form.
+    pub fn of(schema: &Schema) -> Fingerprint {
+        let fp = schema.fingerprint::<Rabin>();
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&fp.bytes[..8]);
+        Fingerprint(bytes)
+    }
+
+    /// Reads the fingerprint from a single-object encoded record's header.
+    pub fn from_record(record: &[u8]) -> Result<Fingerprint, AvroError> {
+        if record.len() < 10 || record[..2] != SINGLE_OBJECT_MARKER {
+            return Err(AvroError::NotSingleObject { len: record.len() });
+        }
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&record[2..10]);
+        Ok(Fingerprint(bytes))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    /// Lower-case hex of the 8 bytes as written on the wire; this is the schema topic's key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Encoding errors. All are permanent: they describe data or a schema, not a passing fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AvroError {
+    /// The generated schema did not parse (a bug in schema generation, reported with its JSON).
+    #[error("generated Avro schema for {table} is invalid: {reason}")]
+    InvalidSchema {
+        /// The table.
+        table: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// A value does not fit its column's type.
+    #[error("column {column:?} of {table}: expected {expected}, got {got}")]
+    TypeMismatch {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The Avro type the schema declares.
+        expected: &'static str,
+        /// What the value was.
+        got: String,
+    },
+    /// A key column was null or missing.
+    #[error("key column {column:?} of {table} is null; a key must be complete")]
+    NullKey {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// An image has a different number of columns than the schema.
+    #[error("{table}: row has {got} columns, schema has {expected}")]
+    Arity {
+        /// The table.
+        table: String,
+        /// Columns in the schema.
+        expected: usize,
+        /// Columns in the row.
+        got: usize,
+    },
+    /// Bytes that are not a single-object encoded record.
+    #[error("not a single-object encoded Avro record ({len} bytes, expected C3 01 + 8-byte fingerprint)")]
+    NotSingleObject {
+        /// Length of what was given.
+        len: usize,
+    },
+}
+
+/// The Avro schemas of one table version, ready to encode its keys and values.
+#[derive(Clone, Debug)]
+pub struct EncodedSchema {
+    table: TableSchema,
+    /// The `Envelope` schema as JSON text (what the schema topic stores).
+    pub value_json: String,
+    /// The `Key` schema as JSON text.
+    pub key_json: String,
+    /// Fingerprint of the value schema.
+    pub value_fp: Fingerprint,
+    /// Fingerprint of the key schema.
+    pub key_fp: Fingerprint,
+    key_indexes: Vec<usize>,
+    field_names: Vec<String>,
+}
+
+/// Reduces a name to Avro's `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn avro_name(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.as_bytes()[0].is_ascii_digit() {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn type_json(ty: &ColumnType) -> Json {
+    match ty {
+        ColumnType::Int2 | ColumnType::Int4 => json!("int"),
+        ColumnType::Int8 => json!("long"),
+        ColumnType::Float4 => json!("float"),
+        ColumnType::Float8 => json!("double"),
+        ColumnType::Bool => json!("boolean"),
+        ColumnType::Numeric
+        | ColumnType::Text
+        | ColumnType::Json
+        | ColumnType::Enum
+        | ColumnType::Other => json!("string"),
+        ColumnType::Bytea => json!("bytes"),
+        ColumnType::Date => json!({"type": "int", "logicalType": "date"}),
+        ColumnType::Time => json!({"type": "long", "logicalType": "time-micros"}),
+        ColumnType::Timestamp => json!({"type": "long", "logicalType": "local-timestamp-micros"}),
+        ColumnType::TimestampTz => json!({"type": "long", "logicalType": "timestamp-micros"}),
+        ColumnType::Uuid => json!({"type": "string", "logicalType": "uuid"}),
+        ColumnType::Array(inner) => json!({"type": "array", "items": ["null", type_json(inner)]}),
+    }
+}
+
+fn avro_kind(ty: &ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Int2 | ColumnType::Int4 | ColumnType::Date => "int",
+        ColumnType::Int8 | ColumnType::Time | ColumnType::Timestamp | ColumnType::TimestampTz => {
+            "long"
+        }
+        ColumnType::Float4 => "float",
+        ColumnType::Float8 => "double",
+        ColumnType::Bool => "boolean",
+        ColumnType::Bytea => "bytes",
+        ColumnType::Array(_) => "array",
+        _ => "string",
+    }
+}
+
+fn source_json() -> Json {
+    json!({
+        "type": "record", "name": "Source", "namespace": "ferry",
+        "fields": [
+            {"name": "region", "type": "string"},
+            {"name": "database", "type": "string"},
+            {"name": "schema", "type": "string"},
+            {"name": "table", "type": "string"},
+            {"name": "lsn", "type": "long"},
+            {"name": "seq", "type": "long"},
+            {"name": "txid", "type": ["null", "long"]},
+            {"name": "commit_ts_us", "type": ["null", {"type": "long", "logicalType": "timestamp-micros"}]},
+            {"name": "snapshot", "type": "boolean"}
+        ]
+    })
+}
+
+impl EncodedSchema {
+    /// Builds the key and value schemas of a table version.
+    pub fn new(table: &TableSchema) -> Result<EncodedSchema, AvroError> {
+        let ns = format!(
+            "ferry.{}.{}.{}",
+            avro_name(&table.database),
+            avro_name(&table.id.schema),
+            avro_name(&table.id.table)
+        );
+        let mut used = HashSet::new();
+        let field_names: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| {
+                let base = avro_name(&c.name);
+                let mut name = base.clone();
+                let mut n = 1;
+                while !used.insert(name.clone()) {
+                    n += 1;
+                    name = format!("{base}_{n}");
+                }
+                name
+            })
+            .collect();
+        let field = |i: usize, nullable: bool| {
+            let c = &table.columns[i];
+            let ty = type_json(&c.ty);
+            let mut f = json!({
+                "name": field_names[i],
+                "type": if nullable { json!(["null", ty]) } else { ty },
+                "pg_type": c.pg_type,
+            });
+            if field_names[i] != c.name {
+                f["pg_name"] = json!(c.name);
+            }
+            f
+        };
+        let key_indexes = table.key_indexes();
+        let key = json!({
+            "type": "record", "name": "Key", "namespace": ns,
+            "fields": key_indexes.iter().map(|&i| field(i, false)).collect::<Vec<_>>(),
+        });
+        let row = json!({
+            "type": "record", "name": "Row", "namespace": ns,
+            "fields": (0..table.columns.len()).map(|i| field(i, true)).collect::<Vec<_>>(),
+        });
+        let value = json!({
+            "type": "record", "name": "Envelope", "namespace": ns,
+            "doc": format!("Ferry change event of {}.{}", table.database, table.id),
+            "fields": [
+                {"name": "op", "type": {"type": "enum", "name": "Op", "namespace": "ferry", "symbols": ["c", "u", "d", "r", "t"]}},
+                {"name": "before", "type": ["null", row]},
+                {"name": "after", "type": ["null", format!("{ns}.Row")]},
+                {"name": "source", "type": source_json()},
+                {"name": "unchanged_toast", "type": {"type": "array", "items": "string"},
+                 "doc": "columns whose unchanged TOASTed value the source did not send; null in after"}
+            ]
+        });
+        let parse = |j: &Json| {
+            Schema::parse_str(&j.to_string()).map_err(|e| AvroError::InvalidSchema {
+                table: table.id.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let value_fp = Fingerprint::of(&parse(&value)?);
+        let key_fp = Fingerprint::of(&parse(&key)?);
+        Ok(EncodedSchema {
+            table: table.clone(),
+            value_json: serde_json::to_string_pretty(&value).unwrap_or_default(),
+            key_json: serde_json::to_string_pretty(&key).unwrap_or_default(),
+            value_fp,
+            key_fp,
+            key_indexes,
+            field_names,
+        })
+    }
+
+    /// The table version these schemas describe.
+    pub fn table(&self) -> &TableSchema {
+        &self.table
+    }
+
+    /// The Avro field name used for each column, in column order.
+    pub fn field_names(&self) -> &[String] {
+        &self.field_names
+    }
+
+    /// Whether the table has key columns (a truncate or a keyless table has no Kafka key).
+    pub fn has_key(&self) -> bool {
+        !self.key_indexes.is_empty()
+    }
+
+    /// Appends the single-object encoded key of `image` to `out`.
+    pub fn encode_key(&self, image: &[Datum], out: &mut Vec<u8>) -> Result<(), AvroError> {
+        self.check_arity(image)?;
+        out.extend_from_slice(&SINGLE_OBJECT_MARKER);
+        out.extend_from_slice(&self.key_fp.0);
+        for &i in &self.key_indexes {
+            let column = &self.table.columns[i];
+            match &image[i] {
+                Datum::Null | Datum::UnchangedToast => {
+                    return Err(AvroError::NullKey {
+                        table: self.table.id.to_string(),
+                        column: column.name.clone(),
+                    })
+                }
+                d => self.write_datum(&column.name, &column.ty, d, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the single-object encoded envelope of `event` to `out`.
+    pub fn encode_value(&self, event: &ChangeEvent, out: &mut Vec<u8>) -> Result<(), AvroError> {
+        out.extend_from_slice(&SINGLE_OBJECT_MARKER);
+        out.extend_from_slice(&self.value_fp.0);
+        write_long(out, event.op.avro_index() as i64);
+        let mut toasted: Vec<&str> = Vec::new();
+        for image in [&event.before, &event.after] {
+            match image {
+                None => write_long(out, 0),
+                Some(row) => {
+                    self.check_arity(row)?;
+                    write_long(out, 1);
+                    for (i, d) in row.iter().enumerate() {
+                        let column = &self.table.columns[i];
+                        match d {
+                            Datum::Null => write_long(out, 0),
+                            Datum::UnchangedToast => {
+                                write_long(out, 0);
+                                if std::ptr::eq(image, &event.after) {
+                                    toasted.push(&self.field_names[i]);
+                                }
+                            }
+                            d => {
+                                write_long(out, 1);
+                                self.write_datum(&column.name, &column.ty, d, out)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let s = &event.source;
+        for text in [&s.region, &s.database, &s.schema, &s.table] {
+            write_bytes(out, text.as_bytes());
+        }
+        write_long(out, s.lsn as i64);
+        write_long(out, s.seq as i64);
+        for opt in [s.txid, s.commit_ts_us] {
+            match opt {
+                None => write_long(out, 0),
+                Some(v) => {
+                    write_long(out, 1);
+                    write_long(out, v);
+                }
+            }
+        }
+        out.push(u8::from(s.snapshot));
+        if !toasted.is_empty() {
+            write_long(out, toasted.len() as i64);
+            for name in toasted {
+                write_bytes(out, name.as_bytes());
+            }
+        }
+        write_long(out, 0);
+        Ok(())
+    }
+
+    fn check_arity(&self, row: &[Datum]) -> Result<(), AvroError> {
+        if row.len() == self.table.columns.len() {
+            Ok(())
+        } else {
+            Err(AvroError::Arity {
+                table: self.table.id.to_string(),
+                expected: self.table.columns.len(),
+                got: row.len(),
+            })
+        }
+    }
+
+    fn write_datum(
+        &self,
+        column: &str,
+        ty: &ColumnType,
+        d: &Datum,
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroError> {
+        let kind = avro_kind(ty);
+        match (kind, d) {
+            ("int", Datum::Int(v)) => write_long(out, i64::from(*v)),
+            ("long", Datum::Long(v)) => write_long(out, *v),
+            ("float", Datum::Float(v)) => out.extend_from_slice(&v.to_le_bytes()),
+            ("double", Datum::Double(v)) => out.extend_from_slice(&v.to_le_bytes()),
+            ("boolean", Datum::Bool(v)) => out.push(u8::from(*v)),
+            ("bytes", Datum::Bytes(v)) => write_bytes(out, v),
+            ("string", Datum::Text(v)) => write_bytes(out, v.as_bytes()),
+            ("array", Datum::Array(items)) => {
+                let ColumnType::Array(inner) = ty else {
+                    unreachable!("avro_kind is array only for arrays")
+                };
+                if !items.is_empty() {
+                    write_long(out, items.len() as i64);
+                    for item in items {
+                        if matches!(item, Datum::Null) {
+                            write_long(out, 0);
+                        } else {
+                            write_long(out, 1);
+                            self.write_datum(column, inner, item, out)?;
+                        }
+                    }
+                }
+                write_long(out, 0);
+            }
+            (expected, got) => {
+                return Err(AvroError::TypeMismatch {
+                    table: self.table.id.to_string(),
+                    column: column.to_string(),
+                    expected,
+                    got: format!("{got:?}"),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Avro `long`/`int`: zig-zag, then base-128 varint.
+fn write_long(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+/// Avro `bytes`/`string`: length, then the bytes.
+fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    write_long(out, b.len() as i64);
+    out.extend_from_slice(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Op, Source};
+    use crate::table::{Column, TableId};
+    use apache_avro::types::Value;
+    use apache_avro::GenericSingleObjectReader;
+
+    fn col(name: &str, pg_type: &str, ty: ColumnType, key: bool) -> Column {
+        Column {
+            name: name.into(),
+            pg_type: pg_type.into(),
+            type_oid: 0,
+            ty,
+            key,
+        }
+    }
+
+    fn table() -> TableSchema {
+        TableSchema {
+            database: "db".into(),
+            id: TableId::new("public", "all-types"),
+            columns: vec![
+                col("id", "int8", ColumnType::Int8, true),
+                col("small", "int2", ColumnType::Int2, false),
+                col("f4", "float4", ColumnType::Float4, false),
+                col("f8", "float8", ColumnType::Float8, false),
+                col("ok", "bool", ColumnType::Bool, false),
+                col("amount", "numeric", ColumnType::Numeric, false),
+                col("blob", "bytea", ColumnType::Bytea, false),
+                col("day", "date", ColumnType::Date, false),
+                col("at", "timestamptz", ColumnType::TimestampTz, false),
+                col(
+                    "tags",
+                    "_text",
+                    ColumnType::Array(Box::new(ColumnType::Text)),
+                    false,
+                ),
+                col("big text", "text", ColumnType::Text, false),
+                col("1st", "inet", ColumnType::Other, false),
+            ],
+        }
+    }
+
+    fn source() -> Source {
+        Source {
+            region: "eu".into(),
+            database: "db".into(),
+            schema: "public".into(),
+            table: "all-types".into(),
+            lsn: 0x16_B374_D848,
+            seq: 3,
+            txid: Some(771),
+            commit_ts_us: Some(1_700_000_000_000_000),
+            snapshot: false,
+        }
+    }
+
+    fn row() -> Vec<Datum> {
+        vec![
+            Datum::Long(-5),
+            Datum::Int(300),
+            Datum::Float(1.5),
+            Datum::Double(-2.25),
+            Datum::Bool(true),
+            Datum::Text("12345678901234567890.000000001".into()),
+            Datum::Bytes(vec![0, 1, 255]),
+            Datum::Int(19_000),
+            Datum::Long(1_700_000_000_123_456),
+            Datum::Array(vec![Datum::Text("a".into()), Datum::Null]),
+            Datum::UnchangedToast,
+            Datum::Text("10.0.0.1/32".into()),
+        ]
+    }
+
+    fn decode(schema_json: &str, bytes: &[u8]) -> Value {
+        let schema = Schema::parse_str(schema_json).expect("schema parses");
+        let reader = GenericSingleObjectReader::builder()
+            .schema(schema)
+            .build()
+            .expect("reader");
+        let mut cursor = bytes;
+        let v = reader.read_value(&mut cursor).expect("decodes");
+        assert!(cursor.is_empty(), "trailing bytes after the record");
+        v
+    }
+
+    fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
+        let Value::Record(fields) = v else {
+            panic!("not a record: {v:?}")
+        };
+        &fields.iter().find(|(n, _)| n == name).expect("field").1
+    }
+
+    #[test]
+    fn value_round_trips_through_apache_avro() {
+        let s = EncodedSchema::new(&table()).expect("schema");
+        let event = ChangeEvent {
+            op: Op::Update,
+            before: None,
+            after: Some(row()),
+            source: source(),
+        };
+        let mut buf = Vec::new();
+        s.encode_value(&event, &mut buf).expect("encodes");
+        let v = decode(&s.value_json, &buf);
+        assert_eq!(field(&v, "op"), &Value::Enum(1, "u".into()));
+        assert_eq!(field(&v, "before"), &Value::Union(0, Box::new(Value::Null)));
+        let Value::Union(1, after) = field(&v, "after") else {
+            panic!("after missing")
+        };
+        assert_eq!(
+            field(after, "id"),
+            &Value::Union(1, Box::new(Value::Long(-5)))
+        );
+        assert_eq!(
+            field(after, "amount"),
+            &Value::Union(
+                1,
+                Box::new(Value::String("12345678901234567890.000000001".into()))
+            )
+        );
+        assert_eq!(
+            field(after, "big_text"),
+            &Value::Union(0, Box::new(Value::Null))
+        );
+        assert_eq!(
+            field(after, "_1st"),
+            &Value::Union(1, Box::new(Value::String("10.0.0.1/32".into())))
+        );
+        assert_eq!(
+            field(&v, "unchanged_toast"),
+            &Value::Array(vec![Value::String("big_text".into())])
+        );
+        let src = field(&v, "source");
+        assert_eq!(field(src, "lsn"), &Value::Long(0x16_B374_D848));
+        assert_eq!(
+            field(src, "txid"),
+            &Value::Union(1, Box::new(Value::Long(771)))
+        );
+    }
+
+    #[test]
+    fn key_round_trips_and_rejects_nulls() {
+        let s = EncodedSchema::new(&table()).expect("schema");
+        let mut buf = Vec::new();
+        s.encode_key(&row(), &mut buf).expect("encodes");
+        let v = decode(&s.key_json, &buf);
+        assert_eq!(field(&v, "id"), &Value::Long(-5));
+        assert_eq!(Fingerprint::from_record(&buf).expect("header"), s.key_fp);
+
+        let mut nulled = row();
+        nulled[0] = Datum::Null;
+        let err = s
+            .encode_key(&nulled, &mut Vec::new())
+            .expect_err("null key");
+        assert!(err.to_string().contains("\"id\""), "{err}");
+    }
+
+    #[test]
+    fn mismatched_value_names_the_column() {
+        let s = EncodedSchema::new(&table()).expect("schema");
+        let mut bad = row();
+        bad[1] = Datum::Text("three hundred".into());
+        let event = ChangeEvent {
+            op: Op::Create,
+            before: None,
+            after: Some(bad),
+            source: source(),
+        };
+        let err = s
+            .encode_value(&event, &mut Vec::new())
+            .expect_err("mismatch");
+        assert!(err.to_string().contains("\"small\""), "{err}");
+        let short = ChangeEvent {
+            op: Op::Create,
+            before: None,
+            after: Some(vec![Datum::Long(1)]),
+            source: source(),
+        };
+        assert!(matches!(
+            s.encode_value(&short, &mut Vec::new()),
+            Err(AvroError::Arity { .. })
+        ));
+    }
+
+    #[test]
+    fn schema_versions_have_distinct_fingerprints() {
+        let a = EncodedSchema::new(&table()).expect("schema");
+        let mut t = table();
+        t.columns
+            .push(col("extra", "int4", ColumnType::Int4, false));
+        let b = EncodedSchema::new(&t).expect("schema");
+        assert_ne!(a.value_fp, b.value_fp);
+        assert_eq!(a.key_fp, b.key_fp, "key columns did not change");
+    }
+
+    #[test]
+    fn malformed_records_are_not_single_objects() {
+        assert!(Fingerprint::from_record(&[]).is_err());
+        assert!(Fingerprint::from_record(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Fingerprint::from_record(&[0xC3, 0x01, 1]).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! Table schemas: one version of a source table's columns.
+
+use std::fmt;
+
+/// A source table's qualified name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableId {
+    /// The Postgres schema (namespace), e.g. `public`.
+    pub schema: String,
+    /// The table name.
+    pub table: String,
+}
+
+impl TableId {
+    /// A table id from its schema and name.
+    pub fn new(schema: impl Into<String>, table: impl Into<String>) -> Self {
+        Self {
+            schema: schema.into(),
+            table: table.into(),
+        }
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// How a column's values are represented in events and in Avro.
+///
+/// Exact types stay exact: `numeric` is carried as its decimal text, never as a float.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColumnType {
+    /// `int2`, as Avro `int`.
+    Int2,
+    /// `int4`, as Avro `int`.
+    Int4,
+    /// `int8`, as Avro `long`.
+    Int8,
+    /// `float4`, as Avro `float`.
+    Float4,
+    /// `float8`, as Avro `double`.
+    Float8,
+    /// `bool`, as Avro `boolean`.
+    Bool,
+    /// `numeric`, as its exact decimal text (also `NaN`, `Infinity`).
+    Numeric,
+    /// `text`, `varchar`, `char`/`bpchar`, `name`.
+    Text,
+    /// `bytea`, as Avro `bytes`.
+    Bytea,
+    /// `date`, as Avro `int` days since 1970-01-01 (logical type `date`).
+    Date,
+    /// `time`, as Avro `long` microseconds since midnight (logical type `time-micros`).
+    Time,
+    /// `timestamp`, as Avro `long` µs (logical type `local-timestamp-micros`).
+    Timestamp,
+    /// `timestamptz`, as Avro `long` µs since the Unix epoch, UTC (`timestamp-micros`).
+    TimestampTz,
+    /// `uuid`, as its canonical text (logical type `uuid`).
+    Uuid,
+    /// `json` or `jsonb`, as the JSON text.
+    Json,
+    /// A Postgres enum; values are their labels.
+    Enum,
+    /// A one-dimensional array of the element type.
+    Array(Box<ColumnType>),
+    /// Anything else: the value's Postgres text form; the type name is in [`Column::pg_type`].
+    Other,
+}
+
+/// One column of a table version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// The column's name in the source database.
+    pub name: String,
+    /// The Postgres type name as the catalog spells it (`int4`, `_text`, `mood`, `inet`, …).
+    pub pg_type: String,
+    /// The Postgres type oid (to recognise type changes that keep the name).
+    pub type_oid: u32,
+    /// How the column is represented.
+    pub ty: ColumnType,
+    /// Whether the column is part of the table's key (primary key, else replica identity).
+    pub key: bool,
+}
+
+/// One version of a source table: its columns in ordinal order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSchema {
+    /// The source database name.
+    pub database: String,
+    /// The qualified table name.
+    pub id: TableId,
+    /// Columns in the order the source sends them.
+    pub columns: Vec<Column>,
+}
+
+impl TableSchema {
+    /// Indexes of the key columns, in column order.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
