@@ -1,1 +1,22 @@
-//! placeholder
+//! Benchmark harnesses. Each prints Ferry side by side with a baseline measured in the same run,
+//! as rates and ratios; none asserts on time. Run them in release, by hand (see RESULTS.md).
+
+use std::time::Duration;
+
+/// Formats a rate with thousands separators.
+pub fn rate(events: u64, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// `1234567.8` → `1,234,568`.
+pub fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().rev().enumerate() {
+        if i > 0 && i % 3 == 0 && c != '-' {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out.chars().rev().collect()
+}

@@ -84,7 +84,9 @@ pub struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn error(&self, error: RdError, reason: &str) {
-        if !matches!(error, RdError::PartitionEOF(_)) {
+        let eof = matches!(error, RdError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF);
+        if !eof {
             tracing::error!(error = %error, reason, "kafka client error");
         }
     }

@@ -49,6 +49,8 @@ pub enum SinkMode {
 pub struct Stats {
     /// Change events emitted (stream and snapshot).
     pub events_total: AtomicU64,
+    /// Bytes of encoded keys and values produced.
+    pub encoded_bytes_total: AtomicU64,
     /// Snapshot rows emitted.
     pub snapshot_rows_total: AtomicU64,
     /// Transactions seen.
@@ -351,7 +353,8 @@ async fn run_once(
                                 Output::Schema(s) => sink.register(&s).await?,
                                 Output::Event(s, e) => {
                                     snap.observe(&s, &e);
-                                    sink.send(&s, &e, &mut pending).await?;
+                                    let n = sink.send(&s, &e, &mut pending).await?;
+                                    stats.encoded_bytes_total.fetch_add(n as u64, Ordering::Relaxed);
                                     stats.events_total.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
@@ -450,6 +453,13 @@ async fn run_once(
         _ => tracing::warn!("acknowledgements did not finish in 30 s; the unconfirmed tail will be produced again on restart"),
     }
     let _ = repl.shutdown().await;
+    tracing::info!(
+        events_total = stats.events_total.load(Ordering::Relaxed),
+        snapshot_rows_total = stats.snapshot_rows_total.load(Ordering::Relaxed),
+        transactions_total = stats.transactions_total.load(Ordering::Relaxed),
+        confirmed_lsn = %Lsn(stats.confirmed_lsn.load(Ordering::Relaxed)),
+        "capture stopped"
+    );
     Ok(())
 }
 
@@ -491,7 +501,10 @@ async fn finish_chunk(
     stats: &Stats,
 ) -> Result<(), CaptureError> {
     for e in &done.events {
-        sink.send(&done.schema, e, pending).await?;
+        let n = sink.send(&done.schema, e, pending).await?;
+        stats
+            .encoded_bytes_total
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
     let n = done.events.len() as u64;
     stats.events_total.fetch_add(n, Ordering::Relaxed);

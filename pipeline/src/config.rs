@@ -118,7 +118,8 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Loads `path` layered with `FERRY__SECTION__KEY` environment overrides, then validates.
+    /// Loads `path` layered with `FERRY__SECTION__KEY` environment overrides (lists such as
+    /// `FERRY__CAPTURE__TABLES` are comma-separated), then validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let load_err = |e: config::ConfigError| ConfigError::Load {
             path: path.display().to_string(),
@@ -136,6 +137,8 @@ impl Config {
                 config::Environment::with_prefix("FERRY")
                     .prefix_separator("__")
                     .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("capture.tables")
                     .try_parsing(true),
             )
             .build()

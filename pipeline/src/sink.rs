@@ -212,13 +212,14 @@ impl Sink {
         Ok(())
     }
 
-    /// Encodes and sends one event. Deliveries to await are appended to `pending`.
+    /// Encodes and sends one event; returns the encoded key + value size. Deliveries to await
+    /// are appended to `pending`.
     pub async fn send(
         &mut self,
         schema: &EncodedSchema,
         event: &ChangeEvent,
         pending: &mut Vec<(String, DeliveryFuture)>,
-    ) -> Result<(), CaptureError> {
+    ) -> Result<usize, CaptureError> {
         let lsn = Lsn(event.source.lsn);
         let encode_err = |source| CaptureError::Encode { lsn, source };
         match self {
@@ -228,7 +229,7 @@ impl Sink {
                     schema.encode_key(image, buf).map_err(encode_err)?;
                 }
                 schema.encode_value(event, buf).map_err(encode_err)?;
-                Ok(())
+                Ok(buf.len())
             }
             Sink::Kafka(k) => {
                 let (topic, partitions) =
@@ -284,7 +285,7 @@ impl Sink {
                         }
                     }
                 }
-                Ok(())
+                Ok(k.key.len() + k.value.len())
             }
         }
     }

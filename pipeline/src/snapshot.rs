@@ -434,7 +434,10 @@ mod tests {
         assert!(!v.sees(103));
         assert!(!v.sees(105));
         assert!(!v.sees(200));
-        assert_eq!(Visibility::parse("7:7:").map(|v| v.in_progress.len()), Some(0));
+        assert_eq!(
+            Visibility::parse("7:7:").map(|v| v.in_progress.len()),
+            Some(0)
+        );
         // 64-bit xids past the first wraparound compare on their low 32 bits.
         let v = Visibility::parse("4294967396:4294967400:").expect("parses");
         assert!(v.sees(99));

@@ -44,7 +44,11 @@ async fn insert_update_delete_truncate_and_transactions() {
             e["source"]["seq"].as_i64().unwrap_or(0),
         )
     });
-    assert_eq!(ops(&stream), ["c", "c", "u", "u", "d", "c", "d"], "{stream:#?}");
+    assert_eq!(
+        ops(&stream),
+        ["c", "c", "u", "u", "d", "c", "d"],
+        "{stream:#?}"
+    );
     // The two updates of one transaction share its txid and commit LSN.
     assert_eq!(stream[2]["source"]["txid"], stream[3]["source"]["txid"]);
     assert_eq!(stream[2]["source"]["lsn"], stream[3]["source"]["lsn"]);
@@ -59,13 +63,23 @@ async fn insert_update_delete_truncate_and_transactions() {
     // Truncate reaches every partition, without a key.
     let truncates: Vec<_> = acct.iter().filter(|e| e["op"] == "t").collect();
     assert_eq!(truncates.len() as i32, db.cfg.capture.partitions);
-    let mut parts: Vec<i64> = truncates.iter().map(|e| e["_partition"].as_i64().unwrap_or(-1)).collect();
+    let mut parts: Vec<i64> = truncates
+        .iter()
+        .map(|e| e["_partition"].as_i64().unwrap_or(-1))
+        .collect();
     parts.sort();
-    assert_eq!(parts, (0..db.cfg.capture.partitions as i64).collect::<Vec<_>>());
+    assert_eq!(
+        parts,
+        (0..db.cfg.capture.partitions as i64).collect::<Vec<_>>()
+    );
     assert!(truncates.iter().all(|e| e["_key"].is_null()));
 
     // Same key → same partition.
-    let p1: Vec<_> = acct.iter().filter(|e| e["_key"] == json!({"id": 1})).map(|e| &e["_partition"]).collect();
+    let p1: Vec<_> = acct
+        .iter()
+        .filter(|e| e["_key"] == json!({"id": 1}))
+        .map(|e| &e["_partition"])
+        .collect();
     assert!(p1.windows(2).all(|w| w[0] == w[1]), "{p1:?}");
 
     // REPLICA IDENTITY FULL: updates and deletes carry the whole old row.
@@ -135,12 +149,21 @@ async fn table_added_to_the_publication_is_picked_up_without_restart() {
     )
     .await;
     let name = db.name.clone();
-    db.exec(&format!("ALTER PUBLICATION {name} ADD TABLE later")).await;
+    db.exec(&format!("ALTER PUBLICATION {name} ADD TABLE later"))
+        .await;
     db.exec("UPDATE later SET v = 'live' WHERE id = 7").await;
     // Wait for the snapshot to finish, then for the stream to catch up.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while cap.stats.snapshots_done_total.load(std::sync::atomic::Ordering::Relaxed) < 2 {
-        assert!(std::time::Instant::now() < deadline, "snapshot of the added table did not finish");
+    while cap
+        .stats
+        .snapshots_done_total
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot of the added table did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let lsn = db.sync_point().await;

@@ -24,7 +24,11 @@ fn check_reports_wal_level_replica() {
         String::from_utf8_lossy(&start.stderr)
     );
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["--config", &repo().join("ops/ferry.toml").to_string_lossy(), "check"])
+        .args([
+            "--config",
+            &repo().join("ops/ferry.toml").to_string_lossy(),
+            "check",
+        ])
         .env("FERRY__ORIGIN__POSTGRES__PORT", port.to_string())
         .env("FERRY__ORIGIN__POSTGRES__DATABASE", "postgres")
         .output()
@@ -38,13 +42,20 @@ fn check_reports_wal_level_replica() {
         .lines()
         .find(|l| l.contains("wal_level"))
         .unwrap_or_else(|| panic!("no wal_level line: {stdout}"));
-    assert!(line.starts_with("FAIL") && line.contains("replica") && line.contains("ALTER SYSTEM"), "{line}");
+    assert!(
+        line.starts_with("FAIL") && line.contains("replica") && line.contains("ALTER SYSTEM"),
+        "{line}"
+    );
 }
 
 #[test]
 fn bad_config_names_the_field_and_exits_3() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["--config", &repo().join("ops/ferry.toml").to_string_lossy(), "check"])
+        .args([
+            "--config",
+            &repo().join("ops/ferry.toml").to_string_lossy(),
+            "check",
+        ])
         .env("FERRY__CAPTURE__PARTITIONS", "0")
         .output()
         .expect("run ferry");

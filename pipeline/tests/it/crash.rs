@@ -79,11 +79,16 @@ async fn kill_9_mid_stream_loses_nothing() {
         *copies.entry((id, v)).or_default() += 1;
     }
     for (id, last) in &final_versions {
-        let versions = seen.get(id).unwrap_or_else(|| panic!("row {id} never captured"));
+        let versions = seen
+            .get(id)
+            .unwrap_or_else(|| panic!("row {id} never captured"));
         // Every version from the snapshot's onwards is present: no gap.
         let first = *versions.iter().next().expect("non-empty");
         for v in first..=*last {
-            assert!(versions.contains(&v), "row {id}: version {v} missing; seen {versions:?}");
+            assert!(
+                versions.contains(&v),
+                "row {id}: version {v} missing; seen {versions:?}"
+            );
         }
         assert_eq!(versions.iter().max(), Some(last), "row {id} final version");
     }

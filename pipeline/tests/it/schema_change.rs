@@ -23,20 +23,30 @@ async fn add_drop_and_retype_columns_while_streaming() {
     .await;
     let lsn = db.sync_point().await;
     db.wait_confirmed(lsn, Duration::from_secs(60)).await;
-    let retries = cap.stats.retries_total.load(std::sync::atomic::Ordering::Relaxed);
+    let retries = cap
+        .stats
+        .retries_total
+        .load(std::sync::atomic::Ordering::Relaxed);
     cap.stop().await;
     assert_eq!(retries, 0, "a schema change must not need a restart");
 
     let mut ev = db.events("public.evolve").await;
     ev.sort_by_key(|e| e["after"]["id"].as_i64());
     assert_eq!(ops(&ev), ["c", "c", "c", "c"]);
-    let fps: Vec<&str> = ev.iter().map(|e| e["_fingerprint"].as_str().unwrap_or("")).collect();
+    let fps: Vec<&str> = ev
+        .iter()
+        .map(|e| e["_fingerprint"].as_str().unwrap_or(""))
+        .collect();
     for w in fps.windows(2) {
         assert_ne!(w[0], w[1], "each change of shape is a new schema version");
     }
     assert_eq!(ev[0]["after"]["b"], "one");
     assert_eq!(ev[1]["after"]["c"], "2.5");
-    assert!(ev[2]["after"].get("b").is_none(), "b was dropped: {}", ev[2]["after"]);
+    assert!(
+        ev[2]["after"].get("b").is_none(),
+        "b was dropped: {}",
+        ev[2]["after"]
+    );
     assert_eq!(ev[3]["after"]["a"], 9_000_000_000i64);
     db.cleanup().await;
 }

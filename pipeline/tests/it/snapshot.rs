@@ -40,8 +40,16 @@ async fn snapshot_under_concurrent_updates_ends_equal() {
         w.await.expect("writer");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while cap.stats.snapshots_done_total.load(std::sync::atomic::Ordering::Relaxed) < 1 {
-        assert!(std::time::Instant::now() < deadline, "snapshot did not finish");
+    while cap
+        .stats
+        .snapshots_done_total
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let lsn = db.sync_point().await;

@@ -42,7 +42,10 @@ impl TestDb {
             database: "postgres".into(),
             ..base.origin.postgres.clone()
         };
-        let a = admin.connect().await.expect("postgres reachable (run ops/stack up)");
+        let a = admin
+            .connect()
+            .await
+            .expect("postgres reachable (run ops/stack up)");
         a.batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create database");
@@ -56,7 +59,12 @@ impl TestDb {
         cfg.capture.status_interval_ms = 200;
         cfg.capture.linger_ms = 5;
         cfg.capture.max_backoff_ms = 2_000;
-        let session = cfg.origin.postgres.connect().await.expect("connect test db");
+        let session = cfg
+            .origin
+            .postgres
+            .connect()
+            .await
+            .expect("connect test db");
         TestDb { name, cfg, session }
     }
 
@@ -213,7 +221,10 @@ snapshot_chunk_rows = {chunk}
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let _ = a
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await;
     }
 }

@@ -77,7 +77,13 @@ async fn every_type_round_trips_through_the_topic() {
     .expect("task");
     let fp = by_id[0]["_fingerprint"].as_str().expect("fp");
     let schema = &schemas[fp];
-    for pg_type in ["\"inet\"", "\"public.mood\"", "\"_int4\"", "\"numeric\"", "\"interval\""] {
+    for pg_type in [
+        "\"inet\"",
+        "\"public.mood\"",
+        "\"_int4\"",
+        "\"numeric\"",
+        "\"interval\"",
+    ] {
         assert!(schema.contains(pg_type), "schema lacks {pg_type}: {schema}");
     }
     db.cleanup().await;
