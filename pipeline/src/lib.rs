@@ -11,6 +11,8 @@
 
 pub mod capture;
 pub mod check;
+pub mod columnar;
+pub mod compact;
 pub mod config;
 pub mod error;
 pub mod inspect;

@@ -3,8 +3,11 @@
 //! A table version gets two schemas: `<ns>.Key` (the key columns, never null) and
 //! `<ns>.Envelope` (op, before, after, source, unchanged_toast), where `<ns>` is
 //! `ferry.<database>.<schema>.<table>` with every name reduced to Avro's `[A-Za-z_][A-Za-z0-9_]*`.
-//! Fields carry their Postgres type in a `pg_type` attribute (and the original column name in
-//! `pg_name` when it had to be changed), which Avro readers ignore.
+//! Fields carry their Postgres type (`pg_type`, `type_oid`), the original column name
+//! (`pg_name`), Ferry's column type (`ferry_type`) and whether they are part of the key (`key`);
+//! the envelope carries `pg_database`, `pg_schema` and `pg_table`. Avro readers ignore these
+//! attributes and they are not part of the fingerprint; they let [`EncodedSchema::from_json`]
+//! rebuild the exact table version from the published schema alone.
 //!
 //! Records are written with the specification's single-object encoding: `C3 01`, the 8-byte
 //! little-endian CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form, then
@@ -18,7 +21,7 @@ use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
 use serde_json::{json, Value as Json};
 
-use crate::event::{ChangeEvent, Datum};
+use crate::event::{ChangeEvent, Datum, Op};
 use crate::table::{ColumnType, TableSchema};
 
 /// The two bytes that open every single-object encoded record.
@@ -81,6 +84,19 @@ pub enum AvroError {
         /// What the value was.
         got: String,
     },
+    /// Bytes that do not decode with the schema their header names.
+    #[error("{table}: record does not decode at byte {offset}: {reason}")]
+    Decode {
+        /// The table.
+        table: String,
+        /// Byte offset in the record.
+        offset: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A published schema that Ferry cannot read back.
+    #[error("schema is not a Ferry envelope schema: {0}")]
+    NotFerrySchema(String),
     /// A key column was null or missing.
     #[error("key column {column:?} of {table} is null; a key must be complete")]
     NullKey {
@@ -222,15 +238,15 @@ impl EncodedSchema {
         let field = |i: usize, nullable: bool| {
             let c = &table.columns[i];
             let ty = type_json(&c.ty);
-            let mut f = json!({
+            json!({
                 "name": field_names[i],
                 "type": if nullable { json!(["null", ty]) } else { ty },
+                "pg_name": c.name,
                 "pg_type": c.pg_type,
-            });
-            if field_names[i] != c.name {
-                f["pg_name"] = json!(c.name);
-            }
-            f
+                "type_oid": c.type_oid,
+                "ferry_type": c.ty.to_string(),
+                "key": c.key,
+            })
         };
         let key_indexes = table.key_indexes();
         let key = json!({
@@ -244,6 +260,9 @@ impl EncodedSchema {
         let value = json!({
             "type": "record", "name": "Envelope", "namespace": ns,
             "doc": format!("Ferry change event of {}.{}", table.database, table.id),
+            "pg_database": table.database,
+            "pg_schema": table.id.schema,
+            "pg_table": table.id.table,
             "fields": [
                 {"name": "op", "type": {"type": "enum", "name": "Op", "namespace": "ferry", "symbols": ["c", "u", "d", "r", "t"]}},
                 {"name": "before", "type": ["null", row]},
@@ -419,6 +438,253 @@ impl EncodedSchema {
             }
         }
         Ok(())
+    }
+}
+
+impl EncodedSchema {
+    /// Rebuilds a table version from its published envelope schema (the JSON in the schema
+    /// topic), so that encoding with it reproduces the same fingerprint and bytes.
+    pub fn from_json(value_json: &str) -> Result<EncodedSchema, AvroError> {
+        let bad = |what: &str| AvroError::NotFerrySchema(what.to_string());
+        let v: Json = serde_json::from_str(value_json).map_err(|e| bad(&e.to_string()))?;
+        let text = |j: &Json, k: &str| {
+            j.get(k)
+                .and_then(Json::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| bad(&format!("missing {k}")))
+        };
+        let fields = v
+            .get("fields")
+            .and_then(Json::as_array)
+            .ok_or_else(|| bad("no fields"))?;
+        let before = fields
+            .iter()
+            .find(|f| f.get("name") == Some(&json!("before")))
+            .ok_or_else(|| bad("no before field"))?;
+        let row = before
+            .get("type")
+            .and_then(|t| t.get(1))
+            .and_then(|r| r.get("fields"))
+            .and_then(Json::as_array)
+            .ok_or_else(|| bad("before is not [null, Row]"))?;
+        let columns = row
+            .iter()
+            .map(|f| {
+                Ok(crate::table::Column {
+                    name: text(f, "pg_name")?,
+                    pg_type: text(f, "pg_type")?,
+                    type_oid: f.get("type_oid").and_then(Json::as_u64).unwrap_or(0) as u32,
+                    ty: text(f, "ferry_type")?.parse().map_err(|e: String| bad(&e))?,
+                    key: f.get("key").and_then(Json::as_bool).unwrap_or(false),
+                })
+            })
+            .collect::<Result<Vec<_>, AvroError>>()?;
+        let table = TableSchema {
+            database: text(&v, "pg_database")?,
+            id: crate::table::TableId::new(text(&v, "pg_schema")?, text(&v, "pg_table")?),
+            columns,
+        };
+        EncodedSchema::new(&table)
+    }
+
+    /// Decodes a single-object encoded envelope written with this schema (the inverse of
+    /// [`EncodedSchema::encode_value`]). Unchanged TOAST columns come back as
+    /// [`Datum::UnchangedToast`].
+    pub fn decode_value(&self, record: &[u8]) -> Result<ChangeEvent, AvroError> {
+        let fp = Fingerprint::from_record(record)?;
+        let table = self.table.id.to_string();
+        if fp != self.value_fp {
+            return Err(AvroError::Decode {
+                table,
+                offset: 2,
+                reason: format!("fingerprint {fp} is not this schema's {}", self.value_fp),
+            });
+        }
+        let mut r = AvroReader {
+            buf: record,
+            pos: 10,
+            table: &table,
+        };
+        let op = Op::from_avro_index(r.long()? as usize).ok_or_else(|| r.err("op out of range"))?;
+        let mut images: [Option<Vec<Datum>>; 2] = [None, None];
+        for image in &mut images {
+            match r.long()? {
+                0 => {}
+                1 => {
+                    let mut row = Vec::with_capacity(self.table.columns.len());
+                    for c in &self.table.columns {
+                        row.push(match r.long()? {
+                            0 => Datum::Null,
+                            1 => r.datum(&c.ty)?,
+                            _ => return Err(r.err("union index out of range")),
+                        });
+                    }
+                    *image = Some(row);
+                }
+                _ => return Err(r.err("union index out of range")),
+            }
+        }
+        let region = r.string()?;
+        let database = r.string()?;
+        let schema = r.string()?;
+        let table_name = r.string()?;
+        let lsn = r.long()? as u64;
+        let seq = r.long()? as u64;
+        let mut opt = || -> Result<Option<i64>, AvroError> {
+            match r.long()? {
+                0 => Ok(None),
+                1 => Ok(Some(r.long()?)),
+                _ => Err(r.err("union index out of range")),
+            }
+        };
+        let txid = opt()?;
+        let commit_ts_us = opt()?;
+        let snapshot = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            _ => return Err(r.err("boolean out of range")),
+        };
+        let [before, mut after] = images;
+        loop {
+            let n = r.long()?;
+            if n == 0 {
+                break;
+            }
+            for _ in 0..n.unsigned_abs() {
+                if n < 0 {
+                    r.long()?;
+                }
+                let name = r.string()?;
+                let i = self
+                    .field_names
+                    .iter()
+                    .position(|f| *f == name)
+                    .ok_or_else(|| r.err("unchanged_toast names an unknown column"))?;
+                if let Some(a) = after.as_mut() {
+                    a[i] = Datum::UnchangedToast;
+                }
+            }
+        }
+        if r.pos != record.len() {
+            return Err(r.err("trailing bytes"));
+        }
+        Ok(ChangeEvent {
+            op,
+            before,
+            after,
+            source: crate::event::Source {
+                region,
+                database,
+                schema,
+                table: table_name,
+                lsn,
+                seq,
+                txid,
+                commit_ts_us,
+                snapshot,
+            },
+        })
+    }
+}
+
+struct AvroReader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    table: &'a str,
+}
+
+impl<'a> AvroReader<'a> {
+    fn err(&self, reason: &str) -> AvroError {
+        AvroError::Decode {
+            table: self.table.to_string(),
+            offset: self.pos,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], AvroError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.err("record ends early"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn long(&mut self) -> Result<i64, AvroError> {
+        let mut z: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let b = self.take(1)?[0];
+            z |= u64::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
+            }
+        }
+        Err(self.err("varint longer than 10 bytes"))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], AvroError> {
+        let n = self.long()?;
+        let n = usize::try_from(n).map_err(|_| self.err("negative length"))?;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String, AvroError> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| self.err("string is not UTF-8"))
+    }
+
+    fn datum(&mut self, ty: &ColumnType) -> Result<Datum, AvroError> {
+        Ok(match avro_kind(ty) {
+            "int" => Datum::Int(
+                i32::try_from(self.long()?).map_err(|_| self.err("int out of range"))?,
+            ),
+            "long" => Datum::Long(self.long()?),
+            "float" => {
+                let b = self.take(4)?;
+                Datum::Float(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            "double" => {
+                let b = self.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                Datum::Double(f64::from_le_bytes(a))
+            }
+            "boolean" => match self.take(1)?[0] {
+                0 => Datum::Bool(false),
+                1 => Datum::Bool(true),
+                _ => return Err(self.err("boolean out of range")),
+            },
+            "bytes" => Datum::Bytes(self.bytes()?.to_vec()),
+            "array" => {
+                let ColumnType::Array(inner) = ty else {
+                    return Err(self.err("array without element type"));
+                };
+                let mut items = Vec::new();
+                loop {
+                    let n = self.long()?;
+                    if n == 0 {
+                        break;
+                    }
+                    if n < 0 {
+                        self.long()?;
+                    }
+                    for _ in 0..n.unsigned_abs() {
+                        items.push(match self.long()? {
+                            0 => Datum::Null,
+                            1 => self.datum(inner)?,
+                            _ => return Err(self.err("union index out of range")),
+                        });
+                    }
+                }
+                Datum::Array(items)
+            }
+            _ => Datum::Text(self.string()?),
+        })
     }
 }
 
@@ -633,6 +899,34 @@ mod tests {
         let b = EncodedSchema::new(&t).expect("schema");
         assert_ne!(a.value_fp, b.value_fp);
         assert_eq!(a.key_fp, b.key_fp, "key columns did not change");
+    }
+
+    #[test]
+    fn schema_json_rebuilds_the_table_and_values_decode_back() {
+        let s = EncodedSchema::new(&table()).expect("schema");
+        let again = EncodedSchema::from_json(&s.value_json).expect("rebuilds");
+        assert_eq!(again.table(), s.table());
+        assert_eq!(again.value_fp, s.value_fp);
+        assert_eq!(again.value_json, s.value_json);
+        let mut before = row();
+        before[10] = Datum::Text("old".into());
+        let event = ChangeEvent {
+            op: Op::Update,
+            before: Some(before),
+            after: Some(row()),
+            source: source(),
+        };
+        let mut buf = Vec::new();
+        s.encode_value(&event, &mut buf).expect("encodes");
+        let back = again.decode_value(&buf).expect("decodes");
+        assert_eq!(back, event);
+        let mut again_buf = Vec::new();
+        again.encode_value(&back, &mut again_buf).expect("re-encodes");
+        assert_eq!(again_buf, buf);
+        // Every truncation is an error, never a panic.
+        for len in 0..buf.len() {
+            assert!(again.decode_value(&buf[..len]).is_err(), "len {len}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod avro;
 pub mod event;
+pub mod manifest;
 pub mod position;
 pub mod table;
 

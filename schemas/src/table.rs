@@ -70,6 +70,63 @@ pub enum ColumnType {
     Other,
 }
 
+impl fmt::Display for ColumnType {
+    /// The compact name recorded in schemas (`ferry_type`): `int4`, `numeric`, `array<text>`, …
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            ColumnType::Int2 => "int2",
+            ColumnType::Int4 => "int4",
+            ColumnType::Int8 => "int8",
+            ColumnType::Float4 => "float4",
+            ColumnType::Float8 => "float8",
+            ColumnType::Bool => "bool",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Text => "text",
+            ColumnType::Bytea => "bytea",
+            ColumnType::Date => "date",
+            ColumnType::Time => "time",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::TimestampTz => "timestamptz",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Json => "json",
+            ColumnType::Enum => "enum",
+            ColumnType::Other => "other",
+            ColumnType::Array(inner) => return write!(f, "array<{inner}>"),
+        };
+        f.write_str(name)
+    }
+}
+
+impl std::str::FromStr for ColumnType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(inner) = s.strip_prefix("array<").and_then(|r| r.strip_suffix('>')) {
+            return Ok(ColumnType::Array(Box::new(inner.parse()?)));
+        }
+        Ok(match s {
+            "int2" => ColumnType::Int2,
+            "int4" => ColumnType::Int4,
+            "int8" => ColumnType::Int8,
+            "float4" => ColumnType::Float4,
+            "float8" => ColumnType::Float8,
+            "bool" => ColumnType::Bool,
+            "numeric" => ColumnType::Numeric,
+            "text" => ColumnType::Text,
+            "bytea" => ColumnType::Bytea,
+            "date" => ColumnType::Date,
+            "time" => ColumnType::Time,
+            "timestamp" => ColumnType::Timestamp,
+            "timestamptz" => ColumnType::TimestampTz,
+            "uuid" => ColumnType::Uuid,
+            "json" => ColumnType::Json,
+            "enum" => ColumnType::Enum,
+            "other" => ColumnType::Other,
+            _ => return Err(format!("unknown column type {s:?}")),
+        })
+    }
+}
+
 /// One column of a table version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Column {
