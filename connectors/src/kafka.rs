@@ -148,10 +148,20 @@ impl Cluster {
     /// An idempotent producer (`acks=all`, zstd, murmur2 partitioner so keys land where Java
     /// clients would put them).
     pub fn producer(&self, linger_ms: u64) -> Result<FutureProducer, KafkaError> {
+        self.producer_with(linger_ms, "zstd")
+    }
+
+    /// Like [`Cluster::producer`] with another `compression.type` (`none` for payloads that
+    /// are compressed already).
+    pub fn producer_with(
+        &self,
+        linger_ms: u64,
+        compression: &str,
+    ) -> Result<FutureProducer, KafkaError> {
         let mut c = self.client_config();
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("compression.type", "zstd")
+            .set("compression.type", compression)
             .set("partitioner", "murmur2_random")
             .set("linger.ms", linger_ms.to_string())
             .set("batch.size", "1000000")

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Float64Array, Int32Array,
-    Int64Array, ListArray, StringArray, UInt8Array,
+    Array, ArrayRef, BinaryArray, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array,
+    ListArray, StringArray, UInt8Array,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -94,7 +94,11 @@ fn present<'a>(d: &Option<&'a Datum>) -> Option<&'a Datum> {
     }
 }
 
-fn build(column: &str, ty: &ColumnType, values: &[Option<&Datum>]) -> Result<ArrayRef, ColumnarError> {
+fn build(
+    column: &str,
+    ty: &ColumnType,
+    values: &[Option<&Datum>],
+) -> Result<ArrayRef, ColumnarError> {
     macro_rules! prim {
         ($array:ty, $variant:ident) => {{
             let v = values
@@ -187,7 +191,10 @@ pub fn to_batch(
         )),
         Arc::new(Int64Array::from_iter_values(events.iter().map(|(o, _)| *o))),
         Arc::new(Int64Array::from(
-            events.iter().map(|(_, e)| e.source.txid).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|(_, e)| e.source.txid)
+                .collect::<Vec<_>>(),
         )),
         Arc::new(Int64Array::from(
             events
@@ -196,13 +203,22 @@ pub fn to_batch(
                 .collect::<Vec<_>>(),
         )),
         Arc::new(BooleanArray::from(
-            events.iter().map(|(_, e)| e.source.snapshot).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|(_, e)| e.source.snapshot)
+                .collect::<Vec<_>>(),
         )),
         Arc::new(BooleanArray::from(
-            events.iter().map(|(_, e)| e.before.is_some()).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|(_, e)| e.before.is_some())
+                .collect::<Vec<_>>(),
         )),
         Arc::new(BooleanArray::from(
-            events.iter().map(|(_, e)| e.after.is_some()).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|(_, e)| e.after.is_some())
+                .collect::<Vec<_>>(),
         )),
         Arc::new(StringArray::from(
             events
@@ -236,11 +252,21 @@ pub fn to_batch(
     Ok(RecordBatch::try_new(schema, cols)?)
 }
 
-fn datum_at(column: &str, ty: &ColumnType, array: &dyn Array, i: usize) -> Result<Datum, ColumnarError> {
+fn datum_at(
+    column: &str,
+    ty: &ColumnType,
+    array: &dyn Array,
+    i: usize,
+) -> Result<Datum, ColumnarError> {
     if array.is_null(i) {
         return Ok(Datum::Null);
     }
-    let wrong = || shape(column, format!("array type {} does not match {ty:?}", array.data_type()));
+    let wrong = || {
+        shape(
+            column,
+            format!("array type {} does not match {ty:?}", array.data_type()),
+        )
+    };
     macro_rules! get {
         ($array:ty, $variant:ident) => {
             Datum::$variant(
@@ -265,7 +291,10 @@ fn datum_at(column: &str, ty: &ColumnType, array: &dyn Array, i: usize) -> Resul
             let ColumnType::Array(inner) = ty else {
                 return Err(wrong());
             };
-            let list = array.as_any().downcast_ref::<ListArray>().ok_or_else(wrong)?;
+            let list = array
+                .as_any()
+                .downcast_ref::<ListArray>()
+                .ok_or_else(wrong)?;
             let child = list.value(i);
             (0..child.len())
                 .map(|j| datum_at(column, inner, child.as_ref(), j))
@@ -276,7 +305,7 @@ fn datum_at(column: &str, ty: &ColumnType, array: &dyn Array, i: usize) -> Resul
     })
 }
 
-fn col<'a, T: 'static>(batch: &'a RecordBatch, i: usize) -> Result<&'a T, ColumnarError> {
+fn col<T: 'static>(batch: &RecordBatch, i: usize) -> Result<&T, ColumnarError> {
     batch
         .column(i)
         .as_any()
@@ -332,9 +361,9 @@ pub fn from_batch(
                     let i: usize = idx
                         .parse()
                         .map_err(|_| shape("_toast", format!("bad column index {idx:?}")))?;
-                    *a.get_mut(i)
-                        .ok_or_else(|| shape("_toast", format!("column index {i} out of range")))? =
-                        Datum::UnchangedToast;
+                    *a.get_mut(i).ok_or_else(|| {
+                        shape("_toast", format!("column index {i} out of range"))
+                    })? = Datum::UnchangedToast;
                 }
             }
         }
@@ -415,17 +444,45 @@ mod tests {
             Datum::UnchangedToast,
             Datum::Bool(false),
         ];
-        let nulls = vec![Datum::Long(2), Datum::Null, Datum::Null, Datum::Null, Datum::Null, Datum::Null, Datum::Null];
-        let events = vec![
-            ChangeEvent { op: Op::Update, before: Some(nulls.clone()), after: Some(full), source: source(7) },
-            ChangeEvent { op: Op::Delete, before: Some(nulls), after: None, source: source(8) },
-            ChangeEvent { op: Op::Truncate, before: None, after: None, source: source(9) },
+        let nulls = vec![
+            Datum::Long(2),
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
         ];
-        let input: Vec<(i64, &ChangeEvent)> = events.iter().enumerate().map(|(i, e)| (i as i64 + 40, e)).collect();
+        let events = [
+            ChangeEvent {
+                op: Op::Update,
+                before: Some(nulls.clone()),
+                after: Some(full),
+                source: source(7),
+            },
+            ChangeEvent {
+                op: Op::Delete,
+                before: Some(nulls),
+                after: None,
+                source: source(8),
+            },
+            ChangeEvent {
+                op: Op::Truncate,
+                before: None,
+                after: None,
+                source: source(9),
+            },
+        ];
+        let input: Vec<(i64, &ChangeEvent)> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as i64 + 40, e))
+            .collect();
         let batch = to_batch(&table, &input).expect("to arrow");
         assert_eq!(batch.num_rows(), 3);
         let back = from_batch(&table, "eu", &batch).expect("from arrow");
-        let expected: Vec<(i64, ChangeEvent)> = input.iter().map(|(o, e)| (*o, (*e).clone())).collect();
+        let expected: Vec<(i64, ChangeEvent)> =
+            input.iter().map(|(o, e)| (*o, (*e).clone())).collect();
         assert_eq!(back, expected);
     }
 }

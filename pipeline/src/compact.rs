@@ -74,7 +74,8 @@ fn fill_toast(entries: &mut [Entry]) {
             (Some(after), _) => {
                 if let Some(prev) = known.get(&k) {
                     for (a, p) in after.iter_mut().zip(prev) {
-                        if matches!(a, Datum::UnchangedToast) && !matches!(p, Datum::UnchangedToast) {
+                        if matches!(a, Datum::UnchangedToast) && !matches!(p, Datum::UnchangedToast)
+                        {
                             *a = p.clone();
                         }
                     }
@@ -230,8 +231,20 @@ mod tests {
             database: "db".into(),
             id: TableId::new("public", "t"),
             columns: vec![
-                Column { name: "id".into(), pg_type: "int4".into(), type_oid: 23, ty: ColumnType::Int4, key: true },
-                Column { name: "v".into(), pg_type: "text".into(), type_oid: 25, ty: ColumnType::Text, key: false },
+                Column {
+                    name: "id".into(),
+                    pg_type: "int4".into(),
+                    type_oid: 23,
+                    ty: ColumnType::Int4,
+                    key: true,
+                },
+                Column {
+                    name: "v".into(),
+                    pg_type: "text".into(),
+                    type_oid: 25,
+                    ty: ColumnType::Text,
+                    key: false,
+                },
             ],
         };
         Arc::new(EncodedSchema::new(&t).expect("schema"))
@@ -271,7 +284,8 @@ mod tests {
                 };
                 let mut key = Vec::new();
                 if op != Op::Truncate {
-                    s.encode_key(event.key_image().expect("image"), &mut key).expect("key");
+                    s.encode_key(event.key_image().expect("image"), &mut key)
+                        .expect("key");
                 }
                 Entry {
                     offset: i as i64,
@@ -303,22 +317,63 @@ mod tests {
 
     #[tokio::test]
     async fn net_effect_per_key() {
-        let cases: Vec<(&str, Vec<(Op, i32, &str)>, Vec<(Op, i32, &str, i64)>)> = vec![
-            ("insert then updates", vec![(C, 1, "a"), (U, 1, "b"), (U, 1, "c")], vec![(C, 1, "c", 2)]),
-            ("updates", vec![(U, 1, "a"), (U, 1, "b")], vec![(U, 1, "b", 1)]),
-            ("insert to delete", vec![(C, 1, "a"), (U, 1, "b"), (D, 1, "")], vec![]),
-            ("update then delete", vec![(U, 1, "a"), (D, 1, "")], vec![(D, 1, "before-a", 1)]),
-            ("delete then insert", vec![(D, 1, ""), (C, 1, "x")], vec![(C, 1, "x", 1)]),
-            ("read then update", vec![(R, 1, "a"), (U, 1, "b")], vec![(R, 1, "b", 1)]),
+        type Case<'a> = (
+            &'a str,
+            Vec<(Op, i32, &'a str)>,
+            Vec<(Op, i32, &'a str, i64)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "insert then updates",
+                vec![(C, 1, "a"), (U, 1, "b"), (U, 1, "c")],
+                vec![(C, 1, "c", 2)],
+            ),
+            (
+                "updates",
+                vec![(U, 1, "a"), (U, 1, "b")],
+                vec![(U, 1, "b", 1)],
+            ),
+            (
+                "insert to delete",
+                vec![(C, 1, "a"), (U, 1, "b"), (D, 1, "")],
+                vec![],
+            ),
+            (
+                "update then delete",
+                vec![(U, 1, "a"), (D, 1, "")],
+                vec![(D, 1, "before-a", 1)],
+            ),
+            (
+                "delete then insert",
+                vec![(D, 1, ""), (C, 1, "x")],
+                vec![(C, 1, "x", 1)],
+            ),
+            (
+                "read then update",
+                vec![(R, 1, "a"), (U, 1, "b")],
+                vec![(R, 1, "b", 1)],
+            ),
             ("single delete", vec![(D, 1, "")], vec![(D, 1, "gone", 0)]),
             (
                 "interleaved keys keep last-position order",
-                vec![(C, 1, "a"), (C, 2, "a"), (U, 1, "b"), (U, 3, "a"), (U, 2, "b")],
+                vec![
+                    (C, 1, "a"),
+                    (C, 2, "a"),
+                    (U, 1, "b"),
+                    (U, 3, "a"),
+                    (U, 2, "b"),
+                ],
                 vec![(C, 1, "b", 2), (U, 3, "a", 3), (C, 2, "b", 4)],
             ),
             (
                 "truncate is a barrier",
-                vec![(C, 1, "a"), (U, 1, "b"), (T, 0, ""), (C, 1, "c"), (U, 1, "d")],
+                vec![
+                    (C, 1, "a"),
+                    (U, 1, "b"),
+                    (T, 0, ""),
+                    (C, 1, "c"),
+                    (U, 1, "d"),
+                ],
                 vec![(C, 1, "b", 1), (T, 0, "", 2), (C, 1, "d", 4)],
             ),
         ];
@@ -334,7 +389,9 @@ mod tests {
 
     #[tokio::test]
     async fn update_keeps_the_first_before_image() {
-        let runs = compact(entries(&[(U, 1, "a"), (U, 1, "b")]), true).await.expect("compacts");
+        let runs = compact(entries(&[(U, 1, "a"), (U, 1, "b")]), true)
+            .await
+            .expect("compacts");
         let e = &runs[0].events[0].1;
         assert_eq!(e.before.as_deref(), Some(row(1, "before-a").as_slice()));
         assert_eq!(e.after.as_deref(), Some(row(1, "b").as_slice()));
@@ -352,7 +409,14 @@ mod tests {
     async fn keys_across_batches_compose() {
         // Compacting two consecutive batches separately and applying the results in order
         // gives the same final state as the uncompacted stream.
-        let all = [(C, 1, "a"), (U, 2, "a"), (U, 1, "b"), (D, 2, ""), (C, 2, "c"), (U, 1, "d")];
+        let all = [
+            (C, 1, "a"),
+            (U, 2, "a"),
+            (U, 1, "b"),
+            (D, 2, ""),
+            (C, 2, "c"),
+            (U, 1, "d"),
+        ];
         let mut state: HashMap<i32, String> = HashMap::new();
         for part in [&all[..3], &all[3..]] {
             for (op, id, v, _) in run(part).await {

@@ -19,6 +19,80 @@ pub struct Config {
     /// Change capture settings.
     #[serde(default)]
     pub capture: Capture,
+    /// Shipping settings.
+    #[serde(default)]
+    pub ship: Ship,
+}
+
+/// Shipping settings: micro-batches from the origin topics to the destination cluster.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ship {
+    /// Consumer group of the shippers (several `ferry ship` processes share the partitions).
+    pub group_id: String,
+    /// Destination topic for batches; empty means `<capture.topic_prefix>.batches`.
+    pub batch_topic: String,
+    /// Partitions of the batch topic when Ferry creates it.
+    pub batch_partitions: i32,
+    /// Cut a batch at this many changes. 20k changes compress well and compact well while
+    /// keeping a batch's memory to a few MB.
+    pub max_events: usize,
+    /// Cut a batch at this many bytes of origin records.
+    pub max_bytes: usize,
+    /// Cut a batch this long after its first change, so quiet tables still ship promptly.
+    pub linger_ms: u64,
+    /// Bytes of origin records buffered across all partitions; past it the largest buffer is
+    /// shipped early. This (plus one batch being encoded) bounds the shipper's memory.
+    pub max_buffered_bytes: usize,
+    /// A single origin record larger than this stops its partition with an error naming it.
+    pub max_record_bytes: usize,
+    /// zstd level for payloads (1-22). 3 is zstd's default: most of the gain at a fraction of
+    /// the CPU of high levels.
+    pub zstd_level: i32,
+    /// Compact batches to their net effect per key.
+    pub compaction: bool,
+    /// Tables (`schema.table`) shipped without compaction.
+    pub uncompacted_tables: Vec<String>,
+    /// Named SQL transforms run on each batch near the data.
+    pub transforms: Vec<Transform>,
+    /// Price of egress in $ per GB, keyed by `<source region>-><destination region>`.
+    pub prices_per_gb: std::collections::BTreeMap<String, f64>,
+}
+
+impl Default for Ship {
+    fn default() -> Self {
+        Ship {
+            group_id: "ferry-ship".into(),
+            batch_topic: String::new(),
+            batch_partitions: 3,
+            max_events: 20_000,
+            max_bytes: 8 << 20,
+            linger_ms: 1_000,
+            max_buffered_bytes: 64 << 20,
+            max_record_bytes: 4 << 20,
+            zstd_level: 3,
+            compaction: true,
+            uncompacted_tables: Vec::new(),
+            transforms: Vec::new(),
+            prices_per_gb: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// A named SQL transform: its results are shipped to `<prefix>.agg.<name>` in the destination.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transform {
+    /// Name (also the topic suffix).
+    pub name: String,
+    /// The table (`schema.table`) whose batches it runs on.
+    pub table: String,
+    /// DataFusion SQL over the table `changes` (columns: `_op` as c/u/d/r/t, `_lsn`, and the
+    /// after image's columns by name).
+    pub sql: String,
+    /// Ship only the transform's results for this table, not the rows.
+    #[serde(default)]
+    pub replace_rows: bool,
 }
 
 /// The origin region.
@@ -196,6 +270,38 @@ impl Config {
                 );
             }
         }
+        let sh = &self.ship;
+        if sh.max_events == 0 {
+            return invalid("ship.max_events", "must be at least 1");
+        }
+        if sh.batch_partitions < 1 {
+            return invalid("ship.batch_partitions", "must be at least 1");
+        }
+        if !(1..=22).contains(&sh.zstd_level) {
+            return invalid("ship.zstd_level", "must be between 1 and 22");
+        }
+        if sh.max_record_bytes == 0 || sh.max_bytes == 0 {
+            return invalid("ship.max_bytes", "limits must be positive");
+        }
+        for (i, t) in sh.transforms.iter().enumerate() {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return invalid(
+                    &format!("ship.transforms[{i}].name"),
+                    "must be non-empty a-z, 0-9, _",
+                );
+            }
+            if parse_table(&t.table).is_none() {
+                return invalid(
+                    &format!("ship.transforms[{i}].table"),
+                    "must be schema.table",
+                );
+            }
+        }
         if self.origin.kafka.bootstrap_servers.is_empty() {
             return invalid("origin.kafka.bootstrap_servers", "must not be empty");
         }
@@ -203,6 +309,15 @@ impl Config {
             return invalid("destination.kafka.bootstrap_servers", "must not be empty");
         }
         Ok(())
+    }
+
+    /// The destination topic batches are shipped to.
+    pub fn batch_topic(&self) -> String {
+        if self.ship.batch_topic.is_empty() {
+            format!("{}.batches", self.capture.topic_prefix)
+        } else {
+            self.ship.batch_topic.clone()
+        }
     }
 
     /// The configured tables as ids.

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::{parse_table, Config};
-use ferry_pipeline::{check, inspect, sink};
+use ferry_pipeline::{check, inspect, sink, status};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,10 @@ enum Command {
         #[arg(long)]
         null_sink: bool,
     },
+    /// Ship compacted, compressed micro-batches from the origin topics to the destination (runs until stopped).
+    Ship,
+    /// Show where everything stands: slot, shipping lag, batches and egress saved.
+    Status,
     /// List the origin topics with their partitions and record counts.
     Topics,
     /// Print a table topic's records decoded with the published Avro schemas, as JSON lines.
@@ -57,6 +61,26 @@ enum Command {
         #[arg(long, default_value = "schemas-export")]
         out: PathBuf,
     },
+}
+
+/// A stop signal that turns true on SIGTERM or Ctrl-C.
+fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    stop_rx
 }
 
 fn init_logging() {
@@ -128,6 +152,13 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             };
             let stats = Arc::new(Stats::default());
             capture::run(&cfg, mode, stop_rx, stats).await?;
+        }
+        Command::Ship => {
+            let stats = Arc::new(ferry_pipeline::ship::ShipStats::default());
+            ferry_pipeline::ship::run(&cfg, stop_on_signal(), stats).await?;
+        }
+        Command::Status => {
+            status::print(&cfg).await.map_err(anyhow::Error::msg)?;
         }
         Command::Topics => {
             let rows = tokio::task::spawn_blocking(move || inspect::topic_counts(&origin, &prefix))

@@ -474,7 +474,9 @@ impl EncodedSchema {
                     name: text(f, "pg_name")?,
                     pg_type: text(f, "pg_type")?,
                     type_oid: f.get("type_oid").and_then(Json::as_u64).unwrap_or(0) as u32,
-                    ty: text(f, "ferry_type")?.parse().map_err(|e: String| bad(&e))?,
+                    ty: text(f, "ferry_type")?
+                        .parse()
+                        .map_err(|e: String| bad(&e))?,
                     key: f.get("key").and_then(Json::as_bool).unwrap_or(false),
                 })
             })
@@ -640,9 +642,9 @@ impl<'a> AvroReader<'a> {
 
     fn datum(&mut self, ty: &ColumnType) -> Result<Datum, AvroError> {
         Ok(match avro_kind(ty) {
-            "int" => Datum::Int(
-                i32::try_from(self.long()?).map_err(|_| self.err("int out of range"))?,
-            ),
+            "int" => {
+                Datum::Int(i32::try_from(self.long()?).map_err(|_| self.err("int out of range"))?)
+            }
             "long" => Datum::Long(self.long()?),
             "float" => {
                 let b = self.take(4)?;
@@ -921,7 +923,9 @@ mod tests {
         let back = again.decode_value(&buf).expect("decodes");
         assert_eq!(back, event);
         let mut again_buf = Vec::new();
-        again.encode_value(&back, &mut again_buf).expect("re-encodes");
+        again
+            .encode_value(&back, &mut again_buf)
+            .expect("re-encodes");
         assert_eq!(again_buf, buf);
         // Every truncation is an error, never a panic.
         for len in 0..buf.len() {

@@ -94,9 +94,12 @@ impl Manifest {
     /// Decodes a single-object encoded manifest.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, BatchError> {
         let schema = schema()?;
-        let fp = Fingerprint::from_record(bytes).map_err(|e| BatchError::Manifest(e.to_string()))?;
+        let fp =
+            Fingerprint::from_record(bytes).map_err(|e| BatchError::Manifest(e.to_string()))?;
         if fp != Fingerprint::of(&schema) {
-            return Err(BatchError::Manifest(format!("unknown manifest schema {fp}")));
+            return Err(BatchError::Manifest(format!(
+                "unknown manifest schema {fp}"
+            )));
         }
         let mut body = &bytes[10..];
         let manifest: Manifest = GenericDatumReader::builder(&schema)
@@ -104,7 +107,10 @@ impl Manifest {
             .and_then(|r| r.read_deser(&mut body))
             .map_err(|e| BatchError::Manifest(e.to_string()))?;
         if !body.is_empty() {
-            return Err(BatchError::Manifest(format!("{} trailing bytes", body.len())));
+            return Err(BatchError::Manifest(format!(
+                "{} trailing bytes",
+                body.len()
+            )));
         }
         Ok(manifest)
     }
@@ -130,7 +136,9 @@ impl Manifest {
             )));
         }
         if self.first_offset > self.last_offset || self.events_out > self.events_in {
-            return Err(mismatch("offset range or event counts are inconsistent".into()));
+            return Err(mismatch(
+                "offset range or event counts are inconsistent".into(),
+            ));
         }
         let expected = batch_id(
             &self.origin_cluster,
@@ -140,7 +148,9 @@ impl Manifest {
             self.last_offset,
         );
         if self.kind == "changes" && self.batch_id != expected {
-            return Err(mismatch(format!("batch id does not match its range ({expected})")));
+            return Err(mismatch(format!(
+                "batch id does not match its range ({expected})"
+            )));
         }
         Ok(())
     }

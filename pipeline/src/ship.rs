@@ -1,0 +1,807 @@
+//! The shipper: origin topics → compacted, compressed micro-batches → destination batch topic.
+//!
+//! ```text
+//!  origin table topics ──StreamConsumer (group)──▶ per-partition buffers ──cut──▶ decode
+//!        ▲                                                                         │
+//!        │ commit offset (last+1)                                                  ▼
+//!        └──────────── after ack ◀── destination producer ◀── frame ◀── encode ◀── compact
+//! ```
+//!
+//! Progress: an origin partition's consumer offset is committed only after the destination
+//! broker acknowledged the batch that covers it (idempotent producer, `acks=all`), and it never
+//! moves backwards. A crash between produce and commit leaves a batch the commit does not know
+//! about, so before using a partition (at start-up and after every rebalance) the shipper reads
+//! the newest manifests for it from the destination batch topic and resumes after the last
+//! shipped offset: no range is shipped twice and none is skipped. Batch ids are the origin range
+//! itself, so even a re-shipped range (a replay) carries the same id and the destination's
+//! dedupe makes it a no-op.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
+use ferry_schemas::manifest::{self, Manifest};
+use ferry_schemas::{EncodedSchema, Fingerprint};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::compact::{self, Entry};
+use crate::config::{parse_table, Config};
+use crate::{inspect, payload, transform};
+
+/// Why shipping stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// A Kafka operation failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// A client call failed.
+    #[error("kafka {cluster}: {action}: {source}")]
+    Client {
+        /// Which cluster.
+        cluster: &'static str,
+        /// What was being done.
+        action: String,
+        /// The client's error.
+        source: RdError,
+    },
+    /// Data that cannot be shipped (permanent for that partition).
+    #[error("{topic}[{partition}] offset {offset}: {reason}")]
+    Data {
+        /// Origin topic.
+        topic: String,
+        /// Origin partition.
+        partition: i32,
+        /// Origin offset.
+        offset: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ShipError {
+    /// Whether a retry could help (data errors are permanent; connections are not).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ShipError::Kafka(e) => e.is_retryable(),
+            ShipError::Client { .. } => true,
+            ShipError::Data { .. } => false,
+            ShipError::Other(_) => false,
+        }
+    }
+}
+
+fn client(cluster: &'static str, action: impl Into<String>) -> impl FnOnce(RdError) -> ShipError {
+    let action = action.into();
+    move |source| ShipError::Client {
+        cluster,
+        action,
+        source,
+    }
+}
+
+/// Egress figures of one table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Egress {
+    /// Batches shipped.
+    pub batches: u64,
+    /// Changes consumed.
+    pub events_in: u64,
+    /// Rows shipped after compaction.
+    pub events_out: u64,
+    /// Bytes of origin records consumed.
+    pub raw_bytes: u64,
+    /// Bytes produced to the destination (framed batches and their keys).
+    pub shipped_bytes: u64,
+}
+
+impl Egress {
+    /// Adds one batch's figures.
+    pub fn add(&mut self, m: &Manifest, shipped: u64) {
+        self.batches += 1;
+        self.events_in += m.events_in as u64;
+        self.events_out += m.events_out as u64;
+        self.raw_bytes += m.raw_bytes as u64;
+        self.shipped_bytes += shipped;
+    }
+}
+
+/// Live counters of a shipper, per table.
+#[derive(Debug, Default)]
+pub struct ShipStats {
+    /// Per `schema.table`.
+    pub tables: Mutex<BTreeMap<String, Egress>>,
+    /// Partitions stopped by bad data.
+    pub stopped_partitions: Mutex<Vec<String>>,
+}
+
+impl ShipStats {
+    /// Sum over all tables.
+    pub fn total(&self) -> Egress {
+        let t = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
+        t.values().fold(Egress::default(), |mut acc, e| {
+            acc.batches += e.batches;
+            acc.events_in += e.events_in;
+            acc.events_out += e.events_out;
+            acc.raw_bytes += e.raw_bytes;
+            acc.shipped_bytes += e.shipped_bytes;
+            acc
+        })
+    }
+}
+
+/// Rebalances, reported by the consumer context to the loop.
+enum Assignment {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+struct ShipContext {
+    tx: Mutex<std_mpsc::Sender<Assignment>>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for ShipContext {}
+
+impl ConsumerContext for ShipContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Revoke(tpl), Ok(tx)) = (rebalance, self.tx.lock()) {
+            let _ = tx.send(Assignment::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Assign(tpl), Ok(tx)) = (rebalance, self.tx.lock()) {
+            let _ = tx.send(Assignment::Assigned(partitions(tpl)));
+        }
+    }
+}
+
+/// Schemas from the origin schema topic, by value fingerprint.
+pub struct Registry {
+    cluster: Cluster,
+    prefix: String,
+    schemas: HashMap<String, Arc<EncodedSchema>>,
+}
+
+impl Registry {
+    /// An empty registry; [`Registry::get`] loads on demand.
+    pub fn new(cluster: Cluster, prefix: &str) -> Self {
+        Registry {
+            cluster,
+            prefix: prefix.to_string(),
+            schemas: HashMap::new(),
+        }
+    }
+
+    fn reload(&mut self) -> Result<(), ShipError> {
+        let all = inspect::load_schemas(&self.cluster, &self.prefix)
+            .map_err(|e| ShipError::Other(format!("reading the schema topic: {e}")))?;
+        for (fp, json) in all {
+            if self.schemas.contains_key(&fp) {
+                continue;
+            }
+            // Key schemas are not envelopes; only value schemas are needed here.
+            if let Ok(s) = EncodedSchema::from_json(&json) {
+                self.schemas.insert(fp, Arc::new(s));
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema with this fingerprint, re-reading the schema topic once when unknown.
+    pub fn get(&mut self, fp: &str) -> Result<Option<Arc<EncodedSchema>>, ShipError> {
+        if !self.schemas.contains_key(fp) {
+            self.reload()?;
+        }
+        Ok(self.schemas.get(fp).cloned())
+    }
+
+    /// The schema with this fingerprint if already loaded.
+    pub fn cached(&self, fp: &str) -> Option<Arc<EncodedSchema>> {
+        self.schemas.get(fp).cloned()
+    }
+}
+
+/// The destination partition that holds an origin partition's batches.
+pub fn batch_partition(topic: &str, partition: i32, partitions: i32) -> i32 {
+    (crc32fast::hash(format!("{topic}/{partition}").as_bytes()) % partitions.max(1) as u32) as i32
+}
+
+/// Newest shipped offset + 1 for an origin partition, from the destination batch topic; `None`
+/// when nothing was shipped. Reads backwards from the end in growing windows.
+pub fn shipped_end(
+    dest: &Cluster,
+    batch_topic: &str,
+    batch_partitions: i32,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, ShipError> {
+    let d = batch_partition(topic, partition, batch_partitions);
+    let reader = dest.reader()?;
+    let (low, high) = reader
+        .fetch_watermarks(batch_topic, d, Duration::from_secs(10))
+        .map_err(client(
+            "destination",
+            format!("watermarks of {batch_topic}[{d}]"),
+        ))?;
+    let mut window = 256i64;
+    let mut end = high;
+    while end > low {
+        let start = (end - window).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(batch_topic, d, Offset::Offset(start))
+            .map_err(client("destination", "assigning"))?;
+        reader
+            .assign(&tpl)
+            .map_err(client("destination", "assigning"))?;
+        let mut best: Option<i64> = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if Instant::now() > deadline {
+                return Err(ShipError::Other(format!(
+                    "timed out reading {batch_topic}[{d}]"
+                )));
+            }
+            match reader.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(RdError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(client("destination", "reading batches")(e)),
+                Some(Ok(m)) => {
+                    if let Some(v) = m.payload() {
+                        match manifest::unframe(v) {
+                            Ok((man, _)) => {
+                                if man.kind == "changes"
+                                    && man.origin_topic == topic
+                                    && man.origin_partition == partition
+                                {
+                                    best = best.max(Some(man.last_offset + 1));
+                                }
+                            }
+                            Err(e) => tracing::warn!(
+                                topic = batch_topic, partition = d, offset = m.offset(), error = %e,
+                                "unreadable record in the batch topic; ignored when looking for shipped ranges"
+                            ),
+                        }
+                    }
+                    if m.offset() + 1 >= end {
+                        break;
+                    }
+                }
+            }
+        }
+        if best.is_some() {
+            return Ok(best);
+        }
+        end = start;
+        window *= 4;
+    }
+    Ok(None)
+}
+
+struct Record {
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Buffer {
+    records: Vec<Record>,
+    bytes: usize,
+    opened: Option<Instant>,
+    /// Offsets below this were shipped already (`None`: not yet recovered).
+    next: Option<i64>,
+    stopped: bool,
+}
+
+/// A failpoint for the crash tests: `FERRY_FAILPOINT=<name>[:<n>]` aborts the process the
+/// n-th time (default 1st) execution passes `name`.
+pub fn failpoint(name: &str) {
+    static HITS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+    let Ok(spec) = std::env::var("FERRY_FAILPOINT") else {
+        return;
+    };
+    let (want, n) = match spec.split_once(':') {
+        Some((w, n)) => (w.to_string(), n.parse().unwrap_or(1)),
+        None => (spec.clone(), 1),
+    };
+    if want != name {
+        return;
+    }
+    if let Ok(mut hits) = HITS.lock() {
+        let count = hits
+            .get_or_insert_with(HashMap::new)
+            .entry(want)
+            .or_insert(0);
+        *count += 1;
+        if *count >= n {
+            eprintln!("failpoint {name} hit: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// Everything one batch needs to be shipped.
+struct Shipper<'a> {
+    cfg: &'a Config,
+    producer: FutureProducer,
+    registry: Registry,
+    batch_topic: String,
+    stats: Arc<ShipStats>,
+    uncompacted: HashSet<String>,
+}
+
+impl Shipper<'_> {
+    /// Ships one partition's buffer; returns the offset to commit.
+    async fn ship(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        records: Vec<Record>,
+    ) -> Result<i64, ShipError> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Err(ShipError::Other("empty batch".into()));
+        };
+        let (first_offset, last_offset) = (first.offset, last.offset);
+        let data_err = |offset: i64, reason: String| ShipError::Data {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            reason,
+        };
+        let mut entries = Vec::with_capacity(records.len());
+        let mut raw_bytes = 0usize;
+        let mut table = String::new();
+        for r in records {
+            raw_bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
+            let fp = Fingerprint::from_record(&r.value)
+                .map_err(|e| data_err(r.offset, e.to_string()))?
+                .to_string();
+            let schema = self.registry.get(&fp)?.ok_or_else(|| {
+                data_err(r.offset, format!("schema {fp} is not in the schema topic"))
+            })?;
+            let event = schema
+                .decode_value(&r.value)
+                .map_err(|e| data_err(r.offset, e.to_string()))?;
+            table = schema.table().id.to_string();
+            entries.push(Entry {
+                offset: r.offset,
+                key: r.key,
+                schema,
+                event,
+            });
+        }
+        let events_in = entries.len();
+        let (min_lsn, max_lsn) = entries.iter().fold((i64::MAX, i64::MIN), |(lo, hi), e| {
+            let l = e.event.source.lsn as i64;
+            (lo.min(l), hi.max(l))
+        });
+        let transforms: Vec<_> = self
+            .cfg
+            .ship
+            .transforms
+            .iter()
+            .filter(|t| parse_table(&t.table).map(|id| id.to_string()) == Some(table.clone()))
+            .cloned()
+            .collect();
+        let replace_rows = transforms.iter().any(|t| t.replace_rows);
+        for t in &transforms {
+            let out = transform::run(t, &entries)
+                .await
+                .map_err(|e| data_err(first_offset, format!("transform {}: {e}", t.name)))?;
+            let agg_topic = format!("{}.agg.{}", self.cfg.capture.topic_prefix, t.name);
+            let bytes = zstd::bulk::compress(&out, self.cfg.ship.zstd_level)
+                .map_err(|e| ShipError::Other(e.to_string()))?;
+            let m = self.manifest(
+                topic,
+                partition,
+                first_offset,
+                last_offset,
+                &table,
+                events_in,
+                0,
+                (min_lsn, max_lsn),
+                vec![],
+                raw_bytes,
+                &bytes,
+                out.len(),
+                format!("aggregate:{}", t.name),
+            );
+            self.produce(&agg_topic, None, &m, &bytes).await?;
+        }
+        let enabled = self.cfg.ship.compaction && !self.uncompacted.contains(&table);
+        let runs = if replace_rows {
+            Vec::new()
+        } else {
+            compact::compact(entries, enabled)
+                .await
+                .map_err(|e| ShipError::Other(e.to_string()))?
+        };
+        failpoint("ship.after_compaction");
+        let encoded = payload::encode(&runs, self.cfg.ship.zstd_level)
+            .map_err(|e| data_err(first_offset, e.to_string()))?;
+        let m = self.manifest(
+            topic,
+            partition,
+            first_offset,
+            last_offset,
+            &table,
+            events_in,
+            encoded.rows,
+            (min_lsn, max_lsn),
+            encoded.fingerprints.clone(),
+            raw_bytes,
+            &encoded.bytes,
+            encoded.uncompressed,
+            "changes".into(),
+        );
+        let d = batch_partition(topic, partition, self.cfg.ship.batch_partitions);
+        let batch_topic = self.batch_topic.clone();
+        let shipped = self
+            .produce(&batch_topic, Some(d), &m, &encoded.bytes)
+            .await?;
+        failpoint("ship.after_produce");
+        if let Ok(mut t) = self.stats.tables.lock() {
+            t.entry(table.clone()).or_default().add(&m, shipped as u64);
+        }
+        tracing::info!(
+            batch = m.batch_id,
+            table,
+            events_in,
+            events_out = encoded.rows,
+            raw_bytes,
+            shipped_bytes = shipped,
+            ratio = format!("{:.1}", raw_bytes as f64 / shipped.max(1) as f64),
+            "batch shipped"
+        );
+        Ok(last_offset + 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn manifest(
+        &self,
+        topic: &str,
+        partition: i32,
+        first: i64,
+        last: i64,
+        table: &str,
+        events_in: usize,
+        events_out: usize,
+        lsns: (i64, i64),
+        fingerprints: Vec<String>,
+        raw_bytes: usize,
+        payload: &[u8],
+        uncompressed: usize,
+        kind: String,
+    ) -> Manifest {
+        let cluster = "origin";
+        let id = manifest::batch_id(cluster, topic, partition, first, last);
+        Manifest {
+            batch_id: if kind == "changes" {
+                id
+            } else {
+                format!("{id}/{kind}")
+            },
+            kind,
+            origin_cluster: cluster.into(),
+            origin_topic: topic.into(),
+            origin_partition: partition,
+            first_offset: first,
+            last_offset: last,
+            source_region: self.cfg.origin.region.clone(),
+            destination_region: self.cfg.destination.region.clone(),
+            table: table.into(),
+            events_in: events_in as i64,
+            events_out: events_out as i64,
+            min_lsn: lsns.0,
+            max_lsn: lsns.1,
+            schema_fingerprints: fingerprints,
+            codec: payload::CODEC.into(),
+            zstd_level: self.cfg.ship.zstd_level,
+            raw_bytes: raw_bytes as i64,
+            payload_bytes: payload.len() as i64,
+            uncompressed_bytes: uncompressed as i64,
+            crc32: i64::from(crc32fast::hash(payload)),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            created_at_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64),
+        }
+    }
+
+    /// Frames and produces a batch, waiting for the broker; returns the bytes produced.
+    async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        m: &Manifest,
+        payload: &[u8],
+    ) -> Result<usize, ShipError> {
+        let value = manifest::frame(m, payload).map_err(|e| ShipError::Other(e.to_string()))?;
+        let mut record = FutureRecord::to(topic).key(&m.batch_id).payload(&value);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        self.producer
+            .send(record, Duration::from_secs(60))
+            .await
+            .map_err(|(e, _)| {
+                client("destination", format!("producing batch {}", m.batch_id))(e)
+            })?;
+        Ok(value.len() + m.batch_id.len())
+    }
+}
+
+/// Runs the shipper until `stop` turns true, retrying transient failures.
+pub async fn run(
+    cfg: &Config,
+    mut stop: watch::Receiver<bool>,
+    stats: Arc<ShipStats>,
+) -> Result<(), ShipError> {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match run_once(cfg, &mut stop, &stats).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*stop.borrow() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                attempt += 1;
+                let base = (250u64 << attempt.min(16)).min(cfg.capture.max_backoff_ms.max(100));
+                let delay = base / 2 + rand::random_range(0..=base / 2);
+                tracing::warn!(error = %e, attempt, delay_ms = delay, "shipping interrupted; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn topic_regex(prefix: &str) -> String {
+    let escaped: String = prefix
+        .chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect();
+    format!("^{escaped}\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$")
+}
+
+async fn run_once(
+    cfg: &Config,
+    stop: &mut watch::Receiver<bool>,
+    stats: &Arc<ShipStats>,
+) -> Result<(), ShipError> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let batch_topic = cfg.batch_topic();
+    let mut topics = vec![TopicSpec {
+        name: batch_topic.clone(),
+        partitions: cfg.ship.batch_partitions,
+        config: vec![],
+    }];
+    for t in &cfg.ship.transforms {
+        topics.push(TopicSpec {
+            name: format!("{}.agg.{}", cfg.capture.topic_prefix, t.name),
+            partitions: 1,
+            config: vec![],
+        });
+    }
+    dest.ensure_topics(&topics).await?;
+    let producer = dest.producer_with(5, "none")?;
+
+    let (tx, rx) = std_mpsc::channel();
+    let mut cc = origin.client_config();
+    cc.set("group.id", &cfg.ship.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "8388608");
+    let consumer: StreamConsumer<ShipContext> = cc
+        .create_with_context(ShipContext { tx: Mutex::new(tx) })
+        .map_err(client("origin", "creating the consumer"))?;
+    let pattern = topic_regex(&cfg.capture.topic_prefix);
+    consumer
+        .subscribe(&[&pattern])
+        .map_err(client("origin", format!("subscribing to {pattern}")))?;
+    tracing::info!(group = cfg.ship.group_id, pattern, batch_topic, "shipping");
+
+    let mut shipper = Shipper {
+        cfg,
+        producer,
+        registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix),
+        batch_topic: batch_topic.clone(),
+        stats: stats.clone(),
+        uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+    };
+    let mut buffers: HashMap<(String, i32), Buffer> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let linger = Duration::from_millis(cfg.ship.linger_ms);
+
+    loop {
+        while let Ok(a) = rx.try_recv() {
+            match a {
+                Assignment::Revoked(ps) => {
+                    for p in ps {
+                        // Unshipped records are re-read by the next owner from the committed offset.
+                        buffers.remove(&p);
+                    }
+                }
+                Assignment::Assigned(ps) => {
+                    for p in ps {
+                        buffers.remove(&p);
+                    }
+                }
+            }
+        }
+        let mut due: Vec<(String, i32)> = Vec::new();
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {
+                for (tp, b) in &buffers {
+                    if !b.records.is_empty() && b.opened.is_some_and(|o| o.elapsed() >= linger) {
+                        due.push(tp.clone());
+                    }
+                }
+            }
+            m = consumer.recv() => {
+                let m = m.map_err(client("origin", "consuming"))?;
+                let tp = (m.topic().to_string(), m.partition());
+                let offset = m.offset();
+                let buf = buffers.entry(tp.clone()).or_default();
+                if buf.stopped {
+                    continue;
+                }
+                if buf.next.is_none() {
+                    let (d, bt, n, t, p) = (dest.clone(), batch_topic.clone(), cfg.ship.batch_partitions, tp.0.clone(), tp.1);
+                    let end = tokio::task::spawn_blocking(move || shipped_end(&d, &bt, n, &t, p))
+                        .await
+                        .map_err(|e| ShipError::Other(e.to_string()))??;
+                    let next = end.unwrap_or(0);
+                    if let Some(e) = end {
+                        if e > offset {
+                            tracing::info!(topic = tp.0, partition = tp.1, resume = e, "skipping a range already shipped");
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(e)).map_err(client("origin", "commit"))?;
+                            consumer.commit(&tpl, CommitMode::Sync).map_err(client("origin", "committing"))?;
+                        }
+                    }
+                    buf.next = Some(next);
+                }
+                if offset < buf.next.unwrap_or(0) {
+                    continue;
+                }
+                let key = m.key().map(<[u8]>::to_vec);
+                let value = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                let size = value.len() + key.as_ref().map_or(0, Vec::len);
+                if size > cfg.ship.max_record_bytes {
+                    let err = ShipError::Data {
+                        topic: tp.0.clone(),
+                        partition: tp.1,
+                        offset,
+                        reason: format!("record of {size} bytes exceeds ship.max_record_bytes ({})", cfg.ship.max_record_bytes),
+                    };
+                    stop_partition(&consumer, &tp, buf, &err, stats);
+                    continue;
+                }
+                if buf.records.is_empty() {
+                    buf.opened = Some(Instant::now());
+                }
+                buf.records.push(Record { offset, key, value });
+                buf.bytes += size;
+                if buf.records.len() >= cfg.ship.max_events || buf.bytes >= cfg.ship.max_bytes {
+                    due.push(tp);
+                }
+                let total: usize = buffers.values().map(|b| b.bytes).sum();
+                if total > cfg.ship.max_buffered_bytes {
+                    if let Some((tp, _)) = buffers.iter().max_by_key(|(_, b)| b.bytes) {
+                        due.push(tp.clone());
+                    }
+                }
+            }
+        }
+        for tp in due {
+            flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
+        }
+    }
+    // Clean stop: ship what is buffered.
+    let pending: Vec<_> = buffers
+        .iter()
+        .filter(|(_, b)| !b.records.is_empty())
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    for tp in pending {
+        flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
+    }
+    let t = stats.total();
+    tracing::info!(
+        batches = t.batches,
+        events_in = t.events_in,
+        events_out = t.events_out,
+        raw_bytes = t.raw_bytes,
+        shipped_bytes = t.shipped_bytes,
+        "shipper stopped"
+    );
+    Ok(())
+}
+
+fn stop_partition(
+    consumer: &StreamConsumer<ShipContext>,
+    tp: &(String, i32),
+    buf: &mut Buffer,
+    err: &ShipError,
+    stats: &ShipStats,
+) {
+    tracing::error!(topic = tp.0, partition = tp.1, error = %err, "partition stopped: fix the data or the limit, then restart");
+    buf.stopped = true;
+    buf.records.clear();
+    buf.bytes = 0;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let _ = consumer.pause(&tpl);
+    if let Ok(mut s) = stats.stopped_partitions.lock() {
+        s.push(err.to_string());
+    }
+}
+
+async fn flush(
+    shipper: &mut Shipper<'_>,
+    consumer: &StreamConsumer<ShipContext>,
+    buffers: &mut HashMap<(String, i32), Buffer>,
+    tp: &(String, i32),
+    stats: &ShipStats,
+) -> Result<(), ShipError> {
+    let Some(buf) = buffers.get_mut(tp) else {
+        return Ok(());
+    };
+    if buf.records.is_empty() || buf.stopped {
+        return Ok(());
+    }
+    let records = std::mem::take(&mut buf.records);
+    buf.bytes = 0;
+    buf.opened = None;
+    match shipper.ship(&tp.0, tp.1, records).await {
+        Ok(next) => {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next))
+                .map_err(client("origin", "commit"))?;
+            consumer.commit(&tpl, CommitMode::Sync).map_err(client(
+                "origin",
+                format!("committing {}[{}] at {next}", tp.0, tp.1),
+            ))?;
+            buf.next = Some(next);
+            Ok(())
+        }
+        Err(e @ ShipError::Data { .. }) => {
+            stop_partition(consumer, tp, buf, &e, stats);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,169 @@
+//! `ferry status`: where everything stands, from what the systems themselves store — the slot,
+//! the origin topics and the shipper's committed offsets, and the manifests of every batch in
+//! the destination (which carry the egress figures).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry_connectors::kafka::Cluster;
+use ferry_connectors::postgres::catalog;
+use ferry_schemas::manifest;
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::inspect;
+use crate::ship::Egress;
+
+/// Formats bytes for people.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+/// Egress per (region pair, table) from the manifests in the destination batch topic, and how
+/// many records there could not be read.
+pub fn egress(cfg: &Config) -> Result<(BTreeMap<(String, String), Egress>, usize), String> {
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let mut out: BTreeMap<(String, String), Egress> = BTreeMap::new();
+    let mut unreadable = 0;
+    let records = match inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX) {
+        Ok(r) => r,
+        Err(e) if e.to_string().contains("does not exist") => Vec::new(),
+        Err(e) => return Err(e.to_string()),
+    };
+    for (_, _, key, value) in records {
+        let Some(value) = value else { continue };
+        match manifest::unframe(&value) {
+            Ok((m, _)) => {
+                let pair = format!("{}->{}", m.source_region, m.destination_region);
+                let shipped = (value.len() + key.map_or(0, |k| k.len())) as u64;
+                out.entry((pair, m.table.clone()))
+                    .or_default()
+                    .add(&m, shipped);
+            }
+            Err(_) => unreadable += 1,
+        }
+    }
+    Ok((out, unreadable))
+}
+
+/// Prints the status report.
+pub async fn print(cfg: &Config) -> Result<(), String> {
+    println!("capture");
+    let pgc = &cfg.origin.postgres;
+    match pgc.connect().await {
+        Ok(s) => match catalog::slot(&s, &cfg.capture.slot).await {
+            Ok(Some(slot)) => println!(
+                "  slot {:<20} active {:<5} confirmed {:<14} retains {}",
+                cfg.capture.slot,
+                slot.active,
+                slot.confirmed_flush_lsn.unwrap_or_default(),
+                human_bytes(slot.retained_bytes.unwrap_or(0).max(0) as u64)
+            ),
+            Ok(None) => println!("  slot {} does not exist yet", cfg.capture.slot),
+            Err(e) => println!("  slot: {e}"),
+        },
+        Err(e) => println!("  postgres {}: {e}", pgc.display()),
+    }
+
+    println!("ship (group {})", cfg.ship.group_id);
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let prefix = cfg.capture.topic_prefix.clone();
+    let group = cfg.ship.group_id.clone();
+    let lag = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i64, i64)>, String> {
+        let topics = inspect::topic_counts(&origin, &prefix).map_err(|e| e.to_string())?;
+        let mut c = origin.client_config();
+        c.set("group.id", &group).set("enable.auto.commit", "false");
+        let consumer: rdkafka::consumer::BaseConsumer = c.create().map_err(|e| e.to_string())?;
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        for (t, _, _) in topics {
+            if t.matches('.').count() < 2 || t.ends_with("._schemas") || t.ends_with("._state") {
+                continue;
+            }
+            let Some(mt) = md.topics().iter().find(|x| x.name() == t) else {
+                continue;
+            };
+            let mut tpl = TopicPartitionList::new();
+            for p in mt.partitions() {
+                tpl.add_partition(&t, p.id());
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let (mut done, mut end) = (0, 0);
+            for e in committed.elements() {
+                let (lo, hi) = consumer
+                    .fetch_watermarks(&t, e.partition(), Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                end += hi;
+                done += match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => lo,
+                };
+            }
+            rows.push((t, done, end));
+        }
+        Ok(rows)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    for (t, done, end) in &lag {
+        println!(
+            "  {t:<48} shipped to offset {done:>10} of {end:>10}  lag {:>8}",
+            end - done
+        );
+    }
+
+    let cfg2 = cfg.clone();
+    let (egress, unreadable) = tokio::task::spawn_blocking(move || egress(&cfg2))
+        .await
+        .map_err(|e| e.to_string())??;
+    println!("egress (from batch manifests in {})", cfg.batch_topic());
+    println!(
+        "  {:<22} {:<28} {:>8} {:>10} {:>10} {:>11} {:>11} {:>7} {:>10}",
+        "regions", "table", "batches", "changes", "rows out", "raw", "shipped", "ratio", "cost $"
+    );
+    let mut total = Egress::default();
+    for ((pair, table), e) in &egress {
+        let price = cfg.ship.prices_per_gb.get(pair).copied();
+        let cost = price.map(|p| p * e.shipped_bytes as f64 / 1e9);
+        println!(
+            "  {:<22} {:<28} {:>8} {:>10} {:>10} {:>11} {:>11} {:>6.1}x {:>10}",
+            pair,
+            table,
+            e.batches,
+            e.events_in,
+            e.events_out,
+            human_bytes(e.raw_bytes),
+            human_bytes(e.shipped_bytes),
+            e.raw_bytes as f64 / e.shipped_bytes.max(1) as f64,
+            cost.map_or_else(|| "-".into(), |c| format!("{c:.6}"))
+        );
+        total.batches += e.batches;
+        total.raw_bytes += e.raw_bytes;
+        total.shipped_bytes += e.shipped_bytes;
+    }
+    println!(
+        "  total: {} batches, {} consumed, {} shipped, {} saved{}",
+        total.batches,
+        human_bytes(total.raw_bytes),
+        human_bytes(total.shipped_bytes),
+        human_bytes(total.raw_bytes.saturating_sub(total.shipped_bytes)),
+        if unreadable > 0 {
+            format!("; {unreadable} unreadable records in the batch topic")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
