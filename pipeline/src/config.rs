@@ -55,6 +55,13 @@ pub struct Ship {
     pub uncompacted_tables: Vec<String>,
     /// Named SQL transforms run on each batch near the data.
     pub transforms: Vec<Transform>,
+    /// Consumer group session timeout: how long a crashed shipper's partitions wait before
+    /// another member takes them (Kafka's default, 45 s; see `instance_id` for quick restarts).
+    pub session_timeout_ms: u64,
+    /// Static group membership id (`group.instance.id`): a restarted shipper with the same id
+    /// takes its partitions back at once instead of waiting for its old session to expire.
+    /// Give every shipper process its own; empty disables static membership.
+    pub instance_id: String,
     /// Price of egress in $ per GB, keyed by `<source region>-><destination region>`.
     pub prices_per_gb: std::collections::BTreeMap<String, f64>,
 }
@@ -74,6 +81,8 @@ impl Default for Ship {
             compaction: true,
             uncompacted_tables: Vec::new(),
             transforms: Vec::new(),
+            session_timeout_ms: 45_000,
+            instance_id: String::new(),
             prices_per_gb: std::collections::BTreeMap::new(),
         }
     }

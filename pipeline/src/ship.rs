@@ -621,7 +621,18 @@ async fn run_once(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .set("fetch.max.bytes", "52428800")
+        .set(
+            "session.timeout.ms",
+            cfg.ship.session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.ship.session_timeout_ms / 5).max(100).to_string(),
+        );
+    if !cfg.ship.instance_id.is_empty() {
+        cc.set("group.instance.id", &cfg.ship.instance_id);
+    }
+    cc.set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "8388608");
     let consumer: StreamConsumer<ShipContext> = cc
         .create_with_context(ShipContext { tx: Mutex::new(tx) })

@@ -6,6 +6,7 @@ mod capture;
 mod check;
 mod crash;
 mod schema_change;
+mod ship;
 mod snapshot;
 mod support;
 mod types;

@@ -1,0 +1,300 @@
+//! Shipping against the real brokers: coverage of origin offsets, crash between produce and
+//! commit, and that a shipped batch decodes to exactly the compacted changes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_connectors::kafka::Cluster;
+use ferry_pipeline::compact::{self, Entry};
+use ferry_pipeline::config::Config;
+use ferry_pipeline::ship::{self, Registry, ShipStats};
+use ferry_pipeline::{inspect, payload};
+use ferry_schemas::manifest::{self, Manifest};
+use ferry_schemas::Fingerprint;
+use tokio::sync::watch;
+
+use crate::support::{start_capture, TestDb};
+
+/// Every manifest (with payload) in the batch topic.
+fn batches(cfg: &Config) -> Vec<(Manifest, Vec<u8>)> {
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    match inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX) {
+        Ok(records) => records
+            .into_iter()
+            .filter_map(|(_, _, _, v)| v)
+            .map(|v| {
+                let (m, p) = manifest::unframe(&v).expect("every shipped batch verifies");
+                (m, p.to_vec())
+            })
+            .filter(|(m, _)| m.kind == "changes")
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// High watermark of every origin table partition.
+fn origin_ends(cfg: &Config, table: &str) -> BTreeMap<(String, i32), i64> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let topic = format!("{}.{table}", cfg.capture.topic_prefix);
+    let reader = origin.reader().expect("reader");
+    (0..cfg.capture.partitions)
+        .map(|p| {
+            let (_, hi) = rdkafka::consumer::Consumer::fetch_watermarks(
+                &reader,
+                &topic,
+                p,
+                Duration::from_secs(10),
+            )
+            .expect("watermarks");
+            ((topic.clone(), p), hi)
+        })
+        .collect()
+}
+
+/// Per origin partition, the sorted ranges the manifests cover.
+fn coverage(ms: &[(Manifest, Vec<u8>)]) -> BTreeMap<(String, i32), Vec<(i64, i64)>> {
+    let mut out: BTreeMap<(String, i32), Vec<(i64, i64)>> = BTreeMap::new();
+    for (m, _) in ms {
+        out.entry((m.origin_topic.clone(), m.origin_partition))
+            .or_default()
+            .push((m.first_offset, m.last_offset));
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+async fn wait_covered(cfg: &Config, table: &str, timeout: Duration) -> Vec<(Manifest, Vec<u8>)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (c, ends) = {
+            let cfg = cfg.clone();
+            let table = table.to_string();
+            tokio::task::spawn_blocking(move || (batches(&cfg), origin_ends(&cfg, &table)))
+                .await
+                .expect("task")
+        };
+        let cov = coverage(&c);
+        let done = ends.iter().all(|(tp, hi)| {
+            *hi == 0
+                || cov
+                    .get(tp)
+                    .and_then(|r| r.last())
+                    .is_some_and(|(_, last)| last + 1 >= *hi)
+        });
+        if done {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batches do not cover the origin topics: {cov:?} vs {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn assert_exact_coverage(ms: &[(Manifest, Vec<u8>)], ends: &BTreeMap<(String, i32), i64>) {
+    let ids: Vec<&str> = ms.iter().map(|(m, _)| m.batch_id.as_str()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate batch ids");
+    let cov = coverage(ms);
+    for (tp, hi) in ends {
+        let mut next = 0;
+        for (first, last) in cov.get(tp).cloned().unwrap_or_default() {
+            assert_eq!(
+                first, next,
+                "{tp:?}: hole or overlap at {next} (batch starts at {first})"
+            );
+            next = last + 1;
+        }
+        assert_eq!(next, *hi, "{tp:?}: batches end at {next}, topic at {hi}");
+    }
+}
+
+async fn workload(db: &TestDb) {
+    db.exec("INSERT INTO acct SELECT g, 'owner ' || g, 0 FROM generate_series(1, 400) g;")
+        .await;
+    for round in 0..15 {
+        db.exec(&format!(
+            "BEGIN; UPDATE acct SET balance = balance + 1 WHERE id % 5 = {}; \
+             DELETE FROM acct WHERE id = {}; INSERT INTO acct VALUES ({}, 'late', {round}); COMMIT;",
+            round % 5,
+            round * 7 + 1,
+            1000 + round
+        ))
+        .await;
+    }
+}
+
+fn ship_config(db: &TestDb) -> Config {
+    let mut cfg = db.cfg.clone();
+    cfg.ship.group_id = format!("{}_ship", db.name);
+    cfg.ship.max_events = 150;
+    cfg.ship.linger_ms = 200;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_cover_every_offset_once_and_decode_to_the_compacted_changes() {
+    let db = TestDb::new("ship").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
+        .await;
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    workload(&db).await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+
+    let cfg = ship_config(&db);
+    let (stop, rx) = watch::channel(false);
+    let stats = Arc::new(ShipStats::default());
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let ms = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+
+    let ends = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+    assert_exact_coverage(&ms, &ends);
+    let total = stats.total();
+    assert!(
+        total.events_out < total.events_in,
+        "compaction removed nothing: {total:?}"
+    );
+    assert!(total.shipped_bytes < total.raw_bytes, "{total:?}");
+
+    // Decoding each batch reproduces exactly what compacting its origin range gives.
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let records = {
+        let (o, t) = (origin.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            inspect::read_all(&o, &t, usize::MAX).expect("origin records")
+        })
+        .await
+        .expect("task")
+    };
+    let mut registry = Registry::new(origin, &cfg.capture.topic_prefix);
+    for (m, payload_bytes) in &ms {
+        let mut entries = Vec::new();
+        for (p, off, key, value) in &records {
+            if *p != m.origin_partition || *off < m.first_offset || *off > m.last_offset {
+                continue;
+            }
+            let value = value.as_ref().expect("value");
+            let fp = Fingerprint::from_record(value).expect("fp").to_string();
+            let schema = tokio::task::block_in_place(|| registry.get(&fp))
+                .expect("registry")
+                .expect("schema");
+            let event = schema.decode_value(value).expect("decodes");
+            entries.push(Entry {
+                offset: *off,
+                key: key.clone(),
+                schema,
+                event,
+            });
+        }
+        assert_eq!(entries.len() as i64, m.events_in, "{}", m.batch_id);
+        let expected = compact::compact(entries, true).await.expect("compacts");
+        let shipped = payload::decode(
+            payload_bytes,
+            m.uncompressed_bytes as usize,
+            &m.schema_fingerprints,
+            &m.source_region,
+            |fp| registry.cached(fp),
+        )
+        .expect("payload decodes");
+        let flat = |runs: &[compact::Run]| -> Vec<_> {
+            runs.iter().flat_map(|r| r.events.iter().cloned()).collect()
+        };
+        assert_eq!(flat(&shipped), flat(&expected), "{}", m.batch_id);
+        assert_eq!(shipped.len() as i64, m.schema_fingerprints.len() as i64);
+        assert_eq!(flat(&shipped).len() as i64, m.events_out);
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_produce_and_commit_leaves_no_duplicate_and_no_hole() {
+    let db = TestDb::new("shipcrash").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
+        .await;
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    workload(&db).await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+
+    let cfg = ship_config(&db);
+    let dir = std::env::temp_dir();
+    let base = db.write_config(&dir);
+    let extra = format!(
+        "\n[ship]\ngroup_id = \"{}\"\nmax_events = {}\nlinger_ms = {}\ninstance_id = \"shipper-1\"\n",
+        cfg.ship.group_id, cfg.ship.max_events, cfg.ship.linger_ms
+    );
+    let text = std::fs::read_to_string(&base).expect("config") + &extra;
+    std::fs::write(&base, text).expect("config");
+    let log = dir.join(format!("{}-ship.log", db.name));
+    let spawn = |failpoint: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(["--config", &base.to_string_lossy(), "ship"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            );
+        if let Some(f) = failpoint {
+            c.env("FERRY_FAILPOINT", f);
+        }
+        c.spawn().expect("spawn ferry ship")
+    };
+    // The failpoint aborts the process right after the broker acknowledged its 3rd batch,
+    // before the offset commit — the worst moment to crash.
+    let mut crashing = spawn(Some("ship.after_produce:3"));
+    let status = tokio::task::spawn_blocking(move || crashing.wait())
+        .await
+        .expect("task")
+        .expect("wait");
+    assert!(
+        !status.success(),
+        "the failpoint should have aborted the shipper"
+    );
+    let produced_before_restart = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || batches(&cfg).len())
+            .await
+            .expect("task")
+    };
+    assert!(
+        produced_before_restart >= 3,
+        "batches before the crash: {produced_before_restart}"
+    );
+
+    let mut child = spawn(None);
+    let ms = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let ends = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+    assert_exact_coverage(&ms, &ends);
+    db.cleanup().await;
+}
