@@ -27,11 +27,14 @@ pub fn human_bytes(b: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
+/// Egress figures keyed by (`source->destination` region pair, table).
+pub type EgressTable = BTreeMap<(String, String), Egress>;
+
 /// Egress per (region pair, table) from the manifests in the destination batch topic, and how
 /// many records there could not be read.
-pub fn egress(cfg: &Config) -> Result<(BTreeMap<(String, String), Egress>, usize), String> {
+pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let mut out: BTreeMap<(String, String), Egress> = BTreeMap::new();
+    let mut out = EgressTable::new();
     let mut unreadable = 0;
     let records = match inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX) {
         Ok(r) => r,
