@@ -97,6 +97,35 @@ impl ConsumerContext for ReaderContext {}
 /// A consumer that reads partitions to their end, outside any consumer group.
 pub type Reader = BaseConsumer<ReaderContext>;
 
+/// Producer context that keeps the bytes the client wrote to the brokers' sockets (librdkafka's
+/// own `txbytes` statistics: what went on the wire, protocol framing included).
+#[derive(Clone, Debug, Default)]
+pub struct WireContext {
+    tx_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WireContext {
+    /// Bytes written to brokers so far (as of the last statistics callback, every second).
+    pub fn tx_bytes(&self) -> u64 {
+        self.tx_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl ClientContext for WireContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let total: u64 = statistics.brokers.values().map(|b| b.txbytes).sum();
+        self.tx_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::error!(error = %error, reason, "kafka client error");
+    }
+}
+
+/// Ferry's producer type: idempotent, with wire statistics.
+pub type Producer = FutureProducer<WireContext>;
+
 /// A topic to create when missing.
 #[derive(Clone, Debug)]
 pub struct TopicSpec {
@@ -147,17 +176,24 @@ impl Cluster {
 
     /// An idempotent producer (`acks=all`, zstd, murmur2 partitioner so keys land where Java
     /// clients would put them).
-    pub fn producer(&self, linger_ms: u64) -> Result<FutureProducer, KafkaError> {
+    pub fn producer(&self, linger_ms: u64) -> Result<Producer, KafkaError> {
         self.producer_with(linger_ms, "zstd")
     }
 
     /// Like [`Cluster::producer`] with another `compression.type` (`none` for payloads that
     /// are compressed already).
-    pub fn producer_with(
+    pub fn producer_with(&self, linger_ms: u64, compression: &str) -> Result<Producer, KafkaError> {
+        self.producer_metered(linger_ms, compression)
+            .map(|(p, _)| p)
+    }
+
+    /// Like [`Cluster::producer_with`], also returning the handle that reads the bytes the
+    /// producer put on the wire.
+    pub fn producer_metered(
         &self,
         linger_ms: u64,
         compression: &str,
-    ) -> Result<FutureProducer, KafkaError> {
+    ) -> Result<(Producer, WireContext), KafkaError> {
         let mut c = self.client_config();
         c.set("enable.idempotence", "true")
             .set("acks", "all")
@@ -166,11 +202,15 @@ impl Cluster {
             .set("linger.ms", linger_ms.to_string())
             .set("batch.size", "1000000")
             .set("queue.buffering.max.messages", "200000")
-            .set("message.timeout.ms", "300000");
+            .set("message.timeout.ms", "300000")
+            .set("statistics.interval.ms", "1000");
         for (k, v) in &self.config.properties {
             c.set(k, v);
         }
-        c.create().map_err(|e| self.err("creating producer", e))
+        let wire = WireContext::default();
+        c.create_with_context(wire.clone())
+            .map(|p| (p, wire))
+            .map_err(|e| self.err("creating producer", e))
     }
 
     /// A consumer outside any group, for reading a topic from its start.

@@ -28,7 +28,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError as RdError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -123,6 +123,8 @@ pub struct ShipStats {
     pub tables: Mutex<BTreeMap<String, Egress>>,
     /// Partitions stopped by bad data.
     pub stopped_partitions: Mutex<Vec<String>>,
+    /// Bytes the destination producer wrote to the brokers' sockets (librdkafka statistics).
+    pub wire_tx_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl ShipStats {
@@ -341,7 +343,8 @@ pub fn failpoint(name: &str) {
 /// Everything one batch needs to be shipped.
 struct Shipper<'a> {
     cfg: &'a Config,
-    producer: FutureProducer,
+    producer: ferry_connectors::kafka::Producer,
+    wire: ferry_connectors::kafka::WireContext,
     registry: Registry,
     batch_topic: String,
     stats: Arc<ShipStats>,
@@ -461,6 +464,9 @@ impl Shipper<'_> {
         if let Ok(mut t) = self.stats.tables.lock() {
             t.entry(table.clone()).or_default().add(&m, shipped as u64);
         }
+        self.stats
+            .wire_tx_bytes
+            .store(self.wire.tx_bytes(), std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             batch = m.batch_id,
             table,
@@ -613,7 +619,7 @@ async fn run_once(
         });
     }
     dest.ensure_topics(&topics).await?;
-    let producer = dest.producer_with(5, "none")?;
+    let (producer, wire) = dest.producer_metered(5, "none")?;
 
     let (tx, rx) = std_mpsc::channel();
     let mut cc = origin.client_config();
@@ -646,6 +652,7 @@ async fn run_once(
     let mut shipper = Shipper {
         cfg,
         producer,
+        wire,
         registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix),
         batch_topic: batch_topic.clone(),
         stats: stats.clone(),
@@ -741,7 +748,7 @@ async fn run_once(
             flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
         }
     }
-    // Clean stop: ship what is buffered.
+    // Clean stop: ship what is buffered, then let one more statistics report arrive.
     let pending: Vec<_> = buffers
         .iter()
         .filter(|(_, b)| !b.records.is_empty())

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
 use ferry_schemas::{ChangeEvent, EncodedSchema, Lsn, Op, TableId};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::CaptureError;
@@ -100,7 +100,7 @@ pub fn state_topic(prefix: &str) -> String {
 /// Sends events to the origin cluster.
 pub struct KafkaSink {
     cluster: Cluster,
-    producer: FutureProducer,
+    producer: ferry_connectors::kafka::Producer,
     prefix: String,
     partitions: i32,
     topics: HashMap<TableId, (String, i32)>,
@@ -291,7 +291,7 @@ impl Sink {
     }
 
     /// The producer, for writing state records.
-    pub fn producer(&self) -> Option<&FutureProducer> {
+    pub fn producer(&self) -> Option<&ferry_connectors::kafka::Producer> {
         match self {
             Sink::Kafka(k) => Some(&k.producer),
             Sink::Null { .. } => None,

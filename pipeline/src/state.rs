@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_connectors::kafka::Cluster;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError as RdError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -90,7 +90,7 @@ pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, 
 
 /// Writes the state for `slot` and waits for the broker's acknowledgement.
 pub async fn save(
-    producer: &FutureProducer,
+    producer: &ferry_connectors::kafka::Producer,
     topic: &str,
     slot: &str,
     state: &CaptureState,
