@@ -22,6 +22,17 @@ pub struct Config {
     /// Shipping settings.
     #[serde(default)]
     pub ship: Ship,
+    /// Where long-running commands serve Prometheus metrics.
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// Metrics endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// `host:port` to serve `GET /metrics` on; empty turns the endpoint off.
+    pub listen: String,
 }
 
 /// Shipping settings: micro-batches from the origin topics to the destination cluster.

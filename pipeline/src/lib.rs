@@ -16,6 +16,7 @@ pub mod compact;
 pub mod config;
 pub mod error;
 pub mod inspect;
+pub mod metrics;
 pub mod payload;
 pub mod ship;
 pub mod sink;

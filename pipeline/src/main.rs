@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::{parse_table, Config};
-use ferry_pipeline::{check, inspect, sink, status};
+use ferry_pipeline::{check, inspect, metrics, sink, status};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,22 @@ enum Command {
         #[arg(long, default_value = "schemas-export")]
         out: PathBuf,
     },
+}
+
+/// Serves metrics when `metrics.listen` is set; the task ends with `stop`, or with the process.
+fn serve_metrics(
+    cfg: &Config,
+    stop: tokio::sync::watch::Receiver<bool>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listen = cfg.metrics.listen.clone();
+    (!listen.is_empty()).then(|| {
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(&listen, render, stop).await {
+                tracing::error!(listen, error = %e, "metrics endpoint failed; fix metrics.listen");
+            }
+        })
+    })
 }
 
 /// A stop signal that turns true on SIGTERM or Ctrl-C.
@@ -155,7 +171,18 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Ship => {
             let stats = Arc::new(ferry_pipeline::ship::ShipStats::default());
-            ferry_pipeline::ship::run(&cfg, stop_on_signal(), stats).await?;
+            let stop = stop_on_signal();
+            let (s, c) = (stats.clone(), cfg.clone());
+            let _metrics = serve_metrics(
+                &cfg,
+                stop.clone(),
+                Arc::new(move || {
+                    let mut out = String::new();
+                    metrics::render_ship(&s, &c, &mut out);
+                    out
+                }),
+            );
+            ferry_pipeline::ship::run(&cfg, stop, stats).await?;
         }
         Command::Status => {
             status::print(&cfg).await.map_err(anyhow::Error::msg)?;

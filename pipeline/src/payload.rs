@@ -1,7 +1,8 @@
 //! The payload of a shipped batch: its runs as Arrow IPC streams, compressed with zstd.
 //!
 //! Layout before compression: for each run, its length (u32, big-endian) and an Arrow IPC
-//! stream holding the run's rows (schema: [`crate::columnar::arrow_schema`]). The manifest lists
+//! stream holding the run's rows (schema: [`crate::columnar::arrow_schema`], with every `Int64`
+//! column delta-encoded: [`crate::columnar::to_wire`]). The manifest lists
 //! each run's value-schema fingerprint in the same order. The whole buffer is then compressed
 //! with zstd at the configured level.
 //!
@@ -63,7 +64,7 @@ pub fn encode(runs: &[Run], zstd_level: i32) -> Result<Encoded, PayloadError> {
     let mut rows = 0;
     for run in runs {
         let events: Vec<(i64, &ChangeEvent)> = run.events.iter().map(|(o, e)| (*o, e)).collect();
-        let batch = columnar::to_batch(run.schema.table(), &events)?;
+        let batch = columnar::to_wire(&columnar::to_batch(run.schema.table(), &events)?)?;
         rows += batch.num_rows();
         let mut ipc = Vec::new();
         {
@@ -127,6 +128,7 @@ pub fn decode(
         let mut events = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| PayloadError::Ipc(e.to_string()))?;
+            let batch = columnar::from_wire(&batch)?;
             events.extend(columnar::from_batch(schema.table(), region, &batch)?);
         }
         runs.push(Run { schema, events });

@@ -125,6 +125,8 @@ pub struct ShipStats {
     pub stopped_partitions: Mutex<Vec<String>>,
     /// Bytes the destination producer wrote to the brokers' sockets (librdkafka statistics).
     pub wire_tx_bytes: std::sync::atomic::AtomicU64,
+    /// When the first origin record arrived (start-up and group join end there).
+    pub first_record_at: std::sync::OnceLock<Instant>,
 }
 
 impl ShipStats {
@@ -690,6 +692,7 @@ async fn run_once(
             }
             m = consumer.recv() => {
                 let m = m.map_err(client("origin", "consuming"))?;
+                let _ = stats.first_record_at.set(Instant::now());
                 let tp = (m.topic().to_string(), m.partition());
                 let offset = m.offset();
                 let buf = buffers.entry(tp.clone()).or_default();

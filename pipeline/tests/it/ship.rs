@@ -298,3 +298,69 @@ async fn kill_9_between_produce_and_commit_leaves_no_duplicate_and_no_hole() {
     assert_exact_coverage(&ms, &ends);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transforms_ship_their_aggregates_besides_the_rows() {
+    let db = TestDb::new("shipagg").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
+        .await;
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    workload(&db).await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+
+    let mut cfg = ship_config(&db);
+    cfg.ship.transforms = vec![ferry_pipeline::config::Transform {
+        name: "ops".into(),
+        table: "public.acct".into(),
+        sql: "SELECT _op, count(*) AS n, sum(balance) AS balance FROM changes GROUP BY _op".into(),
+        replace_rows: false,
+    }];
+    let (stop, rx) = watch::channel(false);
+    let stats = Arc::new(ShipStats::default());
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let ms = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let events_in: i64 = ms.iter().map(|(m, _)| m.events_in).sum();
+
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let topic = format!("{}.agg.ops", cfg.capture.topic_prefix);
+    let records = tokio::task::spawn_blocking(move || {
+        inspect::read_all(&dest, &topic, usize::MAX).expect("agg topic")
+    })
+    .await
+    .expect("task");
+    assert_eq!(records.len(), ms.len(), "one aggregate per batch");
+    let mut counted = 0i64;
+    for (_, _, _, v) in records {
+        let v = v.expect("value");
+        let (m, payload_bytes) = manifest::unframe(&v).expect("aggregate verifies");
+        assert_eq!(m.kind, "aggregate:ops");
+        let raw =
+            zstd::bulk::decompress(payload_bytes, m.uncompressed_bytes as usize).expect("zstd");
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(raw), None)
+            .expect("ipc");
+        for batch in reader {
+            let batch = batch.expect("batch");
+            let n = batch
+                .column_by_name("n")
+                .expect("n")
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("count is Int64")
+                .clone();
+            counted += n.iter().flatten().sum::<i64>();
+        }
+    }
+    assert_eq!(
+        counted, events_in,
+        "the aggregates count every change exactly once"
+    );
+    db.cleanup().await;
+}
