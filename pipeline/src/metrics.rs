@@ -67,7 +67,8 @@ pub fn render_ship(stats: &ShipStats, cfg: &Config, out: &mut String) {
     let pair = format!("{}->{}", cfg.origin.region, cfg.destination.region);
     let price = cfg.ship.prices_per_gb.get(&pair).copied();
     let tables = stats.tables.lock().map(|t| t.clone()).unwrap_or_default();
-    let series: [(&str, &str, fn(&crate::ship::Egress) -> f64); 5] = [
+    type Series = (&'static str, &'static str, fn(&crate::ship::Egress) -> f64);
+    let series: [Series; 5] = [
         ("ferry_ship_batches_total", "batches shipped", |e| {
             e.batches as f64
         }),
