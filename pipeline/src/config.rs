@@ -22,6 +22,9 @@ pub struct Config {
     /// Shipping settings.
     #[serde(default)]
     pub ship: Ship,
+    /// Apply settings.
+    #[serde(default)]
+    pub apply: Apply,
     /// Where long-running commands serve Prometheus metrics.
     #[serde(default)]
     pub metrics: Metrics,
@@ -135,6 +138,51 @@ pub struct Destination {
     pub region: String,
     /// The destination Kafka cluster.
     pub kafka: KafkaConfig,
+    /// The destination database `ferry apply` writes to (optional).
+    #[serde(default)]
+    pub postgres: Option<PgConfig>,
+}
+
+/// What a corrupt batch does to its partition.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorrupt {
+    /// Quarantine it and stop the partition until a human looks (the default).
+    #[default]
+    Stop,
+    /// Quarantine it and carry on with the next batch.
+    Quarantine,
+}
+
+/// Apply settings: the destination side.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Apply {
+    /// Consumer group of the appliers.
+    pub group_id: String,
+    /// Static group membership id (see `ship.instance_id`).
+    pub instance_id: String,
+    /// Write replicated per-table topics in the destination cluster.
+    pub topics: bool,
+    /// Write to `destination.postgres` (when configured).
+    pub postgres: bool,
+    /// What a batch that fails verification does to its partition.
+    pub on_corrupt: OnCorrupt,
+    /// Dead-letter topic; empty means `<capture.topic_prefix>.quarantine`.
+    pub quarantine_topic: String,
+}
+
+impl Default for Apply {
+    fn default() -> Self {
+        Apply {
+            group_id: "ferry-apply".into(),
+            instance_id: String::new(),
+            topics: true,
+            postgres: true,
+            on_corrupt: OnCorrupt::Stop,
+            quarantine_topic: String::new(),
+        }
+    }
 }
 
 /// Change capture settings.
@@ -337,6 +385,15 @@ impl Config {
             format!("{}.batches", self.capture.topic_prefix)
         } else {
             self.ship.batch_topic.clone()
+        }
+    }
+
+    /// The dead-letter topic for corrupt batches.
+    pub fn quarantine_topic(&self) -> String {
+        if self.apply.quarantine_topic.is_empty() {
+            format!("{}.quarantine", self.capture.topic_prefix)
+        } else {
+            self.apply.quarantine_topic.clone()
         }
     }
 

@@ -9,6 +9,7 @@
 //! - **confirmed LSN**: the position reported to Postgres; everything before it is safely in
 //!   Kafka.
 
+pub mod apply;
 pub mod capture;
 pub mod check;
 pub mod columnar;

@@ -43,6 +43,15 @@ enum Command {
     },
     /// Ship compacted, compressed micro-batches from the origin topics to the destination (runs until stopped).
     Ship,
+    /// Apply shipped batches in the destination: verify, replicate topics, write the destination database (runs until stopped).
+    Apply,
+    /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
+    Lineage {
+        /// The table, as schema.table.
+        table: String,
+        /// The primary key value(s), comma-separated in key column order.
+        key: String,
+    },
     /// Show where everything stands: slot, shipping lag, batches and egress saved.
     Status,
     /// List the origin topics with their partitions and record counts.
@@ -183,6 +192,19 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 }),
             );
             ferry_pipeline::ship::run(&cfg, stop, stats).await?;
+        }
+        Command::Apply => {
+            let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
+            ferry_pipeline::apply::run(&cfg, stop_on_signal(), stats).await?;
+        }
+        Command::Lineage { table, key } => {
+            let id = parse_table(&table).context("table must be schema.table")?;
+            let pg = cfg
+                .destination
+                .postgres
+                .clone()
+                .context("destination.postgres is not configured")?;
+            println!("{}", ferry_pipeline::apply::lineage(&pg, &id, &key).await?);
         }
         Command::Status => {
             status::print(&cfg).await.map_err(anyhow::Error::msg)?;

@@ -351,6 +351,8 @@ struct Shipper<'a> {
     batch_topic: String,
     stats: Arc<ShipStats>,
     uncompacted: HashSet<String>,
+    /// Fingerprints already published to the destination's schema topic.
+    published: HashSet<[u8; 8]>,
 }
 
 impl Shipper<'_> {
@@ -440,6 +442,10 @@ impl Shipper<'_> {
                 .map_err(|e| ShipError::Other(e.to_string()))?
         };
         failpoint("ship.after_compaction");
+        // The destination decodes with the writer schemas, so they travel first.
+        for run in &runs {
+            self.publish_schema(&run.schema).await?;
+        }
         let encoded = payload::encode(&runs, self.cfg.ship.zstd_level)
             .map_err(|e| data_err(first_offset, e.to_string()))?;
         let m = self.manifest(
@@ -534,6 +540,29 @@ impl Shipper<'_> {
         }
     }
 
+    /// Publishes a schema version (value and key) to the destination's schema topic once.
+    async fn publish_schema(&mut self, schema: &EncodedSchema) -> Result<(), ShipError> {
+        let topic = crate::sink::schema_topic(&self.cfg.capture.topic_prefix);
+        for (fp, json) in [
+            (schema.value_fp, &schema.value_json),
+            (schema.key_fp, &schema.key_json),
+        ] {
+            if self.published.contains(&fp.0) {
+                continue;
+            }
+            let key = fp.to_string();
+            self.producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(json.as_bytes()),
+                    Duration::from_secs(60),
+                )
+                .await
+                .map_err(|(e, _)| client("destination", format!("publishing schema {key}"))(e))?;
+            self.published.insert(fp.0);
+        }
+        Ok(())
+    }
+
     /// Frames and produces a batch, waiting for the broker; returns the bytes produced.
     async fn produce(
         &self,
@@ -608,11 +637,18 @@ async fn run_once(
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
     let batch_topic = cfg.batch_topic();
-    let mut topics = vec![TopicSpec {
-        name: batch_topic.clone(),
-        partitions: cfg.ship.batch_partitions,
-        config: vec![],
-    }];
+    let mut topics = vec![
+        TopicSpec {
+            name: batch_topic.clone(),
+            partitions: cfg.ship.batch_partitions,
+            config: vec![],
+        },
+        TopicSpec {
+            name: crate::sink::schema_topic(&cfg.capture.topic_prefix),
+            partitions: 1,
+            config: vec![("cleanup.policy".into(), "compact".into())],
+        },
+    ];
     for t in &cfg.ship.transforms {
         topics.push(TopicSpec {
             name: format!("{}.agg.{}", cfg.capture.topic_prefix, t.name),
@@ -659,6 +695,7 @@ async fn run_once(
         batch_topic: batch_topic.clone(),
         stats: stats.clone(),
         uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+        published: HashSet::new(),
     };
     let mut buffers: HashMap<(String, i32), Buffer> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod changes;
 pub mod pgoutput;
+pub mod pgtext;
 pub mod values;
 
 use serde::Deserialize;

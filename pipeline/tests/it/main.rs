@@ -2,6 +2,7 @@
 //! `wal_level = logical` and the two tansu brokers. Every test works in its own database, slot
 //! and topic prefix, so tests never share state.
 
+mod apply;
 mod capture;
 mod check;
 mod crash;

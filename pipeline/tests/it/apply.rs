@@ -1,0 +1,338 @@
+//! Apply in the destination: end-to-end equality, idempotent re-application in any order, and
+//! corruption caught before anything is applied.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_connectors::kafka::Cluster;
+use ferry_connectors::postgres::{PgConfig, Session};
+use ferry_pipeline::apply::{self, ApplyStats, DestDb};
+use ferry_pipeline::config::{Config, OnCorrupt};
+use ferry_pipeline::inspect;
+use ferry_pipeline::ship::{self, Registry, ShipStats};
+use ferry_schemas::manifest::{self, Manifest};
+use rand::{Rng, SeedableRng};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::watch;
+
+use crate::support::{start_capture, TestDb};
+
+async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
+    let admin = PgConfig {
+        database: "postgres".into(),
+        ..db.cfg.origin.postgres.clone()
+    };
+    let a = admin.connect().await.expect("admin");
+    let name = format!("{}_{suffix}", db.name);
+    a.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .expect("drop old destination database");
+    a.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create destination database");
+    PgConfig {
+        database: name,
+        ..db.cfg.origin.postgres.clone()
+    }
+}
+
+async fn drop_db(pg: &PgConfig) {
+    let admin = PgConfig {
+        database: "postgres".into(),
+        ..pg.clone()
+    };
+    if let Ok(a) = admin.connect().await {
+        let _ = a
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                pg.database
+            ))
+            .await;
+    }
+}
+
+/// md5 over the table's rows in key order, Ferry's bookkeeping columns left out.
+async fn table_hash(s: &Session, table: &str) -> (i64, String) {
+    let row = s
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') \
+                 FROM (SELECT id, owner, balance, note FROM {table}) t"
+            ),
+            &[],
+        )
+        .await
+        .expect("hash");
+    (row.get(0), row.get(1))
+}
+
+fn all_batches(cfg: &Config) -> Vec<Vec<u8>> {
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX)
+        .expect("batch topic")
+        .into_iter()
+        .filter_map(|(_, _, _, v)| v)
+        .collect()
+}
+
+async fn run_until<F: Fn() -> bool>(what: &str, timeout: Duration, done: F) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not finish in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn apply_all(cfg: &Config, expected: u64) -> Arc<ApplyStats> {
+    let (stop, rx) = watch::channel(false);
+    let stats = Arc::new(ApplyStats::default());
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { apply::run(&cfg, rx, stats).await })
+    };
+    let s = stats.clone();
+    run_until("apply", Duration::from_secs(120), move || {
+        s.batches_applied_total.load(Ordering::Relaxed)
+            + s.batches_duplicate_total.load(Ordering::Relaxed)
+            + s.batches_quarantined_total.load(Ordering::Relaxed)
+            >= expected
+    })
+    .await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("applier ok");
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
+    let mut db = TestDb::new("apply").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int, note text)")
+        .await;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.instance_id = "ship-1".into();
+    db.cfg.ship.max_events = 200;
+    db.cfg.ship.linger_ms = 200;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    db.cfg.apply.on_corrupt = OnCorrupt::Quarantine;
+
+    // A random mixed workload in transactions, some rows touched many times.
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for _ in 0..60 {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.random_range(1..8) {
+            let id = rng.random_range(1..300);
+            match rng.random_range(0..10) {
+                0..=3 => sql.push_str(&format!(
+                    "INSERT INTO acct VALUES ({id}, 'o{id}', {}, NULL) ON CONFLICT (id) DO UPDATE SET balance = acct.balance + 1;",
+                    rng.random_range(0..100)
+                )),
+                4..=7 => sql.push_str(&format!(
+                    "UPDATE acct SET balance = balance + {}, note = 'n{}' WHERE id = {id};",
+                    rng.random_range(1..5),
+                    rng.random_range(0..1000)
+                )),
+                _ => sql.push_str(&format!("DELETE FROM acct WHERE id = {id};")),
+            }
+        }
+        sql.push_str("COMMIT;");
+        db.exec(&sql).await;
+    }
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+
+    // Ship everything.
+    let (stop, rx) = watch::channel(false);
+    let ship_stats = Arc::new(ShipStats::default());
+    let task = {
+        let (cfg, stats) = (db.cfg.clone(), ship_stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let origin_events = db.events("public.acct").await.len() as u64;
+    let s = ship_stats.clone();
+    run_until("ship", Duration::from_secs(120), move || {
+        s.total().events_in >= origin_events
+    })
+    .await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let batches = {
+        let cfg = db.cfg.clone();
+        tokio::task::spawn_blocking(move || all_batches(&cfg))
+            .await
+            .expect("task")
+    };
+    let n = batches.len() as u64;
+    assert!(n >= 2, "want several batches, got {n}");
+
+    // Apply: destination equals origin.
+    let stats = apply_all(&db.cfg, n).await;
+    assert_eq!(stats.batches_applied_total.load(Ordering::Relaxed), n);
+    let dest_session = dest.connect().await.expect("dest");
+    let origin_hash = table_hash(&db.session, "acct").await;
+    assert_eq!(table_hash(&dest_session, "public.acct").await, origin_hash);
+
+    // Lineage names the batch and position that last wrote a row.
+    let some_id: i32 = db
+        .session
+        .query_one("SELECT min(id) FROM acct", &[])
+        .await
+        .expect("row")
+        .get(0);
+    let lineage = apply::lineage(
+        &dest,
+        &ferry_schemas::TableId::new("public", "acct"),
+        &some_id.to_string(),
+    )
+    .await
+    .expect("lineage");
+    assert!(
+        lineage.contains("last written by batch origin/") && lineage.contains("source LSN"),
+        "{lineage}"
+    );
+
+    // Applying everything again (a new consumer group re-reads the topic) changes nothing.
+    db.cfg.apply.group_id = format!("{}_apply_again", db.name);
+    let again = apply_all(&db.cfg, n).await;
+    assert_eq!(again.batches_duplicate_total.load(Ordering::Relaxed), n);
+    assert_eq!(table_hash(&dest_session, "public.acct").await, origin_hash);
+
+    // Applying the batches in reverse order into a fresh database gives the same table.
+    let dest2 = dest_db(&db, "dest2").await;
+    let mut registry = Registry::new(
+        Cluster::new("destination", db.cfg.destination.kafka.clone()),
+        &db.cfg.capture.topic_prefix,
+    );
+    let mut fresh = DestDb::connect(&dest2).await.expect("dest2");
+    let scratch = ApplyStats::default();
+    for value in batches.iter().rev() {
+        let (m, _) = manifest::unframe(value).expect("clean");
+        for fp in &m.schema_fingerprints {
+            tokio::task::block_in_place(|| registry.get(fp)).expect("registry");
+        }
+        let (m, runs) =
+            apply::verify(value, |fp| registry.cached(fp)).expect("clean batch verifies");
+        assert!(fresh.apply(&m, &runs, &scratch).await.expect("applies"));
+        assert!(
+            !fresh.apply(&m, &runs, &scratch).await.expect("re-applies"),
+            "second time is a no-op"
+        );
+    }
+    let s2 = dest2.connect().await.expect("dest2");
+    assert_eq!(
+        table_hash(&s2, "public.acct").await,
+        origin_hash,
+        "reverse order gives the same table"
+    );
+
+    // Corruption: ≥ 1,000 mutated batches, every one refused by verification; no false alarm.
+    let schema_of = |fp: &str| registry.cached(fp);
+    let mut caught = 0;
+    let mut mutations = 0;
+    for value in &batches {
+        assert!(
+            apply::verify(value, schema_of).is_ok(),
+            "false alarm on a clean batch"
+        );
+        let (m, payload) = manifest::unframe(value).expect("clean");
+        let alter: Vec<Box<dyn Fn(&mut Manifest)>> = vec![
+            Box::new(|m| m.events_out += 1),
+            Box::new(|m| m.events_out -= 1),
+            Box::new(|m| m.table = "public.other".into()),
+            Box::new(|m| m.first_offset += 1),
+            Box::new(|m| m.crc32 ^= 1),
+            Box::new(|m| m.payload_bytes += 1),
+            Box::new(|m| m.uncompressed_bytes += 1),
+            Box::new(|m| m.uncompressed_bytes -= 1),
+            Box::new(|m| m.max_lsn = m.min_lsn - 1),
+            Box::new(|m| m.codec = "parquet".into()),
+            Box::new(|m| m.kind = "aggregate:x".into()),
+            Box::new(|m| m.schema_fingerprints = vec!["0000000000000000".into()]),
+        ];
+        for f in &alter {
+            let mut bad = m.clone();
+            f(&mut bad);
+            let framed = manifest::frame(&bad, payload).expect("frame");
+            mutations += 1;
+            caught += usize::from(apply::verify(&framed, schema_of).is_err());
+        }
+        for _ in 0..(1_100 / batches.len()).max(100) {
+            let mut bad = value.clone();
+            match rng.random_range(0..3) {
+                0 => {
+                    let bit = rng.random_range(0..bad.len() * 8);
+                    bad[bit / 8] ^= 1 << (bit % 8);
+                }
+                1 => {
+                    for _ in 0..rng.random_range(2..10) {
+                        let i = rng.random_range(0..bad.len());
+                        bad[i] = rng.random();
+                    }
+                    if bad == *value {
+                        continue;
+                    }
+                }
+                _ => bad.truncate(rng.random_range(0..bad.len())),
+            }
+            mutations += 1;
+            caught += usize::from(apply::verify(&bad, schema_of).is_err());
+        }
+    }
+    assert!(mutations >= 1_000, "only {mutations} mutations");
+    assert_eq!(caught, mutations, "every corrupted batch is caught");
+
+    // Corrupted records injected into the batch topic are quarantined and nothing is applied.
+    let producer = Cluster::new("destination", db.cfg.destination.kafka.clone())
+        .producer(5)
+        .expect("producer");
+    let mut bad = batches[0].clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    for (i, v) in [bad, b"not a batch".to_vec()].iter().enumerate() {
+        producer
+            .send(
+                FutureRecord::to(&db.cfg.batch_topic())
+                    .key(&format!("junk-{i}"))
+                    .payload(v)
+                    .partition(0),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("inject");
+    }
+    db.cfg.apply.group_id = format!("{}_apply", db.name); // resumes after the clean batches
+    let q = apply_all(&db.cfg, 2).await;
+    assert_eq!(q.batches_quarantined_total.load(Ordering::Relaxed), 2);
+    assert_eq!(q.batches_applied_total.load(Ordering::Relaxed), 0);
+    assert_eq!(table_hash(&dest_session, "public.acct").await, origin_hash);
+    let quarantined = {
+        let cfg = db.cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            inspect::read_all(
+                &Cluster::new("destination", cfg.destination.kafka.clone()),
+                &cfg.quarantine_topic(),
+                usize::MAX,
+            )
+            .expect("quarantine topic")
+            .len()
+        })
+        .await
+        .expect("task")
+    };
+    assert_eq!(quarantined, 2);
+
+    drop(dest_session);
+    drop(s2);
+    drop(fresh);
+    drop_db(&dest).await;
+    drop_db(&dest2).await;
+    db.cleanup().await;
+}
