@@ -243,19 +243,19 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
             "false alarm on a clean batch"
         );
         let (m, payload) = manifest::unframe(value).expect("clean");
-        let alter: Vec<Box<dyn Fn(&mut Manifest)>> = vec![
-            Box::new(|m| m.events_out += 1),
-            Box::new(|m| m.events_out -= 1),
-            Box::new(|m| m.table = "public.other".into()),
-            Box::new(|m| m.first_offset += 1),
-            Box::new(|m| m.crc32 ^= 1),
-            Box::new(|m| m.payload_bytes += 1),
-            Box::new(|m| m.uncompressed_bytes += 1),
-            Box::new(|m| m.uncompressed_bytes -= 1),
-            Box::new(|m| m.max_lsn = m.min_lsn - 1),
-            Box::new(|m| m.codec = "parquet".into()),
-            Box::new(|m| m.kind = "aggregate:x".into()),
-            Box::new(|m| m.schema_fingerprints = vec!["0000000000000000".into()]),
+        let alter: [fn(&mut Manifest); 12] = [
+            |m| m.events_out += 1,
+            |m| m.events_out -= 1,
+            |m| m.table = "public.other".into(),
+            |m| m.first_offset += 1,
+            |m| m.crc32 ^= 1,
+            |m| m.payload_bytes += 1,
+            |m| m.uncompressed_bytes += 1,
+            |m| m.uncompressed_bytes -= 1,
+            |m| m.max_lsn = m.min_lsn - 1,
+            |m| m.codec = "parquet".into(),
+            |m| m.kind = "aggregate:x".into(),
+            |m| m.schema_fingerprints = vec!["0000000000000000".into()],
         ];
         for f in &alter {
             let mut bad = m.clone();
