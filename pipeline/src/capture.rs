@@ -35,6 +35,20 @@ use crate::sink::{self, AckBatch, Sink};
 use crate::snapshot::{Snapshotter, WATERMARK_PREFIX};
 use crate::state::{self, CaptureState, TableProgress};
 
+/// Prefix of repair requests (`ferry verify --repair`) in the WAL.
+pub const REPAIR_PREFIX: &str = "ferry.repair";
+
+/// A request to re-capture rows, written into the WAL with `pg_logical_emit_message`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RepairRequest {
+    /// The capture pipeline (slot) that should act on it.
+    pub slot: String,
+    /// `schema.table`.
+    pub table: String,
+    /// Keys, each the text of every key column.
+    pub keys: Vec<Vec<String>>,
+}
+
 /// Where capture sends events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SinkMode {
@@ -366,8 +380,19 @@ async fn run_once(
                     ReplicationEvent::Message { prefix, content, lsn, .. } => {
                         if prefix == WATERMARK_PREFIX {
                             if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
-                                finish_chunk(&mut sink, done, &mut pending, &mut state, stats).await?;
-                                snapshot_progress = true;
+                                snapshot_progress |= finish_chunk(&mut sink, done, &mut pending, &mut state, stats).await?;
+                            }
+                        } else if prefix == REPAIR_PREFIX {
+                            match serde_json::from_slice::<RepairRequest>(&content) {
+                                Ok(r) if r.slot == c.slot => match crate::config::parse_table(&r.table) {
+                                    Some(t) => {
+                                        tracing::info!(table = %t, keys = r.keys.len(), "repair requested");
+                                        snap.enqueue_repair(t, r.keys);
+                                    }
+                                    None => tracing::warn!(table = r.table, "repair request names no schema.table; ignored"),
+                                },
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "unreadable repair request; ignored"),
                             }
                         }
                     }
@@ -499,7 +524,7 @@ async fn finish_chunk(
     pending: &mut Vec<(String, rdkafka::producer::DeliveryFuture)>,
     state: &mut CaptureState,
     stats: &Stats,
-) -> Result<(), CaptureError> {
+) -> Result<bool, CaptureError> {
     for e in &done.events {
         let n = sink.send(&done.schema, e, pending).await?;
         stats
@@ -509,11 +534,19 @@ async fn finish_chunk(
     let n = done.events.len() as u64;
     stats.events_total.fetch_add(n, Ordering::Relaxed);
     stats.snapshot_rows_total.fetch_add(n, Ordering::Relaxed);
-    if done.progress == TableProgress::Done {
-        tracing::info!(table = %done.table, "snapshot complete");
+    match done.progress {
+        Some(progress) => {
+            if progress == TableProgress::Done {
+                tracing::info!(table = %done.table, "snapshot complete");
+            }
+            state.tables.insert(done.table.to_string(), progress);
+            Ok(true)
+        }
+        None => {
+            tracing::info!(table = %done.table, rows = n, "repair rows re-captured");
+            Ok(false)
+        }
     }
-    state.tables.insert(done.table.to_string(), done.progress);
-    Ok(())
 }
 
 async fn send_batch(

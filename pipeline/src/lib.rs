@@ -25,3 +25,4 @@ pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod transform;
+pub mod verify;

@@ -43,6 +43,8 @@ pub const WATERMARK_PREFIX: &str = "ferry.watermark";
 
 struct Chunk {
     id: String,
+    /// Keys a repair asked for (`None` for a table snapshot chunk).
+    repair: Option<Vec<Vec<String>>>,
     schema: Arc<EncodedSchema>,
     rows: Vec<(Vec<u8>, Vec<Datum>)>,
     last: Option<Vec<String>>,
@@ -91,8 +93,8 @@ pub struct ChunkDone {
     pub events: Vec<ChangeEvent>,
     /// The table.
     pub table: TableId,
-    /// Its progress once these are acknowledged.
-    pub progress: TableProgress,
+    /// Its progress once these are acknowledged (`None` for a repair, which is no progress).
+    pub progress: Option<TableProgress>,
 }
 
 /// Runs snapshots one chunk at a time. See the module docs.
@@ -102,6 +104,7 @@ pub struct Snapshotter {
     database: String,
     chunk_rows: usize,
     queue: VecDeque<TableId>,
+    repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
     chunk: Option<Chunk>,
     run_id: u64,
     seq: u64,
@@ -117,6 +120,7 @@ impl Snapshotter {
             database: database.into(),
             chunk_rows,
             queue: VecDeque::new(),
+            repairs: VecDeque::new(),
             chunk: None,
             run_id: rand::random(),
             seq: 0,
@@ -135,6 +139,15 @@ impl Snapshotter {
         }
     }
 
+    /// Asks for specific rows to be read again (by key, as the text of each key column), e.g.
+    /// ranges `ferry verify` found different. A requested key the read does not find is emitted
+    /// as a delete.
+    pub fn enqueue_repair(&mut self, table: TableId, keys: Vec<Vec<String>>) {
+        for part in keys.chunks(self.chunk_rows.max(1)) {
+            self.repairs.push_back((table.clone(), part.to_vec()));
+        }
+    }
+
     /// Whether a table is queued or being read.
     pub fn covers(&self, table: &TableId) -> bool {
         self.queue.contains(table)
@@ -146,12 +159,12 @@ impl Snapshotter {
 
     /// Whether there is nothing queued and nothing in flight.
     pub fn is_idle(&self) -> bool {
-        self.chunk.is_none() && self.queue.is_empty()
+        self.chunk.is_none() && self.queue.is_empty() && self.repairs.is_empty()
     }
 
     /// Whether a new chunk should be read now.
     pub fn wants_chunk(&self) -> bool {
-        self.chunk.is_none() && !self.queue.is_empty()
+        self.chunk.is_none() && (!self.queue.is_empty() || !self.repairs.is_empty())
     }
 
     /// Reads the next chunk of the table at the head of the queue, between two watermarks.
@@ -163,16 +176,22 @@ impl Snapshotter {
         state: &CaptureState,
         recent_xids: &HashSet<u32>,
     ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
-        let Some(table) = self.queue.front().cloned() else {
-            return Ok(None);
+        let repair = self.repairs.pop_front();
+        let table = match (&repair, self.queue.front()) {
+            (Some((t, _)), _) => t.clone(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Ok(None),
         };
+        let repair = repair.map(|(_, keys)| keys);
         let t = &self.target;
         let Some(relid) = catalog::table_oid(client, &table)
             .await
             .map_err(pg(t, format!("looking up {table}")))?
         else {
             tracing::warn!(table = %table, "table disappeared before its snapshot; skipping it");
-            self.queue.pop_front();
+            if repair.is_none() {
+                self.queue.pop_front();
+            }
             return Ok(None);
         };
         let columns = catalog::table_columns(client, relid)
@@ -188,8 +207,8 @@ impl Snapshotter {
                     source,
                 })?,
             );
-        let after = match state.tables.get(&table.to_string()) {
-            Some(TableProgress::After(k)) => Some(k.clone()),
+        let after = match (&repair, state.tables.get(&table.to_string())) {
+            (None, Some(TableProgress::After(k))) => Some(k.clone()),
             _ => None,
         };
         self.seq += 1;
@@ -212,6 +231,23 @@ impl Snapshotter {
         };
         let cast = |ty: &str| ty.split('.').map(quote_ident).collect::<Vec<_>>().join(".");
         let predicate = match &after {
+            None if repair.is_some() && keyed => {
+                let tuples: Vec<String> = repair
+                    .iter()
+                    .flatten()
+                    .map(|k| {
+                        let vals: Vec<String> = key_idx
+                            .iter()
+                            .zip(k)
+                            .map(|(&i, v)| {
+                                format!("{}::{}", quote_literal(v), cast(&cols[i].pg_type))
+                            })
+                            .collect();
+                        format!("({})", vals.join(", "))
+                    })
+                    .collect();
+                format!("WHERE ({}) IN ({})", order.join(", "), tuples.join(", "))
+            }
             None => String::new(),
             Some(k) if keyed => format!(
                 "WHERE ({}) > ({})",
@@ -228,12 +264,20 @@ impl Snapshotter {
                 quote_literal(k.first().map_or("(0,0)", String::as_str))
             ),
         };
+        if repair.is_some() && !keyed {
+            tracing::warn!(table = %table, "repair needs a key; ignored");
+            return Ok(None);
+        }
         let sql = format!(
             "SELECT ctid::text, {select_list} FROM {}.{} {predicate} ORDER BY {} LIMIT {}",
             quote_ident(&table.schema),
             quote_ident(&table.table),
             order.join(", "),
-            self.chunk_rows
+            if repair.is_some() {
+                usize::MAX >> 1
+            } else {
+                self.chunk_rows
+            }
         );
         let (visibility, messages) = loop {
             let read = client
@@ -310,10 +354,11 @@ impl Snapshotter {
             }
             rows.push((key_buf.clone(), datums));
         }
-        let complete = rows.len() < self.chunk_rows;
+        let complete = repair.is_some() || rows.len() < self.chunk_rows;
         tracing::debug!(table = %table, rows = rows.len(), complete, "snapshot chunk read");
         self.chunk = Some(Chunk {
             id,
+            repair,
             schema: schema.clone(),
             rows,
             last,
@@ -379,37 +424,69 @@ impl Snapshotter {
         }
         let chunk = self.chunk.take()?;
         let table = chunk.schema.table().id.clone();
-        let events = if chunk.truncated {
-            Vec::new()
-        } else {
-            chunk
-                .rows
-                .into_iter()
-                .filter(|(key, _)| key.is_empty() || !chunk.seen.contains(key))
-                .enumerate()
-                .map(|(seq, (_, row))| ChangeEvent {
-                    op: Op::Read,
-                    before: None,
-                    after: Some(row),
-                    source: Source {
-                        region: self.region.clone(),
-                        database: self.database.clone(),
-                        schema: table.schema.clone(),
-                        table: table.table.clone(),
-                        lsn,
-                        seq: seq as u64,
-                        txid: None,
-                        commit_ts_us: None,
-                        snapshot: true,
-                    },
-                })
-                .collect()
+        let source = |seq: usize| Source {
+            region: self.region.clone(),
+            database: self.database.clone(),
+            schema: table.schema.clone(),
+            table: table.table.clone(),
+            lsn,
+            seq: seq as u64,
+            txid: None,
+            commit_ts_us: None,
+            snapshot: true,
         };
-        let progress = if chunk.complete {
+        let schema = chunk.schema.clone();
+        let key_idx = schema.table().key_indexes();
+        let mut events = Vec::new();
+        let mut found: HashSet<Vec<u8>> = HashSet::new();
+        if !chunk.truncated {
+            for (key, row) in chunk.rows {
+                found.insert(key.clone());
+                if key.is_empty() || !chunk.seen.contains(&key) {
+                    events.push(ChangeEvent {
+                        op: Op::Read,
+                        before: None,
+                        after: Some(row),
+                        source: source(events.len()),
+                    });
+                }
+            }
+        }
+        // A repaired key that no longer exists at the origin is deleted downstream too (unless
+        // the stream already said what happened to it). Keys compare as encoded bytes, so text
+        // forms never have to agree.
+        for k in chunk.repair.iter().flatten() {
+            let mut image = vec![Datum::Null; schema.table().columns.len()];
+            let mut ok = true;
+            for (&i, v) in key_idx.iter().zip(k) {
+                match ferry_connectors::postgres::values::parse(v, &schema.table().columns[i].ty) {
+                    Ok(d) => image[i] = d,
+                    Err(_) => ok = false,
+                }
+            }
+            let mut key = Vec::new();
+            if !ok
+                || schema.encode_key(&image, &mut key).is_err()
+                || found.contains(&key)
+                || chunk.seen.contains(&key)
+                || chunk.truncated
+            {
+                continue;
+            }
+            events.push(ChangeEvent {
+                op: Op::Delete,
+                before: Some(image),
+                after: None,
+                source: source(events.len()),
+            });
+        }
+        let progress = if chunk.repair.is_some() {
+            None
+        } else if chunk.complete {
             self.queue.pop_front();
-            TableProgress::Done
+            Some(TableProgress::Done)
         } else {
-            TableProgress::After(chunk.last.unwrap_or_default())
+            Some(TableProgress::After(chunk.last.unwrap_or_default()))
         };
         Some(ChunkDone {
             schema: chunk.schema,

@@ -336,3 +336,94 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
     drop_db(&dest2).await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_drift_and_repair_fixes_it() {
+    let mut db = TestDb::new("verify").await;
+    db.exec(
+        "CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int, note text);
+         INSERT INTO acct SELECT g, 'o' || g, g, NULL FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.instance_id = "ship-1".into();
+    db.cfg.ship.linger_ms = 200;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    db.cfg.apply.instance_id = "apply-1".into();
+
+    // The whole pipeline runs: capture, ship and apply.
+    let cap = start_capture(&db.cfg);
+    let (stop, rx) = watch::channel(false);
+    let ship_task = {
+        let cfg = db.cfg.clone();
+        let rx = rx.clone();
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let apply_task = {
+        let cfg = db.cfg.clone();
+        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+    };
+    let table = ferry_schemas::TableId::new("public", "acct");
+    let until_equal = |what: &'static str| {
+        let (o, d, t) = (db.cfg.origin.postgres.clone(), dest.clone(), table.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Ok(r) = ferry_pipeline::verify::verify(&o, &d, &t).await {
+                    if r.mismatches.is_empty() {
+                        return;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: destination never matched"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    until_equal("initial sync").await;
+    db.exec("UPDATE acct SET balance = balance + 1000 WHERE id <= 10")
+        .await;
+    until_equal("live changes").await;
+
+    // Drift behind Ferry's back in the destination.
+    let d = dest.connect().await.expect("dest");
+    d.batch_execute(
+        "UPDATE public.acct SET balance = -1 WHERE id = 5;
+         DELETE FROM public.acct WHERE id = 6;
+         INSERT INTO public.acct VALUES (9999, 'ghost', 0, NULL, 0, 0, 'none', 0, 0);",
+    )
+    .await
+    .expect("tamper");
+    let report = ferry_pipeline::verify::verify(&db.cfg.origin.postgres, &dest, &table)
+        .await
+        .expect("verify");
+    let found: Vec<(String, &str)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.key.join(","), m.kind))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("5".to_string(), "differs"),
+            ("6".to_string(), "missing in destination"),
+            ("9999".to_string(), "extra in destination")
+        ]
+    );
+    ferry_pipeline::verify::request_repair(&db.cfg, &table, &report.mismatches)
+        .await
+        .expect("repair");
+    until_equal("repair").await;
+
+    let _ = stop.send(true);
+    ship_task.await.expect("join").expect("shipper ok");
+    apply_task.await.expect("join").expect("applier ok");
+    cap.stop().await;
+    drop(d);
+    drop_db(&dest).await;
+    db.cleanup().await;
+}

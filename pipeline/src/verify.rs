@@ -1,0 +1,341 @@
+//! `ferry verify`: compares a table in the origin and the destination database by primary-key
+//! ranges with per-range hashes computed inside each database, so only boundaries, counts and
+//! hashes cross regions. A range whose hashes differ is split and compared again until single
+//! rows are left, which are then reported (missing in the destination, extra there, or
+//! different).
+
+use std::collections::BTreeMap;
+
+use ferry_connectors::postgres::{quote_ident, quote_literal, PgConfig, Session};
+use ferry_schemas::TableId;
+
+/// One row that differs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The key, as the text of each key column.
+    pub key: Vec<String>,
+    /// `missing in destination`, `extra in destination` or `differs`.
+    pub kind: &'static str,
+}
+
+/// The outcome of a comparison.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Rows in the origin table.
+    pub origin_rows: i64,
+    /// Rows in the destination table.
+    pub destination_rows: i64,
+    /// Ranges hashed on both sides.
+    pub ranges: usize,
+    /// Differing rows.
+    pub mismatches: Vec<Mismatch>,
+}
+
+struct Side {
+    session: Session,
+    q: String,
+    /// (column, type) in origin column order.
+    columns: Vec<(String, String)>,
+    keys: Vec<(String, String)>,
+}
+
+impl Side {
+    async fn open(pg: &PgConfig, table: &TableId, only: Option<&[String]>) -> Result<Side, String> {
+        let session = pg
+            .connect()
+            .await
+            .map_err(|e| format!("{}: {e}", pg.display()))?;
+        let q = format!(
+            "{}.{}",
+            quote_ident(&table.schema),
+            quote_ident(&table.table)
+        );
+        let rows = session
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        coalesce(a.attnum = ANY(i.indkey), false)
+                 FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                 ORDER BY a.attnum",
+                &[&q],
+            )
+            .await
+            .map_err(|e| format!("{}: reading columns of {q}: {e}", pg.display()))?;
+        if rows.is_empty() {
+            return Err(format!("{q} does not exist in {}", pg.display()));
+        }
+        let mut columns = Vec::new();
+        let mut keys = Vec::new();
+        for r in rows {
+            let (name, ty, key): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+            if name.starts_with("_ferry_") || only.is_some_and(|o| !o.contains(&name)) {
+                continue;
+            }
+            if key {
+                keys.push((name.clone(), ty.clone()));
+            }
+            columns.push((name, ty));
+        }
+        if keys.is_empty() {
+            return Err(format!("{q} has no primary key in {}", pg.display()));
+        }
+        Ok(Side {
+            session,
+            q,
+            columns,
+            keys,
+        })
+    }
+
+    fn order(&self) -> String {
+        self.keys
+            .iter()
+            .map(|(k, _)| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn row_text(&self) -> String {
+        let parts: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(c, _)| format!("quote_nullable({}::text)", quote_ident(c)))
+            .collect();
+        format!("concat_ws(',', {})", parts.join(", "))
+    }
+
+    fn bound(&self, key: &[String]) -> String {
+        let vals: Vec<String> = self
+            .keys
+            .iter()
+            .zip(key)
+            .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
+            .collect();
+        format!("({})", vals.join(", "))
+    }
+
+    fn predicate(&self, lo: Option<&[String]>, hi: Option<&[String]>) -> String {
+        let mut p = vec!["true".to_string()];
+        if let Some(lo) = lo {
+            p.push(format!("({}) >= {}", self.order(), self.bound(lo)));
+        }
+        if let Some(hi) = hi {
+            p.push(format!("({}) < {}", self.order(), self.bound(hi)));
+        }
+        p.join(" AND ")
+    }
+
+    async fn hash(
+        &self,
+        lo: Option<&[String]>,
+        hi: Option<&[String]>,
+    ) -> Result<(i64, String), String> {
+        let sql = format!(
+            "SELECT count(*), coalesce(md5(string_agg({}, E'\\n' ORDER BY {})), '') FROM {} WHERE {}",
+            self.row_text(),
+            self.order(),
+            self.q,
+            self.predicate(lo, hi)
+        );
+        let r = self
+            .session
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| format!("hashing {}: {e}", self.q))?;
+        Ok((r.get(0), r.get(1)))
+    }
+
+    /// Every `step`-th key in the range, in key order (the range's split points).
+    async fn boundaries(
+        &self,
+        lo: Option<&[String]>,
+        hi: Option<&[String]>,
+        step: i64,
+    ) -> Result<Vec<Vec<String>>, String> {
+        let keys: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(k, _)| format!("{}::text", quote_ident(k)))
+            .collect();
+        let sql = format!(
+            "SELECT {cols} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS _rn FROM {q} WHERE {pred}) s
+             WHERE (_rn - 1) % {step} = 0 ORDER BY _rn",
+            cols = (0..keys.len()).map(|i| format!("k{i}")).collect::<Vec<_>>().join(", "),
+            keys = keys.iter().enumerate().map(|(i, k)| format!("{k} AS k{i}")).collect::<Vec<_>>().join(", "),
+            order = self.order(),
+            q = self.q,
+            pred = self.predicate(lo, hi),
+        );
+        let rows = self
+            .session
+            .query(&sql, &[])
+            .await
+            .map_err(|e| format!("splitting {}: {e}", self.q))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (0..self.keys.len())
+                    .map(|i| r.get::<_, String>(i))
+                    .collect()
+            })
+            .collect())
+    }
+
+    async fn rows(
+        &self,
+        lo: Option<&[String]>,
+        hi: Option<&[String]>,
+    ) -> Result<BTreeMap<Vec<String>, String>, String> {
+        let keys: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(k, _)| format!("{}::text", quote_ident(k)))
+            .collect();
+        let sql = format!(
+            "SELECT {}, md5({}) FROM {} WHERE {} ORDER BY {}",
+            keys.join(", "),
+            self.row_text(),
+            self.q,
+            self.predicate(lo, hi),
+            self.order()
+        );
+        let rows = self
+            .session
+            .query(&sql, &[])
+            .await
+            .map_err(|e| format!("reading {}: {e}", self.q))?;
+        let n = self.keys.len();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    (0..n).map(|i| r.get::<_, String>(i)).collect(),
+                    r.get::<_, String>(n),
+                )
+            })
+            .collect())
+    }
+}
+
+/// Rows per range in the first pass; mismatching ranges are split into 16 until at most this
+/// many rows are left, then compared row by row.
+const FIRST_RANGE_ROWS: i64 = 10_000;
+const ROW_BY_ROW: i64 = 64;
+
+/// Compares `table` in both databases.
+pub async fn verify(
+    origin: &PgConfig,
+    destination: &PgConfig,
+    table: &TableId,
+) -> Result<Report, String> {
+    let o = Side::open(origin, table, None).await?;
+    let names: Vec<String> = o.columns.iter().map(|(c, _)| c.clone()).collect();
+    let d = Side::open(destination, table, Some(&names)).await?;
+    if d.columns.len() != o.columns.len() {
+        return Err(format!(
+            "the destination lacks columns of {table}: origin has {}, destination {}",
+            names.join(", "),
+            d.columns
+                .iter()
+                .map(|(c, _)| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let mut report = Report {
+        origin_rows: o.hash(None, None).await?.0,
+        destination_rows: d.hash(None, None).await?.0,
+        ..Report::default()
+    };
+    // Ranges: (-inf, b1), [b1, b2), …, [bn, +inf), boundaries taken from the origin.
+    let mut work: Vec<(Option<Vec<String>>, Option<Vec<String>>, i64)> = Vec::new();
+    let bounds = o.boundaries(None, None, FIRST_RANGE_ROWS).await?;
+    let mut lo: Option<Vec<String>> = None;
+    for b in bounds.into_iter().chain(std::iter::once(Vec::new())) {
+        let hi = (!b.is_empty()).then_some(b);
+        work.push((lo.clone(), hi.clone(), FIRST_RANGE_ROWS));
+        lo = hi;
+    }
+    while let Some((lo, hi, size)) = work.pop() {
+        report.ranges += 1;
+        let (a, b) = (
+            o.hash(lo.as_deref(), hi.as_deref()).await?,
+            d.hash(lo.as_deref(), hi.as_deref()).await?,
+        );
+        if a == b {
+            continue;
+        }
+        if a.0.max(b.0) <= ROW_BY_ROW || size <= ROW_BY_ROW {
+            let (ro, rd) = (
+                o.rows(lo.as_deref(), hi.as_deref()).await?,
+                d.rows(lo.as_deref(), hi.as_deref()).await?,
+            );
+            for (k, h) in &ro {
+                match rd.get(k) {
+                    None => report.mismatches.push(Mismatch {
+                        key: k.clone(),
+                        kind: "missing in destination",
+                    }),
+                    Some(x) if x != h => report.mismatches.push(Mismatch {
+                        key: k.clone(),
+                        kind: "differs",
+                    }),
+                    _ => {}
+                }
+            }
+            for k in rd.keys().filter(|k| !ro.contains_key(*k)) {
+                report.mismatches.push(Mismatch {
+                    key: k.clone(),
+                    kind: "extra in destination",
+                });
+            }
+            continue;
+        }
+        let step = (size / 16).max(1);
+        // Split points from whichever side has rows there (extra destination rows need theirs).
+        let mut points = o.boundaries(lo.as_deref(), hi.as_deref(), step).await?;
+        if points.is_empty() {
+            points = d.boundaries(lo.as_deref(), hi.as_deref(), step).await?;
+        }
+        let mut sub_lo = lo.clone();
+        for p in points
+            .into_iter()
+            .skip(1)
+            .map(Some)
+            .chain(std::iter::once(hi.clone()))
+        {
+            work.push((sub_lo.clone(), p.clone(), step));
+            sub_lo = p;
+        }
+    }
+    report.mismatches.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(report)
+}
+
+/// Asks the capture pipeline to re-read `mismatches` (through a message in the origin's WAL, so
+/// the rows re-enter the normal path in order, as snapshot rows; keys gone from the origin
+/// become deletes).
+pub async fn request_repair(
+    cfg: &crate::config::Config,
+    table: &TableId,
+    mismatches: &[Mismatch],
+) -> Result<(), String> {
+    let request = crate::capture::RepairRequest {
+        slot: cfg.capture.slot.clone(),
+        table: table.to_string(),
+        keys: mismatches.iter().map(|m| m.key.clone()).collect(),
+    };
+    let body = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+    let pg = &cfg.origin.postgres;
+    let s = pg
+        .connect()
+        .await
+        .map_err(|e| format!("{}: {e}", pg.display()))?;
+    s.execute(
+        "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+        &[&crate::capture::REPAIR_PREFIX, &body],
+    )
+    .await
+    .map_err(|e| format!("{}: writing the repair request: {e}", pg.display()))?;
+    Ok(())
+}
