@@ -217,6 +217,9 @@ impl Side {
     }
 }
 
+/// A key as the text of each key column.
+type Key = Vec<String>;
+
 /// Rows per range in the first pass; mismatching ranges are split into 16 until at most this
 /// many rows are left, then compared row by row.
 const FIRST_RANGE_ROWS: i64 = 10_000;
@@ -248,7 +251,7 @@ pub async fn verify(
         ..Report::default()
     };
     // Ranges: (-inf, b1), [b1, b2), …, [bn, +inf), boundaries taken from the origin.
-    let mut work: Vec<(Option<Vec<String>>, Option<Vec<String>>, i64)> = Vec::new();
+    let mut work: Vec<(Option<Key>, Option<Key>, i64)> = Vec::new();
     let bounds = o.boundaries(None, None, FIRST_RANGE_ROWS).await?;
     let mut lo: Option<Vec<String>> = None;
     for b in bounds.into_iter().chain(std::iter::once(Vec::new())) {
