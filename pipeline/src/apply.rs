@@ -662,7 +662,29 @@ pub async fn run(
                     .map_err(|(e, _)| {
                         ShipError::Other(format!("kafka destination: quarantining: {e}"))
                     })?;
-                if cfg.apply.on_corrupt == OnCorrupt::Stop {
+                let copies = tokio::task::block_in_place(|| {
+                    same_key_after(&dest, &batch_topic, partition, offset, msg.key())
+                });
+                let mut superseded = None;
+                for (at, copy) in copies {
+                    if let Ok((m, _)) = manifest::unframe(&copy) {
+                        for fp in &m.schema_fingerprints {
+                            let _ = tokio::task::block_in_place(|| registry.get(fp));
+                        }
+                    }
+                    if verify(&copy, |fp| registry.cached(fp)).is_ok() {
+                        superseded = Some(at);
+                        break;
+                    }
+                }
+                if let Some(at) = superseded {
+                    tracing::warn!(
+                        partition,
+                        offset,
+                        copy_at = at,
+                        "a verified re-shipped copy of this batch follows; carrying on"
+                    );
+                } else if cfg.apply.on_corrupt == OnCorrupt::Stop {
                     stopped.insert(partition);
                     if let Ok(mut s) = stats.stopped.lock() {
                         s.push(format!(
@@ -847,4 +869,50 @@ pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String
             "{table} ({key}): no such row in the destination, and no record of a delete"
         )),
     }
+}
+
+/// Records after a corrupt batch, in its partition, under the same key: candidate re-shipped
+/// copies (`ferry reship` produces them).
+fn same_key_after(
+    dest: &Cluster,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+) -> Vec<(i64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Some(key) = key else { return out };
+    let Ok(reader) = dest.reader() else {
+        return out;
+    };
+    let Ok((_, high)) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10)) else {
+        return out;
+    };
+    if offset + 1 >= high {
+        return out;
+    }
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+        .is_err()
+        || reader.assign(&tpl).is_err()
+    {
+        return out;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                if m.key() == Some(key) {
+                    out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(_)) => break,
+            None => {}
+        }
+    }
+    out
 }

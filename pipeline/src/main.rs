@@ -45,6 +45,12 @@ enum Command {
     Ship,
     /// Apply shipped batches in the destination: verify, replicate topics, write the destination database (runs until stopped).
     Apply,
+    /// Re-ship exactly the origin offset range of a batch, under the same id (after a corrupt batch was quarantined).
+    Reship {
+        /// The batch id, as in the manifest and the quarantine topic's keys.
+        #[arg(long)]
+        batch: String,
+    },
     /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
     Lineage {
         /// The table, as schema.table.
@@ -205,6 +211,10 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         Command::Apply => {
             let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
             ferry_pipeline::apply::run(&cfg, stop_on_signal(), stats).await?;
+        }
+        Command::Reship { batch } => {
+            let (events_in, events_out) = ferry_pipeline::ship::reship(&cfg, &batch).await?;
+            println!("re-shipped {batch}: {events_in} changes, {events_out} rows after compaction");
         }
         Command::Lineage { table, key } => {
             let id = parse_table(&table).context("table must be schema.table")?;

@@ -863,3 +863,77 @@ async fn flush(
         Err(e) => Err(e),
     }
 }
+
+/// Re-ships exactly the origin range of a batch (`ferry reship --batch <id>`), under the same
+/// id: the destination applies it if the earlier copy never was (say it was quarantined) and
+/// skips it otherwise. Returns the new batch's manifest figures (events in and out).
+pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(usize, usize), ShipError> {
+    let bad = || {
+        ShipError::Other(format!(
+            "{batch_id:?} is not a batch id (origin/<topic>/<partition>/<first>-<last>)"
+        ))
+    };
+    let parts: Vec<&str> = batch_id.split('/').collect();
+    let [_, topic, partition, range] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let partition: i32 = partition.parse().map_err(|_| bad())?;
+    let (first, last) = range.split_once('-').ok_or_else(bad)?;
+    let (first, last): (i64, i64) = (
+        first.parse().map_err(|_| bad())?,
+        last.parse().map_err(|_| bad())?,
+    );
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let (t, o) = (topic.to_string(), origin.clone());
+    let records = tokio::task::spawn_blocking(move || -> Result<Vec<Record>, ShipError> {
+        let reader = o.reader()?;
+        let (low, high) = reader
+            .fetch_watermarks(&t, partition, Duration::from_secs(10))
+            .map_err(client("origin", format!("watermarks of {t}[{partition}]")))?;
+        if first < low || last >= high {
+            return Err(ShipError::Other(format!(
+                "{t}[{partition}] holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
+            )));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, partition, Offset::Offset(first))
+            .map_err(client("origin", "assigning"))?;
+        reader.assign(&tpl).map_err(client("origin", "assigning"))?;
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while out.last().is_none_or(|r: &Record| r.offset < last) {
+            if Instant::now() > deadline {
+                return Err(ShipError::Other(format!("timed out reading {t}[{partition}]")));
+            }
+            match reader.poll(Duration::from_millis(500)) {
+                None | Some(Err(RdError::PartitionEOF(_))) => {}
+                Some(Err(e)) => return Err(client("origin", "reading")(e)),
+                Some(Ok(m)) if m.offset() <= last => out.push(Record {
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                }),
+                Some(Ok(_)) => break,
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ShipError::Other(e.to_string()))??;
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let (producer, wire) = dest.producer_metered(5, "none")?;
+    let stats = Arc::new(ShipStats::default());
+    let mut shipper = Shipper {
+        cfg,
+        producer,
+        wire,
+        registry: Registry::new(origin, &cfg.capture.topic_prefix),
+        batch_topic: cfg.batch_topic(),
+        stats: stats.clone(),
+        uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+        published: HashSet::new(),
+    };
+    shipper.ship(topic, partition, records).await?;
+    let t = stats.total();
+    Ok((t.events_in as usize, t.events_out as usize))
+}

@@ -76,12 +76,13 @@ fn all_batches(cfg: &Config) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn run_until<F: Fn() -> bool>(what: &str, timeout: Duration, done: F) {
+async fn run_until<F: Fn() -> bool, W: Fn() -> String>(what: W, timeout: Duration, done: F) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(
             Instant::now() < deadline,
-            "{what} did not finish in {timeout:?}"
+            "{} did not finish in {timeout:?}",
+            what()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -95,7 +96,17 @@ async fn apply_all(cfg: &Config, expected: u64) -> Arc<ApplyStats> {
         tokio::spawn(async move { apply::run(&cfg, rx, stats).await })
     };
     let s = stats.clone();
-    run_until("apply", Duration::from_secs(120), move || {
+    let s2 = stats.clone();
+    let what = move || {
+        format!(
+            "apply (applied {}, duplicate {}, quarantined {}, stopped {:?})",
+            s2.batches_applied_total.load(Ordering::Relaxed),
+            s2.batches_duplicate_total.load(Ordering::Relaxed),
+            s2.batches_quarantined_total.load(Ordering::Relaxed),
+            s2.stopped.lock().map(|v| v.clone()).unwrap_or_default()
+        )
+    };
+    run_until(what, Duration::from_secs(120), move || {
         s.batches_applied_total.load(Ordering::Relaxed)
             + s.batches_duplicate_total.load(Ordering::Relaxed)
             + s.batches_quarantined_total.load(Ordering::Relaxed)
@@ -158,9 +169,11 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
     };
     let origin_events = db.events("public.acct").await.len() as u64;
     let s = ship_stats.clone();
-    run_until("ship", Duration::from_secs(120), move || {
-        s.total().events_in >= origin_events
-    })
+    run_until(
+        || "ship".to_string(),
+        Duration::from_secs(120),
+        move || s.total().events_in >= origin_events,
+    )
     .await;
     let _ = stop.send(true);
     task.await.expect("join").expect("shipper ok");
@@ -179,6 +192,14 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
     let dest_session = dest.connect().await.expect("dest");
     let origin_hash = table_hash(&db.session, "acct").await;
     assert_eq!(table_hash(&dest_session, "public.acct").await, origin_hash);
+    let report = ferry_pipeline::verify::verify(
+        &db.cfg.origin.postgres,
+        &dest,
+        &ferry_schemas::TableId::new("public", "acct"),
+    )
+    .await
+    .expect("verify");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
 
     // Lineage names the batch and position that last wrote a row.
     let some_id: i32 = db
@@ -329,11 +350,69 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
     };
     assert_eq!(quarantined, 2);
 
+    // A batch topic whose only copy of one batch is corrupt: apply (on_corrupt = stop) would
+    // stop there; `ferry reship` re-ships that origin range under the same id, and apply then
+    // carries on past the corrupt copy and ends equal to the origin.
+    let dest3 = dest_db(&db, "dest3").await;
+    let mut cfg3 = db.cfg.clone();
+    cfg3.ship.batch_topic = format!("{}.batches2", db.cfg.capture.topic_prefix);
+    cfg3.destination.postgres = Some(dest3.clone());
+    cfg3.apply.group_id = format!("{}_apply3", db.name);
+    cfg3.apply.on_corrupt = OnCorrupt::Stop;
+    Cluster::new("destination", cfg3.destination.kafka.clone())
+        .ensure_topics(&[ferry_connectors::kafka::TopicSpec {
+            name: cfg3.batch_topic(),
+            partitions: cfg3.ship.batch_partitions,
+            config: vec![],
+        }])
+        .await
+        .expect("topic");
+    let victim = manifest::unframe(&batches[0]).expect("clean").0;
+    for v in &batches {
+        let (m, _) = manifest::unframe(v).expect("clean");
+        let mut v = v.clone();
+        if m.batch_id == victim.batch_id {
+            let at = v.len() - 3;
+            v[at] ^= 0x10;
+        }
+        let p = ship::batch_partition(
+            &m.origin_topic,
+            m.origin_partition,
+            cfg3.ship.batch_partitions,
+        );
+        producer
+            .send(
+                FutureRecord::to(&cfg3.batch_topic())
+                    .key(&m.batch_id)
+                    .payload(&v)
+                    .partition(p),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("copy");
+    }
+    let (events_in, _) = ship::reship(&cfg3, &victim.batch_id).await.expect("reship");
+    assert_eq!(
+        events_in as i64, victim.events_in,
+        "reship covers exactly the batch's range"
+    );
+    let st = apply_all(&cfg3, n + 1).await;
+    assert_eq!(st.batches_quarantined_total.load(Ordering::Relaxed), 1);
+    assert_eq!(st.batches_applied_total.load(Ordering::Relaxed), n);
+    let s3 = dest3.connect().await.expect("dest3");
+    assert_eq!(
+        table_hash(&s3, "public.acct").await,
+        origin_hash,
+        "reship closed the gap"
+    );
+
     drop(dest_session);
     drop(s2);
+    drop(s3);
     drop(fresh);
     drop_db(&dest).await;
     drop_db(&dest2).await;
+    drop_db(&dest3).await;
     db.cleanup().await;
 }
 
