@@ -210,7 +210,18 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Apply => {
             let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
-            ferry_pipeline::apply::run(&cfg, stop_on_signal(), stats).await?;
+            let stop = stop_on_signal();
+            let s = stats.clone();
+            let _metrics = serve_metrics(
+                &cfg,
+                stop.clone(),
+                Arc::new(move || {
+                    let mut out = String::new();
+                    metrics::render_apply(&s, &mut out);
+                    out
+                }),
+            );
+            ferry_pipeline::apply::run(&cfg, stop, stats).await?;
         }
         Command::Reship { batch } => {
             let (events_in, events_out) = ferry_pipeline::ship::reship(&cfg, &batch).await?;

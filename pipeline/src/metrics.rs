@@ -129,6 +129,51 @@ pub fn render_ship(stats: &ShipStats, cfg: &Config, out: &mut String) {
     let _ = writeln!(out, "# HELP ferry_ship_stopped_partitions partitions stopped by bad data\n# TYPE ferry_ship_stopped_partitions gauge\nferry_ship_stopped_partitions {stopped}");
 }
 
+/// Renders apply counters.
+pub fn render_apply(stats: &crate::apply::ApplyStats, out: &mut String) {
+    let rows = [
+        (
+            "ferry_apply_batches_applied_total",
+            "batches applied",
+            &stats.batches_applied_total,
+        ),
+        (
+            "ferry_apply_batches_duplicate_total",
+            "batches skipped because they were applied before",
+            &stats.batches_duplicate_total,
+        ),
+        (
+            "ferry_apply_batches_quarantined_total",
+            "batches that failed verification",
+            &stats.batches_quarantined_total,
+        ),
+        (
+            "ferry_apply_rows_written_total",
+            "rows inserted or updated in the destination database",
+            &stats.rows_written_total,
+        ),
+        (
+            "ferry_apply_rows_deleted_total",
+            "rows deleted in the destination database",
+            &stats.rows_deleted_total,
+        ),
+        (
+            "ferry_apply_rows_stale_total",
+            "changes ignored because the destination held a newer position",
+            &stats.rows_stale_total,
+        ),
+    ];
+    for (name, help, v) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    let stopped = stats.stopped.lock().map(|s| s.len()).unwrap_or(0);
+    let _ = writeln!(out, "# HELP ferry_apply_stopped_partitions partitions stopped on a corrupt batch\n# TYPE ferry_apply_stopped_partitions gauge\nferry_apply_stopped_partitions {stopped}");
+}
+
 /// Serves `render()` at `GET /metrics` on `listen` until `stop` turns true.
 pub async fn serve(
     listen: &str,
