@@ -24,5 +24,6 @@ pub mod sink;
 pub mod snapshot;
 pub mod state;
 pub mod status;
+pub mod throttle;
 pub mod transform;
 pub mod verify;
