@@ -126,6 +126,28 @@ impl ClientContext for WireContext {
 /// Ferry's producer type: idempotent, with wire statistics.
 pub type Producer = FutureProducer<WireContext>;
 
+/// Hands a record to the producer without waiting for the broker; while the local queue is
+/// full, waits for it to drain. Returns the delivery to await, or the first other error.
+pub async fn enqueue<K, P>(
+    producer: &Producer,
+    mut record: rdkafka::producer::FutureRecord<'_, K, P>,
+) -> Result<rdkafka::producer::DeliveryFuture, RdError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(d) => return Ok(d),
+            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// A topic to create when missing.
 #[derive(Clone, Debug)]
 pub struct TopicSpec {

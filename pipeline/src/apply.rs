@@ -773,9 +773,9 @@ async fn replicate(
                 if let Some(p) = p {
                     rec = rec.partition(p);
                 }
-                let d = producer.send_result(rec).map_err(|(err, _)| {
-                    ShipError::Other(format!("replicating to {topic}: {err}"))
-                })?;
+                let d = ferry_connectors::kafka::enqueue(producer, rec)
+                    .await
+                    .map_err(|err| ShipError::Other(format!("replicating to {topic}: {err}")))?;
                 pending.push(d);
             }
         }

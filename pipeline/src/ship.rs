@@ -342,6 +342,18 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// The origin range a batch covers and what was consumed for it.
+struct Covered<'a> {
+    topic: &'a str,
+    partition: i32,
+    first: i64,
+    last: i64,
+    table: &'a str,
+    events_in: usize,
+    lsns: (i64, i64),
+    raw_bytes: usize,
+}
+
 /// Everything one batch needs to be shipped.
 struct Shipper<'a> {
     cfg: &'a Config,
@@ -409,6 +421,16 @@ impl Shipper<'_> {
             .cloned()
             .collect();
         let replace_rows = transforms.iter().any(|t| t.replace_rows);
+        let range = Covered {
+            topic,
+            partition,
+            first: first_offset,
+            last: last_offset,
+            table: &table,
+            events_in,
+            lsns: (min_lsn, max_lsn),
+            raw_bytes,
+        };
         for t in &transforms {
             let out = transform::run(t, &entries)
                 .await
@@ -417,19 +439,12 @@ impl Shipper<'_> {
             let bytes = zstd::bulk::compress(&out, self.cfg.ship.zstd_level)
                 .map_err(|e| ShipError::Other(e.to_string()))?;
             let m = self.manifest(
-                topic,
-                partition,
-                first_offset,
-                last_offset,
-                &table,
-                events_in,
+                &range,
+                format!("aggregate:{}", t.name),
                 0,
-                (min_lsn, max_lsn),
                 vec![],
-                raw_bytes,
                 &bytes,
                 out.len(),
-                format!("aggregate:{}", t.name),
             );
             self.produce(&agg_topic, None, &m, &bytes).await?;
         }
@@ -449,19 +464,12 @@ impl Shipper<'_> {
         let encoded = payload::encode(&runs, self.cfg.ship.zstd_level)
             .map_err(|e| data_err(first_offset, e.to_string()))?;
         let m = self.manifest(
-            topic,
-            partition,
-            first_offset,
-            last_offset,
-            &table,
-            events_in,
+            &range,
+            "changes".into(),
             encoded.rows,
-            (min_lsn, max_lsn),
             encoded.fingerprints.clone(),
-            raw_bytes,
             &encoded.bytes,
             encoded.uncompressed,
-            "changes".into(),
         );
         let d = batch_partition(topic, partition, self.cfg.ship.batch_partitions);
         let batch_topic = self.batch_topic.clone();
@@ -488,23 +496,18 @@ impl Shipper<'_> {
         Ok(last_offset + 1)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn manifest(
         &self,
-        topic: &str,
-        partition: i32,
-        first: i64,
-        last: i64,
-        table: &str,
-        events_in: usize,
+        c: &Covered<'_>,
+        kind: String,
         events_out: usize,
-        lsns: (i64, i64),
         fingerprints: Vec<String>,
-        raw_bytes: usize,
         payload: &[u8],
         uncompressed: usize,
-        kind: String,
     ) -> Manifest {
+        let (topic, partition, first, last, table) =
+            (c.topic, c.partition, c.first, c.last, c.table);
+        let (events_in, lsns, raw_bytes) = (c.events_in, c.lsns, c.raw_bytes);
         let cluster = "origin";
         let id = manifest::batch_id(cluster, topic, partition, first, last);
         Manifest {

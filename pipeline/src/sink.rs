@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
 use ferry_schemas::{ChangeEvent, EncodedSchema, Lsn, Op, TableId};
-use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 
@@ -264,26 +263,14 @@ impl Sink {
                     if let Some(p) = partition {
                         record = record.partition(p);
                     }
-                    loop {
-                        match k.producer.send_result(record) {
-                            Ok(d) => {
-                                pending.push((topic.clone(), d));
-                                break;
-                            }
-                            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                                // The local queue is full: let the broker catch up.
-                                record = r;
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Err((e, _)) => {
-                                return Err(CaptureError::Delivery {
-                                    topic: topic.clone(),
-                                    lsn: lsn.to_string(),
-                                    reason: e.to_string(),
-                                })
-                            }
-                        }
-                    }
+                    let d = ferry_connectors::kafka::enqueue(&k.producer, record)
+                        .await
+                        .map_err(|e| CaptureError::Delivery {
+                            topic: topic.clone(),
+                            lsn: lsn.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    pending.push((topic.clone(), d));
                 }
                 Ok(k.key.len() + k.value.len())
             }

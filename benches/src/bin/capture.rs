@@ -215,19 +215,8 @@ async fn main() -> Result<()> {
     let mut deliveries = Vec::with_capacity(args.produce_records as usize);
     for i in 0..args.produce_records {
         let key = format!("{i:012}");
-        let mut record = FutureRecord::to(&topic).key(&key).payload(&value);
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        let record = FutureRecord::to(&topic).key(&key).payload(&value);
+        deliveries.push(ferry_connectors::kafka::enqueue(&producer, record).await?);
     }
     for d in deliveries {
         d.await?.map_err(|(e, _)| e)?;

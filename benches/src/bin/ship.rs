@@ -225,19 +225,8 @@ async fn produce_origin(
         schema.encode_key(e.key_image().context("image")?, &mut k)?;
         schema.encode_value(e, &mut v)?;
         raw += (k.len() + v.len()) as u64;
-        let mut record = FutureRecord::to(&topic).key(&k).payload(&v);
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    pending.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        let record = FutureRecord::to(&topic).key(&k).payload(&v);
+        pending.push(ferry_connectors::kafka::enqueue(&producer, record).await?);
     }
     for d in pending {
         d.await?.map_err(|(e, _)| e)?;
@@ -330,18 +319,7 @@ async fn relay(cfg: &Config, origin_topic: &str, n: usize) -> Result<Line> {
         if let Some(v) = m.payload() {
             record = record.payload(v);
         }
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    pending.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        pending.push(ferry_connectors::kafka::enqueue(&producer, record).await?);
     }
     for d in pending {
         d.await?.map_err(|(e, _)| e)?;

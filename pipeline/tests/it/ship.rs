@@ -129,6 +129,18 @@ async fn workload(db: &TestDb) {
     }
 }
 
+/// Creates `acct`, runs the workload under capture and waits until it is all in the origin topic.
+async fn captured_workload(db: &TestDb) {
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
+        .await;
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    workload(db).await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+}
+
 fn ship_config(db: &TestDb) -> Config {
     let mut cfg = db.cfg.clone();
     cfg.ship.group_id = format!("{}_ship", db.name);
@@ -140,14 +152,7 @@ fn ship_config(db: &TestDb) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_cover_every_offset_once_and_decode_to_the_compacted_changes() {
     let db = TestDb::new("ship").await;
-    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
-        .await;
-    let cap = start_capture(&db.cfg);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    workload(&db).await;
-    let lsn = db.sync_point().await;
-    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
-    cap.stop().await;
+    captured_workload(&db).await;
 
     let cfg = ship_config(&db);
     let (stop, rx) = watch::channel(false);
@@ -228,14 +233,7 @@ async fn batches_cover_every_offset_once_and_decode_to_the_compacted_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_produce_and_commit_leaves_no_duplicate_and_no_hole() {
     let db = TestDb::new("shipcrash").await;
-    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
-        .await;
-    let cap = start_capture(&db.cfg);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    workload(&db).await;
-    let lsn = db.sync_point().await;
-    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
-    cap.stop().await;
+    captured_workload(&db).await;
 
     let cfg = ship_config(&db);
     let dir = std::env::temp_dir();
@@ -302,14 +300,7 @@ async fn kill_9_between_produce_and_commit_leaves_no_duplicate_and_no_hole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transforms_ship_their_aggregates_besides_the_rows() {
     let db = TestDb::new("shipagg").await;
-    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
-        .await;
-    let cap = start_capture(&db.cfg);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    workload(&db).await;
-    let lsn = db.sync_point().await;
-    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
-    cap.stop().await;
+    captured_workload(&db).await;
 
     let mut cfg = ship_config(&db);
     cfg.ship.transforms = vec![ferry_pipeline::config::Transform {
