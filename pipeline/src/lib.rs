@@ -19,6 +19,7 @@ pub mod error;
 pub mod inspect;
 pub mod metrics;
 pub mod payload;
+pub mod replay;
 pub mod ship;
 pub mod sink;
 pub mod snapshot;

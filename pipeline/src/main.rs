@@ -51,6 +51,37 @@ enum Command {
         #[arg(long)]
         batch: String,
     },
+    /// Re-ship a historical origin range (throttled, resumable; already-shipped ranges keep their batch ids).
+    Replay {
+        /// Origin topic, e.g. ferry.public.orders.
+        #[arg(long)]
+        topic: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Start at this offset.
+        #[arg(
+            long,
+            conflicts_with = "from_time",
+            required_unless_present = "from_time"
+        )]
+        from_offset: Option<i64>,
+        /// Start at this time (epoch ms, or 2026-11-25T10:00:00Z).
+        #[arg(long)]
+        from_time: Option<String>,
+        /// End before this offset (default: the current end).
+        #[arg(long, conflicts_with = "to_time")]
+        to_offset: Option<i64>,
+        /// End before this time.
+        #[arg(long)]
+        to_time: Option<String>,
+        /// Job name for checkpoints; the same name resumes.
+        #[arg(long)]
+        job: Option<String>,
+        /// Rate cap in changes per second.
+        #[arg(long, default_value_t = 10_000.0)]
+        max_events_per_sec: f64,
+    },
     /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
     Lineage {
         /// The table, as schema.table.
@@ -85,6 +116,24 @@ enum Command {
         #[arg(long, default_value = "schemas-export")]
         out: PathBuf,
     },
+}
+
+/// Epoch milliseconds, or an ISO time such as `2026-11-25T10:00:00Z` / `2026-11-25 10:00:00+01`.
+fn parse_time_ms(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let iso = text.replacen('T', " ", 1);
+    let iso = match iso.strip_suffix('Z') {
+        Some(t) => format!("{t}+00"),
+        None => iso,
+    };
+    match ferry_connectors::postgres::values::parse(&iso, &ferry_schemas::ColumnType::TimestampTz) {
+        Ok(ferry_schemas::Datum::Long(us)) => Ok(us / 1000),
+        _ => {
+            anyhow::bail!("{text:?} is not a time: use epoch milliseconds or 2026-11-25T10:00:00Z")
+        }
+    }
 }
 
 /// Serves metrics when `metrics.listen` is set; the task ends with `stop`, or with the process.
@@ -222,6 +271,48 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 }),
             );
             ferry_pipeline::apply::run(&cfg, stop, stats).await?;
+        }
+        Command::Replay {
+            topic,
+            partition,
+            from_offset,
+            from_time,
+            to_offset,
+            to_time,
+            job,
+            max_events_per_sec,
+        } => {
+            use ferry_pipeline::replay::{self, Bound};
+            let from = match (from_offset, from_time) {
+                (Some(o), _) => Bound::Offset(o),
+                (None, Some(t)) => Bound::TimeMs(parse_time_ms(&t)?),
+                (None, None) => anyhow::bail!("give --from-offset or --from-time"),
+            };
+            let to = match (to_offset, to_time) {
+                (Some(o), _) => Some(Bound::Offset(o)),
+                (None, Some(t)) => Some(Bound::TimeMs(parse_time_ms(&t)?)),
+                (None, None) => None,
+            };
+            let job = job.unwrap_or_else(|| {
+                format!(
+                    "replay-{topic}-{}-{from:?}-{to:?}",
+                    partition.map_or("all".into(), |p| p.to_string())
+                )
+            });
+            let spec = replay::Spec {
+                topic,
+                partition,
+                from,
+                to,
+                job: job.clone(),
+                max_events_per_sec,
+            };
+            let report =
+                replay::run(&cfg, &spec, stop_on_signal(), |line| eprintln!("{line}")).await?;
+            println!(
+                "replay {job}: {} batches ({} under ids shipped before), {} changes",
+                report.batches, report.reused_ids, report.events
+            );
         }
         Command::Reship { batch } => {
             let (events_in, events_out) = ferry_pipeline::ship::reship(&cfg, &batch).await?;

@@ -867,10 +867,102 @@ async fn flush(
     }
 }
 
-/// Re-ships exactly the origin range of a batch (`ferry reship --batch <id>`), under the same
-/// id: the destination applies it if the earlier copy never was (say it was quarantined) and
-/// skips it otherwise. Returns the new batch's manifest figures (events in and out).
-pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(usize, usize), ShipError> {
+/// Reads origin records `first..=last` of one partition.
+fn read_range(
+    origin: &Cluster,
+    t: &str,
+    partition: i32,
+    first: i64,
+    last: i64,
+) -> Result<Vec<Record>, ShipError> {
+    let reader = origin.reader()?;
+    let (low, high) = reader
+        .fetch_watermarks(t, partition, Duration::from_secs(10))
+        .map_err(client("origin", format!("watermarks of {t}[{partition}]")))?;
+    if first < low || last >= high || first > last {
+        return Err(ShipError::Other(format!(
+            "{t}[{partition}] holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
+        )));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(t, partition, Offset::Offset(first))
+        .map_err(client("origin", "assigning"))?;
+    reader.assign(&tpl).map_err(client("origin", "assigning"))?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while out.last().is_none_or(|r: &Record| r.offset < last) {
+        if Instant::now() > deadline {
+            return Err(ShipError::Other(format!(
+                "timed out reading {t}[{partition}]"
+            )));
+        }
+        match reader.poll(Duration::from_millis(500)) {
+            None | Some(Err(RdError::PartitionEOF(_))) => {}
+            Some(Err(e)) => return Err(client("origin", "reading")(e)),
+            Some(Ok(m)) if m.offset() <= last => out.push(Record {
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            }),
+            Some(Ok(_)) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Ships chosen origin ranges (reship and replay): same compaction, encoding, manifest and
+/// id as live shipping, so a range shipped again carries the id it had.
+pub struct RangeShipper<'a> {
+    shipper: Shipper<'a>,
+    origin: Cluster,
+}
+
+impl<'a> RangeShipper<'a> {
+    /// A shipper with its own destination producer.
+    pub fn new(cfg: &'a Config) -> Result<RangeShipper<'a>, ShipError> {
+        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let (producer, wire) = dest.producer_metered(5, "none")?;
+        Ok(RangeShipper {
+            shipper: Shipper {
+                cfg,
+                producer,
+                wire,
+                registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix),
+                batch_topic: cfg.batch_topic(),
+                stats: Arc::new(ShipStats::default()),
+                uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+                published: HashSet::new(),
+            },
+            origin,
+        })
+    }
+
+    /// Ships `first..=last` of an origin partition as one batch; returns (events in, rows out).
+    pub async fn ship_range(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        first: i64,
+        last: i64,
+    ) -> Result<(u64, u64), ShipError> {
+        let (o, t) = (self.origin.clone(), topic.to_string());
+        let records =
+            tokio::task::spawn_blocking(move || read_range(&o, &t, partition, first, last))
+                .await
+                .map_err(|e| ShipError::Other(e.to_string()))??;
+        let before = self.shipper.stats.total();
+        self.shipper.ship(topic, partition, records).await?;
+        let after = self.shipper.stats.total();
+        Ok((
+            after.events_in - before.events_in,
+            after.events_out - before.events_out,
+        ))
+    }
+}
+
+/// Parses a batch id `origin/<topic>/<partition>/<first>-<last>`.
+pub fn parse_batch_id(batch_id: &str) -> Result<(String, i32, i64, i64), ShipError> {
     let bad = || {
         ShipError::Other(format!(
             "{batch_id:?} is not a batch id (origin/<topic>/<partition>/<first>-<last>)"
@@ -882,61 +974,20 @@ pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(usize, usize), Ship
     };
     let partition: i32 = partition.parse().map_err(|_| bad())?;
     let (first, last) = range.split_once('-').ok_or_else(bad)?;
-    let (first, last): (i64, i64) = (
+    Ok((
+        topic.to_string(),
+        partition,
         first.parse().map_err(|_| bad())?,
         last.parse().map_err(|_| bad())?,
-    );
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let (t, o) = (topic.to_string(), origin.clone());
-    let records = tokio::task::spawn_blocking(move || -> Result<Vec<Record>, ShipError> {
-        let reader = o.reader()?;
-        let (low, high) = reader
-            .fetch_watermarks(&t, partition, Duration::from_secs(10))
-            .map_err(client("origin", format!("watermarks of {t}[{partition}]")))?;
-        if first < low || last >= high {
-            return Err(ShipError::Other(format!(
-                "{t}[{partition}] holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
-            )));
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, partition, Offset::Offset(first))
-            .map_err(client("origin", "assigning"))?;
-        reader.assign(&tpl).map_err(client("origin", "assigning"))?;
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while out.last().is_none_or(|r: &Record| r.offset < last) {
-            if Instant::now() > deadline {
-                return Err(ShipError::Other(format!("timed out reading {t}[{partition}]")));
-            }
-            match reader.poll(Duration::from_millis(500)) {
-                None | Some(Err(RdError::PartitionEOF(_))) => {}
-                Some(Err(e)) => return Err(client("origin", "reading")(e)),
-                Some(Ok(m)) if m.offset() <= last => out.push(Record {
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                }),
-                Some(Ok(_)) => break,
-            }
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ShipError::Other(e.to_string()))??;
-    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let (producer, wire) = dest.producer_metered(5, "none")?;
-    let stats = Arc::new(ShipStats::default());
-    let mut shipper = Shipper {
-        cfg,
-        producer,
-        wire,
-        registry: Registry::new(origin, &cfg.capture.topic_prefix),
-        batch_topic: cfg.batch_topic(),
-        stats: stats.clone(),
-        uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
-        published: HashSet::new(),
-    };
-    shipper.ship(topic, partition, records).await?;
-    let t = stats.total();
-    Ok((t.events_in as usize, t.events_out as usize))
+    ))
+}
+
+/// Re-ships exactly the origin range of a batch (`ferry reship --batch <id>`), under the same
+/// id: the destination applies it if the earlier copy never was (say it was quarantined) and
+/// skips it otherwise. Returns (events in, rows out).
+pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipError> {
+    let (topic, partition, first, last) = parse_batch_id(batch_id)?;
+    RangeShipper::new(cfg)?
+        .ship_range(&topic, partition, first, last)
+        .await
 }

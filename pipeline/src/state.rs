@@ -43,13 +43,21 @@ fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {
 
 /// Reads the newest state for `slot`; a missing record means "nothing done yet".
 pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, CaptureError> {
+    Ok(load_value(cluster, topic, &format!("capture/{slot}"))?.unwrap_or_default())
+}
+
+/// Reads the newest JSON value stored under `key` in a state topic.
+pub fn load_value<T: serde::de::DeserializeOwned>(
+    cluster: &Cluster,
+    topic: &str,
+    key: &str,
+) -> Result<Option<T>, CaptureError> {
     let consumer = cluster.reader()?;
-    let key = format!("capture/{slot}");
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, Duration::from_secs(10))
         .map_err(|e| state_err(topic, format!("reading watermarks: {e}")))?;
     if high <= low {
-        return Ok(CaptureState::default());
+        return Ok(None);
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
@@ -57,7 +65,7 @@ pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, 
     consumer
         .assign(&tpl)
         .map_err(|e| state_err(topic, e.to_string()))?;
-    let mut state = CaptureState::default();
+    let mut state = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if std::time::Instant::now() > deadline {
@@ -73,10 +81,10 @@ pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, 
             Some(Ok(m)) => {
                 if m.key() == Some(key.as_bytes()) {
                     state = match m.payload() {
-                        None => CaptureState::default(),
-                        Some(p) => serde_json::from_slice(p).map_err(|e| {
+                        None => None,
+                        Some(p) => Some(serde_json::from_slice(p).map_err(|e| {
                             state_err(topic, format!("record at offset {}: {e}", m.offset()))
-                        })?,
+                        })?),
                     };
                 }
                 if m.offset() + 1 >= high {
@@ -95,11 +103,20 @@ pub async fn save(
     slot: &str,
     state: &CaptureState,
 ) -> Result<(), CaptureError> {
-    let key = format!("capture/{slot}");
+    save_value(producer, topic, &format!("capture/{slot}"), state).await
+}
+
+/// Writes a JSON value under `key` in a state topic and waits for the broker.
+pub async fn save_value<T: Serialize>(
+    producer: &ferry_connectors::kafka::Producer,
+    topic: &str,
+    key: &str,
+    state: &T,
+) -> Result<(), CaptureError> {
     let body = serde_json::to_vec(state).map_err(|e| state_err(topic, e.to_string()))?;
     producer
         .send(
-            FutureRecord::to(topic).key(&key).payload(&body),
+            FutureRecord::to(topic).key(key).payload(&body),
             Duration::from_secs(30),
         )
         .await

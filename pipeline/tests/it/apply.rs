@@ -498,6 +498,31 @@ async fn verify_finds_drift_and_repair_fixes_it() {
         .expect("repair");
     until_equal("repair").await;
 
+    // Replaying the whole topic (from time 0) re-ships every range under its old id: the
+    // destination skips them all, and a second run of the same job has nothing left to do.
+    let spec = ferry_pipeline::replay::Spec {
+        topic: format!("{}.public.acct", db.cfg.capture.topic_prefix),
+        partition: None,
+        from: ferry_pipeline::replay::Bound::TimeMs(0),
+        to: None,
+        job: "replay-all".into(),
+        max_events_per_sec: 1e6,
+    };
+    let never = watch::channel(false).1;
+    let r = ferry_pipeline::replay::run(&db.cfg, &spec, never.clone(), |_| {})
+        .await
+        .expect("replay");
+    assert!(r.batches > 0 && r.events > 0, "{r:?}");
+    assert_eq!(
+        r.reused_ids, r.batches,
+        "every replayed range keeps its batch id"
+    );
+    let again = ferry_pipeline::replay::run(&db.cfg, &spec, never, |_| {})
+        .await
+        .expect("replay again");
+    assert_eq!(again.batches, 0, "the job resumes at its checkpoint: done");
+    until_equal("after replay").await;
+
     let _ = stop.send(true);
     ship_task.await.expect("join").expect("shipper ok");
     apply_task.await.expect("join").expect("applier ok");
