@@ -35,6 +35,156 @@ use crate::sink::{self, AckBatch, Sink};
 use crate::snapshot::{Snapshotter, WATERMARK_PREFIX};
 use crate::state::{self, CaptureState, TableProgress};
 
+/// Prefix of backfill requests (`ferry backfill`) in the WAL.
+pub const BACKFILL_PREFIX: &str = "ferry.backfill";
+
+/// A request to backfill a table, written into the WAL with `pg_logical_emit_message`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackfillRequest {
+    /// The capture pipeline (slot) that should run it.
+    pub slot: String,
+    /// Job name.
+    pub job: String,
+    /// `schema.table`.
+    pub table: String,
+    /// Optional SQL predicate.
+    pub predicate: Option<String>,
+    /// Rows per chunk.
+    pub chunk_rows: usize,
+    /// Rows matching at request time.
+    pub total: u64,
+}
+
+/// Asks the capture pipeline to backfill a table (through a message in the origin's WAL, so the
+/// job starts at a definite point of the change stream). Returns the job name and the number of
+/// rows matching now.
+pub async fn request_backfill(
+    cfg: &Config,
+    table: &TableId,
+    predicate: Option<String>,
+    chunk_rows: Option<usize>,
+    job: Option<String>,
+) -> Result<(String, u64), CaptureError> {
+    let pgc = &cfg.origin.postgres;
+    let target = pgc.display();
+    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
+    let q = format!(
+        "{}.{}",
+        ferry_connectors::postgres::quote_ident(&table.schema),
+        ferry_connectors::postgres::quote_ident(&table.table)
+    );
+    let count_sql = match &predicate {
+        Some(p) => format!("SELECT count(*) FROM {q} WHERE ({p})"),
+        None => format!("SELECT count(*) FROM {q}"),
+    };
+    let total: i64 = session
+        .query_one(&count_sql, &[])
+        .await
+        .map_err(pg(
+            &target,
+            format!("counting the rows of {table} to backfill"),
+        ))?
+        .get(0);
+    let job = job.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("backfill-{table}-{now}")
+    });
+    let request = BackfillRequest {
+        slot: cfg.capture.slot.clone(),
+        job: job.clone(),
+        table: table.to_string(),
+        predicate,
+        chunk_rows: chunk_rows.unwrap_or(cfg.backfill.chunk_rows),
+        total: total.max(0) as u64,
+    };
+    let body = serde_json::to_string(&request).map_err(|e| CaptureError::Setup(e.to_string()))?;
+    session
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+            &[&BACKFILL_PREFIX, &body],
+        )
+        .await
+        .map_err(pg(&target, "writing the backfill request"))?;
+    Ok((job, total.max(0) as u64))
+}
+
+/// Throttles backfill chunks from the origin's health: a canary query's p99 against its
+/// baseline and the WAL the slot retains, fed into the AIMD controller once a second.
+struct BackfillThrottle {
+    aimd: crate::throttle::Aimd,
+    pacer: crate::throttle::Pacer,
+    samples: VecDeque<f64>,
+    baseline: Option<f64>,
+    last_limit: crate::throttle::Limit,
+}
+
+impl BackfillThrottle {
+    fn new(cfg: &Config) -> Self {
+        let b = &cfg.backfill;
+        BackfillThrottle {
+            aimd: crate::throttle::Aimd::new(crate::throttle::Settings {
+                canary_baseline_ms: f64::INFINITY,
+                canary_tolerance: b.canary_tolerance,
+                wal_budget_bytes: b.wal_budget_bytes,
+                live_lag_budget: u64::MAX,
+                produce_latency_budget_ms: f64::INFINITY,
+                floor: b.min_rows_per_sec,
+                ceiling: b.max_rows_per_sec,
+                increase: b.increase_rows_per_sec,
+                decrease: b.decrease,
+                max_events_per_sec: Some(b.max_rows_per_sec),
+                max_bytes_per_sec: None,
+                bytes_per_event: 0.0,
+            }),
+            pacer: crate::throttle::Pacer::default(),
+            samples: VecDeque::new(),
+            baseline: None,
+            last_limit: crate::throttle::Limit::None,
+        }
+    }
+
+    /// One control step: measure, decide, log decisions that change the limiting signal.
+    async fn tick(&mut self, session: &Session, slot: &str) {
+        let t0 = Instant::now();
+        if session.simple_query("SELECT 1").await.is_err() {
+            return;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.samples.push_back(ms);
+        if self.samples.len() > 60 {
+            self.samples.pop_front();
+        }
+        let mut sorted: Vec<f64> = self.samples.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let p99 = sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)];
+        // The first samples (before the backfill has had an effect) set the baseline.
+        if self.baseline.is_none() && self.samples.len() >= 3 {
+            self.baseline = Some(p99.max(0.5));
+        }
+        let retained = catalog::slot(session, slot)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.retained_bytes)
+            .unwrap_or(0)
+            .max(0) as u64;
+        self.aimd
+            .set_canary_baseline(self.baseline.unwrap_or(f64::INFINITY));
+        let (rate, limit) = self.aimd.step(&crate::throttle::Signals {
+            canary_p99_ms: p99,
+            retained_wal_bytes: retained,
+            live_lag_events: 0,
+            produce_latency_ms: 0.0,
+        });
+        if limit != self.last_limit {
+            tracing::info!(rate = rate.round(), limit = %limit, canary_p99_ms = format!("{p99:.2}"), retained_wal_bytes = retained, "backfill throttle");
+            self.last_limit = limit;
+        }
+    }
+}
+
 /// Prefix of repair requests (`ferry verify --repair`) in the WAL.
 pub const REPAIR_PREFIX: &str = "ferry.repair";
 
@@ -312,8 +462,24 @@ async fn run_once(
     // Transactions streamed most recently, for the snapshot visibility check.
     let mut recent_xids: VecDeque<u32> = VecDeque::with_capacity(RECENT_XIDS);
 
+    for (job, b) in &state.backfills {
+        if b.progress != Some(TableProgress::Done) {
+            snap.enqueue_backfill(job.clone());
+        }
+    }
+    let mut throttle = BackfillThrottle::new(cfg);
+    let mut throttle_tick = tokio::time::interval(Duration::from_secs(1));
+
     loop {
-        if !in_txn && snap.wants_chunk() {
+        // Live changes and snapshots first; a backfill chunk only when the throttle allows.
+        let start = !in_txn
+            && (snap.wants_chunk(false)
+                || (snap.wants_chunk(true)
+                    && throttle.pacer.try_acquire(
+                        snap.next_backfill_rows(&state) as f64,
+                        throttle.aimd.rate(),
+                    )));
+        if start {
             let recent: HashSet<u32> = recent_xids.iter().copied().collect();
             if let Some(schema) = snap.start_chunk(&session, &state, &recent).await? {
                 sink.register(&schema).await?;
@@ -382,6 +548,26 @@ async fn run_once(
                             if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
                                 snapshot_progress |= finish_chunk(&mut sink, done, &mut pending, &mut state, stats).await?;
                             }
+                        } else if prefix == BACKFILL_PREFIX {
+                            match serde_json::from_slice::<BackfillRequest>(&content) {
+                                Ok(r) if r.slot == c.slot => {
+                                    if !state.backfills.contains_key(&r.job) {
+                                        tracing::info!(job = r.job, table = r.table, total = r.total, "backfill requested");
+                                        state.backfills.insert(r.job.clone(), crate::state::Backfill {
+                                            table: r.table,
+                                            predicate: r.predicate,
+                                            chunk_rows: r.chunk_rows.max(1),
+                                            progress: None,
+                                            rows: 0,
+                                            total: r.total,
+                                        });
+                                        snap.enqueue_backfill(r.job);
+                                        snapshot_progress = true;
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "unreadable backfill request; ignored"),
+                            }
                         } else if prefix == REPAIR_PREFIX {
                             match serde_json::from_slice::<RepairRequest>(&content) {
                                 Ok(r) if r.slot == c.slot => match crate::config::parse_table(&r.table) {
@@ -413,6 +599,9 @@ async fn run_once(
                     }
                     ReplicationEvent::StoppedAt { .. } => break,
                 }
+            }
+            _ = throttle_tick.tick(), if snap.has_backfill() => {
+                throttle.tick(&session, &c.slot).await;
             }
             _ = heartbeat.tick() => {
                 session
@@ -534,6 +723,15 @@ async fn finish_chunk(
     let n = done.events.len() as u64;
     stats.events_total.fetch_add(n, Ordering::Relaxed);
     stats.snapshot_rows_total.fetch_add(n, Ordering::Relaxed);
+    if let (Some(job), Some(progress)) = (&done.backfill, &done.progress) {
+        if let Some(b) = state.backfills.get_mut(job) {
+            b.rows += n;
+            b.progress = Some(progress.clone());
+            tracing::info!(job, table = %done.table, rows = b.rows, total = b.total,
+                done = (*progress == TableProgress::Done), "backfill chunk");
+        }
+        return Ok(true);
+    }
     match done.progress {
         Some(progress) => {
             if progress == TableProgress::Done {

@@ -25,6 +25,9 @@ pub struct Config {
     /// Apply settings.
     #[serde(default)]
     pub apply: Apply,
+    /// Backfill throttling.
+    #[serde(default)]
+    pub backfill: BackfillCfg,
     /// Where long-running commands serve Prometheus metrics.
     #[serde(default)]
     pub metrics: Metrics,
@@ -141,6 +144,40 @@ pub struct Destination {
     /// The destination database `ferry apply` writes to (optional).
     #[serde(default)]
     pub postgres: Option<PgConfig>,
+}
+
+/// How backfills are throttled (AIMD on the origin's health; see `throttle`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillCfg {
+    /// Default rows per chunk.
+    pub chunk_rows: usize,
+    /// Ceiling of the adaptive rate, rows per second (a hard cap).
+    pub max_rows_per_sec: f64,
+    /// Floor of the adaptive rate.
+    pub min_rows_per_sec: f64,
+    /// Additive increase per healthy second.
+    pub increase_rows_per_sec: f64,
+    /// Multiplicative decrease on an unhealthy second.
+    pub decrease: f64,
+    /// How far the canary query's p99 may rise over its baseline (1.25 = 25%).
+    pub canary_tolerance: f64,
+    /// Budget for WAL retained by the slot while a backfill runs.
+    pub wal_budget_bytes: u64,
+}
+
+impl Default for BackfillCfg {
+    fn default() -> Self {
+        BackfillCfg {
+            chunk_rows: 1_000,
+            max_rows_per_sec: 20_000.0,
+            min_rows_per_sec: 200.0,
+            increase_rows_per_sec: 1_000.0,
+            decrease: 0.5,
+            canary_tolerance: 1.25,
+            wal_budget_bytes: 1 << 30,
+        }
+    }
 }
 
 /// What a corrupt batch does to its partition.

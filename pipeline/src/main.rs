@@ -51,6 +51,24 @@ enum Command {
         #[arg(long)]
         batch: String,
     },
+    /// Backfill a table online, in key-ordered chunks throttled by the origin's health, while capture runs.
+    Backfill {
+        /// The table, as schema.table.
+        #[arg(long)]
+        table: String,
+        /// Only rows matching this SQL predicate.
+        #[arg(long = "where")]
+        predicate: Option<String>,
+        /// Rows per chunk (default: backfill.chunk_rows).
+        #[arg(long)]
+        chunk_rows: Option<usize>,
+        /// Job name (default: derived from the table and the time).
+        #[arg(long)]
+        job: Option<String>,
+        /// Follow the job's progress until it is done.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Re-ship a historical origin range (throttled, resumable; already-shipped ranges keep their batch ids).
     Replay {
         /// Origin topic, e.g. ferry.public.orders.
@@ -271,6 +289,49 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 }),
             );
             ferry_pipeline::apply::run(&cfg, stop, stats).await?;
+        }
+        Command::Backfill {
+            table,
+            predicate,
+            chunk_rows,
+            job,
+            wait,
+        } => {
+            let id = parse_table(&table).context("table must be schema.table")?;
+            let (job, total) =
+                capture::request_backfill(&cfg, &id, predicate, chunk_rows, job).await?;
+            println!("backfill {job} requested: {total} rows of {id}; capture runs it between live changes");
+            if wait {
+                let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+                let topic = sink::state_topic(&prefix);
+                let started = std::time::Instant::now();
+                let stop = stop_on_signal();
+                loop {
+                    let (o, t, slot) = (origin.clone(), topic.clone(), cfg.capture.slot.clone());
+                    let st = tokio::task::spawn_blocking(move || {
+                        ferry_pipeline::state::load(&o, &t, &slot)
+                    })
+                    .await??;
+                    if let Some(b) = st.backfills.get(&job) {
+                        let rate = b.rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                        let pct = 100.0 * b.rows as f64 / (b.total.max(1)) as f64;
+                        let eta = (b.total.saturating_sub(b.rows)) as f64 / rate.max(1.0);
+                        eprintln!(
+                            "[{pct:>5.1}%] {job}: {}/{} rows · {rate:.0} rows/s · ETA {eta:.0} s",
+                            b.rows, b.total
+                        );
+                        if b.progress == Some(ferry_pipeline::state::TableProgress::Done) {
+                            println!("backfill {job} done: {} rows", b.rows);
+                            break;
+                        }
+                    }
+                    if *stop.borrow() {
+                        println!("stopped following; the job goes on in capture");
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
         }
         Command::Replay {
             topic,

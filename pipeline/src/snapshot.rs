@@ -45,6 +45,8 @@ struct Chunk {
     id: String,
     /// Keys a repair asked for (`None` for a table snapshot chunk).
     repair: Option<Vec<Vec<String>>>,
+    /// The backfill job this chunk belongs to.
+    backfill: Option<String>,
     schema: Arc<EncodedSchema>,
     rows: Vec<(Vec<u8>, Vec<Datum>)>,
     last: Option<Vec<String>>,
@@ -93,6 +95,8 @@ pub struct ChunkDone {
     pub events: Vec<ChangeEvent>,
     /// The table.
     pub table: TableId,
+    /// The backfill job the rows belong to (`None`: a table snapshot or a repair).
+    pub backfill: Option<String>,
     /// Its progress once these are acknowledged (`None` for a repair, which is no progress).
     pub progress: Option<TableProgress>,
 }
@@ -105,6 +109,7 @@ pub struct Snapshotter {
     chunk_rows: usize,
     queue: VecDeque<TableId>,
     repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
+    backfills: VecDeque<String>,
     chunk: Option<Chunk>,
     run_id: u64,
     seq: u64,
@@ -121,6 +126,7 @@ impl Snapshotter {
             chunk_rows,
             queue: VecDeque::new(),
             repairs: VecDeque::new(),
+            backfills: VecDeque::new(),
             chunk: None,
             run_id: rand::random(),
             seq: 0,
@@ -148,6 +154,26 @@ impl Snapshotter {
         }
     }
 
+    /// Queues a backfill job (its definition and progress live in the capture state).
+    pub fn enqueue_backfill(&mut self, job: String) {
+        if !self.backfills.contains(&job) {
+            self.backfills.push_back(job);
+        }
+    }
+
+    /// Whether a backfill job is waiting for its next chunk.
+    pub fn has_backfill(&self) -> bool {
+        !self.backfills.is_empty()
+    }
+
+    /// Rows the next backfill chunk will read at most.
+    pub fn next_backfill_rows(&self, state: &CaptureState) -> usize {
+        self.backfills
+            .front()
+            .and_then(|j| state.backfills.get(j))
+            .map_or(self.chunk_rows, |b| b.chunk_rows)
+    }
+
     /// Whether a table is queued or being read.
     pub fn covers(&self, table: &TableId) -> bool {
         self.queue.contains(table)
@@ -159,12 +185,19 @@ impl Snapshotter {
 
     /// Whether there is nothing queued and nothing in flight.
     pub fn is_idle(&self) -> bool {
-        self.chunk.is_none() && self.queue.is_empty() && self.repairs.is_empty()
+        self.chunk.is_none()
+            && self.queue.is_empty()
+            && self.repairs.is_empty()
+            && self.backfills.is_empty()
     }
 
-    /// Whether a new chunk should be read now.
-    pub fn wants_chunk(&self) -> bool {
-        self.chunk.is_none() && (!self.queue.is_empty() || !self.repairs.is_empty())
+    /// Whether a new chunk should be read now; backfill chunks only when the throttle allows
+    /// (`backfill_allowed`), so live capture and snapshots always go first.
+    pub fn wants_chunk(&self, backfill_allowed: bool) -> bool {
+        self.chunk.is_none()
+            && (!self.queue.is_empty()
+                || !self.repairs.is_empty()
+                || (backfill_allowed && !self.backfills.is_empty()))
     }
 
     /// Reads the next chunk of the table at the head of the queue, between two watermarks.
@@ -177,10 +210,25 @@ impl Snapshotter {
         recent_xids: &HashSet<u32>,
     ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
         let repair = self.repairs.pop_front();
+        let mut backfill: Option<(String, crate::state::Backfill)> = None;
         let table = match (&repair, self.queue.front()) {
             (Some((t, _)), _) => t.clone(),
             (None, Some(t)) => t.clone(),
-            (None, None) => return Ok(None),
+            (None, None) => {
+                let Some(job) = self.backfills.front().cloned() else {
+                    return Ok(None);
+                };
+                let Some(b) = state.backfills.get(&job).cloned() else {
+                    self.backfills.pop_front();
+                    return Ok(None);
+                };
+                let Some(t) = crate::config::parse_table(&b.table) else {
+                    self.backfills.pop_front();
+                    return Ok(None);
+                };
+                backfill = Some((job, b));
+                t
+            }
         };
         let repair = repair.map(|(_, keys)| keys);
         let t = &self.target;
@@ -189,7 +237,9 @@ impl Snapshotter {
             .map_err(pg(t, format!("looking up {table}")))?
         else {
             tracing::warn!(table = %table, "table disappeared before its snapshot; skipping it");
-            if repair.is_none() {
+            if backfill.is_some() {
+                self.backfills.pop_front();
+            } else if repair.is_none() {
                 self.queue.pop_front();
             }
             return Ok(None);
@@ -207,10 +257,24 @@ impl Snapshotter {
                     source,
                 })?,
             );
-        let after = match (&repair, state.tables.get(&table.to_string())) {
-            (None, Some(TableProgress::After(k))) => Some(k.clone()),
+        let after = match (&repair, &backfill) {
+            (None, Some((_, b))) => match &b.progress {
+                Some(TableProgress::After(k)) => Some(k.clone()),
+                _ => None,
+            },
+            (None, None) => match state.tables.get(&table.to_string()) {
+                Some(TableProgress::After(k)) => Some(k.clone()),
+                _ => None,
+            },
             _ => None,
         };
+        let chunk_rows = backfill
+            .as_ref()
+            .map_or(self.chunk_rows, |(_, b)| b.chunk_rows.max(1));
+        let extra = backfill
+            .as_ref()
+            .and_then(|(_, b)| b.predicate.clone())
+            .map(|p| format!("({p})"));
         self.seq += 1;
         let id = format!("{} {:016x}-{}", self.slot, self.run_id, self.seq);
         let key_idx = schema.table().key_indexes();
@@ -264,6 +328,11 @@ impl Snapshotter {
                 quote_literal(k.first().map_or("(0,0)", String::as_str))
             ),
         };
+        let predicate = match (extra, predicate.is_empty()) {
+            (None, _) => predicate,
+            (Some(x), true) => format!("WHERE {x}"),
+            (Some(x), false) => format!("{predicate} AND {x}"),
+        };
         if repair.is_some() && !keyed {
             tracing::warn!(table = %table, "repair needs a key; ignored");
             return Ok(None);
@@ -276,7 +345,7 @@ impl Snapshotter {
             if repair.is_some() {
                 usize::MAX >> 1
             } else {
-                self.chunk_rows
+                chunk_rows
             }
         );
         let (visibility, messages) = loop {
@@ -354,11 +423,12 @@ impl Snapshotter {
             }
             rows.push((key_buf.clone(), datums));
         }
-        let complete = repair.is_some() || rows.len() < self.chunk_rows;
+        let complete = repair.is_some() || rows.len() < chunk_rows;
         tracing::debug!(table = %table, rows = rows.len(), complete, "snapshot chunk read");
         self.chunk = Some(Chunk {
             id,
             repair,
+            backfill: backfill.map(|(job, _)| job),
             schema: schema.clone(),
             rows,
             last,
@@ -483,12 +553,17 @@ impl Snapshotter {
         let progress = if chunk.repair.is_some() {
             None
         } else if chunk.complete {
-            self.queue.pop_front();
+            if chunk.backfill.is_some() {
+                self.backfills.pop_front();
+            } else {
+                self.queue.pop_front();
+            }
             Some(TableProgress::Done)
         } else {
             Some(TableProgress::After(chunk.last.unwrap_or_default()))
         };
         Some(ChunkDone {
+            backfill: chunk.backfill,
             schema: chunk.schema,
             events,
             table,

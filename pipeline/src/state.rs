@@ -32,6 +32,27 @@ pub enum TableProgress {
 pub struct CaptureState {
     /// Per table (`schema.table`), the snapshot progress.
     pub tables: BTreeMap<String, TableProgress>,
+    /// Backfill jobs by name.
+    #[serde(default)]
+    pub backfills: BTreeMap<String, Backfill>,
+}
+
+/// An online backfill of a table (`ferry backfill`), read in key-ordered chunks like a
+/// snapshot while live capture continues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backfill {
+    /// `schema.table`.
+    pub table: String,
+    /// Optional SQL predicate restricting the rows.
+    pub predicate: Option<String>,
+    /// Rows per chunk.
+    pub chunk_rows: usize,
+    /// How far it got (`None`: not started).
+    pub progress: Option<TableProgress>,
+    /// Rows emitted so far.
+    pub rows: u64,
+    /// Rows matching when the job was requested (for progress and ETA).
+    pub total: u64,
 }
 
 fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {

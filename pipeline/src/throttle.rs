@@ -105,6 +105,11 @@ impl Aimd {
         }
     }
 
+    /// Sets the canary baseline once it has been measured.
+    pub fn set_canary_baseline(&mut self, ms: f64) {
+        self.settings.canary_baseline_ms = ms;
+    }
+
     /// The current rate (per second).
     pub fn rate(&self) -> f64 {
         self.rate
@@ -179,6 +184,21 @@ impl Default for Pacer {
 }
 
 impl Pacer {
+    /// Takes `n` units if they fit at `rate` now, without waiting.
+    pub fn try_acquire(&mut self, n: f64, rate: f64) -> bool {
+        let rate = rate.max(1e-3);
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.allowance = (self.allowance + elapsed * rate).min(rate.max(n));
+        if self.allowance >= n {
+            self.allowance -= n;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Waits until `n` units may go at `rate` per second (a token bucket holding one second).
     pub async fn acquire(&mut self, n: f64, rate: f64) {
         let rate = rate.max(1e-3);

@@ -531,3 +531,112 @@ async fn verify_finds_drift_and_repair_fixes_it() {
     drop_db(&dest).await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_under_live_updates_ends_equal() {
+    let mut db = TestDb::new("backfill").await;
+    db.exec(
+        "CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int, note text);
+         INSERT INTO acct SELECT g, 'o' || g, 0, NULL FROM generate_series(1, 3000) g;",
+    )
+    .await;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    // Existing rows are not snapshotted: only the backfill brings them over.
+    db.cfg.capture.snapshot = false;
+    db.cfg.backfill.min_rows_per_sec = 1_000.0;
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.instance_id = "ship-1".into();
+    db.cfg.ship.linger_ms = 200;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    db.cfg.apply.instance_id = "apply-1".into();
+
+    let cap = start_capture(&db.cfg);
+    let (stop, rx) = watch::channel(false);
+    let ship_task = {
+        let (cfg, rx) = (db.cfg.clone(), rx.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let apply_task = {
+        let cfg = db.cfg.clone();
+        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Live writers keep changing rows the backfill is reading.
+    let writer_db = db.cfg.origin.postgres.clone();
+    let writer = tokio::spawn(async move {
+        let s = writer_db.connect().await.expect("writer");
+        for round in 1..=60 {
+            s.batch_execute(&format!(
+                "UPDATE acct SET balance = balance + 1, note = 'r{round}' WHERE id % 50 = {m};
+                 DELETE FROM acct WHERE id = {d};
+                 INSERT INTO acct VALUES ({i}, 'late', {round}, NULL);",
+                m = round % 50,
+                d = round * 37,
+                i = 5_000 + round
+            ))
+            .await
+            .expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let table = ferry_schemas::TableId::new("public", "acct");
+    let (job, total) = ferry_pipeline::capture::request_backfill(
+        &db.cfg,
+        &table,
+        None,
+        Some(200),
+        Some("bf1".into()),
+    )
+    .await
+    .expect("backfill requested");
+    assert!(total >= 2_900, "{total}");
+    writer.await.expect("writer");
+
+    // The job finishes (its state says so) …
+    let origin = Cluster::new("origin", db.cfg.origin.kafka.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (o, t, slot) = (
+            origin.clone(),
+            ferry_pipeline::sink::state_topic(&db.cfg.capture.topic_prefix),
+            db.cfg.capture.slot.clone(),
+        );
+        let st = tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
+            .await
+            .expect("task")
+            .expect("state");
+        if st.backfills.get(&job).and_then(|b| b.progress.clone())
+            == Some(ferry_pipeline::state::TableProgress::Done)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill did not finish: {:?}",
+            st.backfills.get(&job)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // … and the destination ends equal to the origin.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = ferry_pipeline::verify::verify(&db.cfg.origin.postgres, &dest, &table).await;
+        if r.as_ref().is_ok_and(|r| r.mismatches.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination never matched: {:?}",
+            r.map(|r| r.mismatches.len())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = stop.send(true);
+    ship_task.await.expect("join").expect("shipper ok");
+    apply_task.await.expect("join").expect("applier ok");
+    cap.stop().await;
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
