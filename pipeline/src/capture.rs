@@ -35,6 +35,42 @@ use crate::sink::{self, AckBatch, Sink};
 use crate::snapshot::{Snapshotter, WATERMARK_PREFIX};
 use crate::state::{self, CaptureState, TableProgress};
 
+/// Prefix of job control messages (`ferry pause|resume|cancel <job>`) in the WAL.
+pub const JOB_CONTROL_PREFIX: &str = "ferry.job";
+
+/// Pause, resume or cancel a job; carried through the WAL so it takes effect in stream order
+/// and survives restarts through the capture state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct JobControl {
+    /// The capture pipeline (slot).
+    pub slot: String,
+    /// Job name.
+    pub job: String,
+    /// `pause`, `resume` or `cancel`.
+    pub action: String,
+}
+
+/// Sends a job control message.
+pub async fn control_job(cfg: &Config, job: &str, action: &str) -> Result<(), CaptureError> {
+    let pgc = &cfg.origin.postgres;
+    let target = pgc.display();
+    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
+    let body = serde_json::to_string(&JobControl {
+        slot: cfg.capture.slot.clone(),
+        job: job.to_string(),
+        action: action.to_string(),
+    })
+    .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    session
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+            &[&JOB_CONTROL_PREFIX, &body],
+        )
+        .await
+        .map_err(pg(&target, "writing the job control message"))?;
+    Ok(())
+}
+
 /// Prefix of backfill requests (`ferry backfill`) in the WAL.
 pub const BACKFILL_PREFIX: &str = "ferry.backfill";
 
@@ -465,6 +501,7 @@ async fn run_once(
     for (job, b) in &state.backfills {
         if b.progress != Some(TableProgress::Done) {
             snap.enqueue_backfill(job.clone());
+            snap.set_backfill_blocked(job, b.paused || b.cancelled);
         }
     }
     let mut throttle = BackfillThrottle::new(cfg);
@@ -546,7 +583,7 @@ async fn run_once(
                     ReplicationEvent::Message { prefix, content, lsn, .. } => {
                         if prefix == WATERMARK_PREFIX {
                             if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
-                                snapshot_progress |= finish_chunk(&mut sink, done, &mut pending, &mut state, stats).await?;
+                                snapshot_progress |= finish_chunk(&mut sink, done, (throttle.aimd.rate().round(), throttle.aimd.limit().to_string()), &mut pending, &mut state, stats).await?;
                             }
                         } else if prefix == BACKFILL_PREFIX {
                             match serde_json::from_slice::<BackfillRequest>(&content) {
@@ -560,6 +597,10 @@ async fn run_once(
                                             progress: None,
                                             rows: 0,
                                             total: r.total,
+                                            paused: false,
+                                            cancelled: false,
+                                            rate: 0.0,
+                                            limit: String::new(),
                                         });
                                         snap.enqueue_backfill(r.job);
                                         snapshot_progress = true;
@@ -567,6 +608,28 @@ async fn run_once(
                                 }
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "unreadable backfill request; ignored"),
+                            }
+                        } else if prefix == JOB_CONTROL_PREFIX {
+                            match serde_json::from_slice::<JobControl>(&content) {
+                                Ok(r) if r.slot == c.slot => match state.backfills.get_mut(&r.job) {
+                                    Some(b) => {
+                                        match r.action.as_str() {
+                                            "pause" => b.paused = true,
+                                            "resume" => {
+                                                b.paused = false;
+                                                snap.enqueue_backfill(r.job.clone());
+                                            }
+                                            "cancel" => b.cancelled = true,
+                                            other => tracing::warn!(action = other, "unknown job action; ignored"),
+                                        }
+                                        tracing::info!(job = r.job, action = r.action, status = b.status(), "job control");
+                                        snap.set_backfill_blocked(&r.job, b.paused || b.cancelled);
+                                        snapshot_progress = true;
+                                    }
+                                    None => tracing::warn!(job = r.job, "job control for an unknown job; ignored"),
+                                },
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "unreadable job control; ignored"),
                             }
                         } else if prefix == REPAIR_PREFIX {
                             match serde_json::from_slice::<RepairRequest>(&content) {
@@ -710,6 +773,7 @@ async fn register_table(
 async fn finish_chunk(
     sink: &mut Sink,
     done: crate::snapshot::ChunkDone,
+    rate_limit: (f64, String),
     pending: &mut Vec<(String, rdkafka::producer::DeliveryFuture)>,
     state: &mut CaptureState,
     stats: &Stats,
@@ -727,6 +791,8 @@ async fn finish_chunk(
         if let Some(b) = state.backfills.get_mut(job) {
             b.rows += n;
             b.progress = Some(progress.clone());
+            b.rate = rate_limit.0;
+            b.limit = rate_limit.1.clone();
             tracing::info!(job, table = %done.table, rows = b.rows, total = b.total,
                 done = (*progress == TableProgress::Done), "backfill chunk");
         }

@@ -69,6 +69,23 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// List backfill jobs with their state, progress, throttle rate and the signal limiting it.
+    Jobs,
+    /// Pause a job (takes effect in stream order; survives restarts).
+    Pause {
+        /// Job name (see `ferry jobs`).
+        job: String,
+    },
+    /// Resume a paused job.
+    Resume {
+        /// Job name.
+        job: String,
+    },
+    /// Cancel a job: it reads no more chunks.
+    Cancel {
+        /// Job name.
+        job: String,
+    },
     /// Re-ship a historical origin range (throttled, resumable; already-shipped ranges keep their batch ids).
     Replay {
         /// Origin topic, e.g. ferry.public.orders.
@@ -332,6 +349,51 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }
+        }
+        Command::Jobs => {
+            let (o, t, slot) = (
+                origin.clone(),
+                sink::state_topic(&prefix),
+                cfg.capture.slot.clone(),
+            );
+            let st =
+                tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
+                    .await??;
+            println!(
+                "{:<36} {:<24} {:<10} {:>18} {:>7} {:>9} {:<16}",
+                "job", "table", "state", "rows", "done", "rate/s", "limited by"
+            );
+            for (job, b) in &st.backfills {
+                println!(
+                    "{:<36} {:<24} {:<10} {:>18} {:>6.1}% {:>9.0} {:<16}",
+                    job,
+                    b.table,
+                    b.status(),
+                    format!("{}/{}", b.rows, b.total),
+                    100.0 * b.rows as f64 / b.total.max(1) as f64,
+                    b.rate,
+                    if b.limit.is_empty() {
+                        "-"
+                    } else {
+                        b.limit.as_str()
+                    }
+                );
+            }
+            if st.backfills.is_empty() {
+                println!("(no jobs)");
+            }
+        }
+        Command::Pause { job } => {
+            capture::control_job(&cfg, &job, "pause").await?;
+            println!("pause of {job} requested");
+        }
+        Command::Resume { job } => {
+            capture::control_job(&cfg, &job, "resume").await?;
+            println!("resume of {job} requested");
+        }
+        Command::Cancel { job } => {
+            capture::control_job(&cfg, &job, "cancel").await?;
+            println!("cancel of {job} requested");
         }
         Command::Replay {
             topic,

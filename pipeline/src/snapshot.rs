@@ -110,6 +110,7 @@ pub struct Snapshotter {
     queue: VecDeque<TableId>,
     repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
     backfills: VecDeque<String>,
+    blocked: HashSet<String>,
     chunk: Option<Chunk>,
     run_id: u64,
     seq: u64,
@@ -127,6 +128,7 @@ impl Snapshotter {
             queue: VecDeque::new(),
             repairs: VecDeque::new(),
             backfills: VecDeque::new(),
+            blocked: HashSet::new(),
             chunk: None,
             run_id: rand::random(),
             seq: 0,
@@ -161,15 +163,27 @@ impl Snapshotter {
         }
     }
 
+    /// Blocks (paused or cancelled) or unblocks a backfill job: a blocked job reads nothing.
+    pub fn set_backfill_blocked(&mut self, job: &str, blocked: bool) {
+        if blocked {
+            self.blocked.insert(job.to_string());
+        } else {
+            self.blocked.remove(job);
+        }
+    }
+
+    fn next_backfill(&self) -> Option<&String> {
+        self.backfills.iter().find(|j| !self.blocked.contains(*j))
+    }
+
     /// Whether a backfill job is waiting for its next chunk.
     pub fn has_backfill(&self) -> bool {
-        !self.backfills.is_empty()
+        self.next_backfill().is_some()
     }
 
     /// Rows the next backfill chunk will read at most.
     pub fn next_backfill_rows(&self, state: &CaptureState) -> usize {
-        self.backfills
-            .front()
+        self.next_backfill()
             .and_then(|j| state.backfills.get(j))
             .map_or(self.chunk_rows, |b| b.chunk_rows)
     }
@@ -197,7 +211,7 @@ impl Snapshotter {
         self.chunk.is_none()
             && (!self.queue.is_empty()
                 || !self.repairs.is_empty()
-                || (backfill_allowed && !self.backfills.is_empty()))
+                || (backfill_allowed && self.has_backfill()))
     }
 
     /// Reads the next chunk of the table at the head of the queue, between two watermarks.
@@ -215,15 +229,15 @@ impl Snapshotter {
             (Some((t, _)), _) => t.clone(),
             (None, Some(t)) => t.clone(),
             (None, None) => {
-                let Some(job) = self.backfills.front().cloned() else {
+                let Some(job) = self.next_backfill().cloned() else {
                     return Ok(None);
                 };
                 let Some(b) = state.backfills.get(&job).cloned() else {
-                    self.backfills.pop_front();
+                    self.backfills.retain(|j| *j != job);
                     return Ok(None);
                 };
                 let Some(t) = crate::config::parse_table(&b.table) else {
-                    self.backfills.pop_front();
+                    self.backfills.retain(|j| *j != job);
                     return Ok(None);
                 };
                 backfill = Some((job, b));
@@ -237,8 +251,8 @@ impl Snapshotter {
             .map_err(pg(t, format!("looking up {table}")))?
         else {
             tracing::warn!(table = %table, "table disappeared before its snapshot; skipping it");
-            if backfill.is_some() {
-                self.backfills.pop_front();
+            if let Some((job, _)) = &backfill {
+                self.backfills.retain(|j| j != job);
             } else if repair.is_none() {
                 self.queue.pop_front();
             }
@@ -553,8 +567,8 @@ impl Snapshotter {
         let progress = if chunk.repair.is_some() {
             None
         } else if chunk.complete {
-            if chunk.backfill.is_some() {
-                self.backfills.pop_front();
+            if let Some(job) = &chunk.backfill {
+                self.backfills.retain(|j| j != job);
             } else {
                 self.queue.pop_front();
             }

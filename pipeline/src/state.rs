@@ -28,7 +28,7 @@ pub enum TableProgress {
 }
 
 /// State of one capture pipeline (one slot).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CaptureState {
     /// Per table (`schema.table`), the snapshot progress.
     pub tables: BTreeMap<String, TableProgress>,
@@ -39,7 +39,7 @@ pub struct CaptureState {
 
 /// An online backfill of a table (`ferry backfill`), read in key-ordered chunks like a
 /// snapshot while live capture continues.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backfill {
     /// `schema.table`.
     pub table: String,
@@ -53,6 +53,33 @@ pub struct Backfill {
     pub rows: u64,
     /// Rows matching when the job was requested (for progress and ETA).
     pub total: u64,
+    /// Paused by an operator (survives restarts).
+    #[serde(default)]
+    pub paused: bool,
+    /// Cancelled by an operator: no more chunks are read.
+    #[serde(default)]
+    pub cancelled: bool,
+    /// The throttle's rate when the last chunk finished, rows per second.
+    #[serde(default)]
+    pub rate: f64,
+    /// The signal limiting the rate then.
+    #[serde(default)]
+    pub limit: String,
+}
+
+impl Backfill {
+    /// `running`, `paused`, `cancelled` or `done`.
+    pub fn status(&self) -> &'static str {
+        if self.progress == Some(TableProgress::Done) {
+            "done"
+        } else if self.cancelled {
+            "cancelled"
+        } else if self.paused {
+            "paused"
+        } else {
+            "running"
+        }
+    }
 }
 
 fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {

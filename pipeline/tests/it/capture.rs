@@ -181,3 +181,101 @@ async fn table_added_to_the_publication_is_picked_up_without_restart() {
     assert_eq!(last7["after"]["v"], "live");
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
+    let mut db = TestDb::new("pause").await;
+    db.exec(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    db.cfg.capture.snapshot = false;
+    db.cfg.backfill.min_rows_per_sec = 200.0;
+    db.cfg.backfill.max_rows_per_sec = 400.0;
+    let load = |db: &TestDb| {
+        let (o, t, slot) = (
+            ferry_connectors::kafka::Cluster::new("origin", db.cfg.origin.kafka.clone()),
+            ferry_pipeline::sink::state_topic(&db.cfg.capture.topic_prefix),
+            db.cfg.capture.slot.clone(),
+        );
+        async move {
+            tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
+                .await
+                .expect("task")
+                .expect("state")
+        }
+    };
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let table = ferry_schemas::TableId::new("public", "big");
+    let (job, _) = ferry_pipeline::capture::request_backfill(
+        &db.cfg,
+        &table,
+        None,
+        Some(100),
+        Some("slow".into()),
+    )
+    .await
+    .expect("backfill");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ferry_pipeline::capture::control_job(&db.cfg, &job, "pause")
+        .await
+        .expect("pause");
+    // Wait until the pause is in the state, then nothing more may be read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let paused_rows = loop {
+        let lsn = db.sync_point().await;
+        db.wait_confirmed(lsn, Duration::from_secs(30)).await;
+        let st = load(&db).await;
+        if let Some(b) = st.backfills.get(&job) {
+            if b.paused {
+                break b.rows;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pause never reached the state"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        paused_rows < 5_000,
+        "the job finished before it could be paused"
+    );
+    cap.stop().await;
+
+    // Restart: still paused, still nothing read.
+    let cap = start_capture(&db.cfg);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = load(&db).await.backfills.get(&job).cloned().expect("job");
+    assert!(b.paused, "paused state survives a restart");
+    assert_eq!(b.rows, paused_rows, "a paused job reads nothing");
+    let before = db.events("public.big").await.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        db.events("public.big").await.len(),
+        before,
+        "no rows emitted while paused"
+    );
+
+    // Resume: it runs to the end.
+    ferry_pipeline::capture::control_job(&db.cfg, &job, "resume")
+        .await
+        .expect("resume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let b = load(&db).await.backfills.get(&job).cloned().expect("job");
+        if b.status() == "done" {
+            assert!(b.rows >= 5_000, "{b:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "resumed job did not finish: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cap.stop().await;
+    db.cleanup().await;
+}
