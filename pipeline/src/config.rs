@@ -33,12 +33,15 @@ pub struct Config {
     pub metrics: Metrics,
 }
 
-/// Metrics endpoint.
+/// Metrics and control endpoint.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
-    /// `host:port` to serve `GET /metrics` on; empty turns the endpoint off.
+    /// `host:port` to serve `GET /metrics` (and the job control API) on; empty turns it off.
     pub listen: String,
+    /// Bearer token required by every request that changes state (`POST /jobs/...`); empty
+    /// refuses them all.
+    pub control_token: ferry_connectors::Secret,
 }
 
 /// Shipping settings: micro-batches from the origin topics to the destination cluster.

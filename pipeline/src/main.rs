@@ -178,9 +178,10 @@ fn serve_metrics(
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let listen = cfg.metrics.listen.clone();
+    let cfg = Arc::new(cfg.clone());
     (!listen.is_empty()).then(|| {
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(&listen, render, stop).await {
+            if let Err(e) = metrics::serve(&listen, render, cfg, stop).await {
                 tracing::error!(listen, error = %e, "metrics endpoint failed; fix metrics.listen");
             }
         })
