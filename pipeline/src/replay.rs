@@ -219,6 +219,7 @@ pub async fn run(
                 .acquire((last - first + 1) as f64, spec.max_events_per_sec)
                 .await;
             let (events, _) = shipper.ship_range(&spec.topic, p, first, last).await?;
+            crate::ship::failpoint("replay.before_checkpoint");
             cp.next.insert(p, last + 1);
             state::save_value(&saver, &state_topic, &key, &cp)
                 .await

@@ -355,3 +355,94 @@ async fn transforms_ship_their_aggregates_besides_the_rows() {
     );
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_replay_resumes_and_keeps_batch_ids() {
+    let db = TestDb::new("replaycrash").await;
+    captured_workload(&db).await;
+    let cfg = ship_config(&db);
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let shipped = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let ids: HashSet<String> = shipped.iter().map(|(m, _)| m.batch_id.clone()).collect();
+
+    let dir = std::env::temp_dir();
+    let config = db.write_config(&dir);
+    let text = std::fs::read_to_string(&config).expect("config")
+        + &format!("\n[ship]\nmax_events = {}\n", cfg.ship.max_events);
+    std::fs::write(&config, text).expect("config");
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let replay = move |failpoint: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args([
+            "--config",
+            &config.to_string_lossy(),
+            "replay",
+            "--topic",
+            &topic,
+            "--from-offset",
+            "0",
+            "--job",
+            "crashy-replay",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        if let Some(f) = failpoint {
+            c.env("FERRY_FAILPOINT", f);
+        }
+        c.output().expect("run ferry replay")
+    };
+    // Killed right after its 3rd batch was acknowledged, before that batch's checkpoint.
+    let crashed = tokio::task::spawn_blocking({
+        let r = replay.clone();
+        move || r(Some("replay.before_checkpoint:3"))
+    })
+    .await
+    .expect("task");
+    assert!(
+        !crashed.status.success(),
+        "the failpoint should have aborted the replay"
+    );
+    let resumed = tokio::task::spawn_blocking({
+        let r = replay.clone();
+        move || r(None)
+    })
+    .await
+    .expect("task");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stdout)
+    );
+    let again = tokio::task::spawn_blocking(move || replay(None))
+        .await
+        .expect("task");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains(": 0 batches"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+
+    // Every batch the replay produced carries an id shipped before: the destination's dedupe
+    // makes all of it a no-op, crash included.
+    let all = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || batches(&cfg))
+            .await
+            .expect("task")
+    };
+    assert!(all.len() > shipped.len(), "the replay produced batches");
+    for (m, _) in &all {
+        assert!(
+            ids.contains(&m.batch_id),
+            "new id {} from a replay",
+            m.batch_id
+        );
+    }
+    db.cleanup().await;
+}
