@@ -151,9 +151,59 @@ pub async fn request_backfill(
 struct BackfillThrottle {
     aimd: crate::throttle::Aimd,
     pacer: crate::throttle::Pacer,
-    samples: VecDeque<f64>,
     baseline: Option<f64>,
     last_limit: crate::throttle::Limit,
+    canary_sql: String,
+    pg: PgConfig,
+    canary: Option<Canary>,
+    warmup: u32,
+}
+
+/// The canary: its own connection and task, running the canary query five times a second, so
+/// its latency is the database's and not the capture loop's.
+struct Canary {
+    samples: Arc<std::sync::Mutex<VecDeque<f64>>>,
+    task: Owned<()>,
+}
+
+impl Canary {
+    fn start(pg: PgConfig, sql: String) -> Canary {
+        let samples = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let s = samples.clone();
+        let task = Owned(tokio::spawn(async move {
+            let Ok(session) = pg.connect().await else {
+                return;
+            };
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                every.tick().await;
+                let t0 = Instant::now();
+                if session.simple_query(&sql).await.is_err() {
+                    continue;
+                }
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                if let Ok(mut v) = s.lock() {
+                    v.push_back(ms);
+                    if v.len() > 25 {
+                        v.pop_front();
+                    }
+                }
+            }
+        }));
+        Canary { samples, task }
+    }
+
+    /// p99 over the last five seconds of samples (the window the baseline is measured with).
+    fn p99(&self) -> Option<f64> {
+        let _ = &self.task;
+        let v = self.samples.lock().ok()?;
+        if v.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<f64> = v.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        Some(sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)])
+    }
 }
 
 impl BackfillThrottle {
@@ -175,29 +225,30 @@ impl BackfillThrottle {
                 bytes_per_event: 0.0,
             }),
             pacer: crate::throttle::Pacer::default(),
-            samples: VecDeque::new(),
             baseline: None,
             last_limit: crate::throttle::Limit::None,
+            canary_sql: b.canary_sql.clone(),
+            pg: cfg.origin.postgres.clone(),
+            canary: None,
+            warmup: 0,
         }
     }
 
     /// One control step: measure, decide, log decisions that change the limiting signal.
     async fn tick(&mut self, session: &Session, slot: &str) {
-        let t0 = Instant::now();
-        if session.simple_query("SELECT 1").await.is_err() {
+        if self.canary.is_none() {
+            self.canary = Some(Canary::start(self.pg.clone(), self.canary_sql.clone()));
             return;
         }
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        self.samples.push_back(ms);
-        if self.samples.len() > 60 {
-            self.samples.pop_front();
-        }
-        let mut sorted: Vec<f64> = self.samples.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let p99 = sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)];
-        // The first samples (before the backfill has had an effect) set the baseline.
-        if self.baseline.is_none() && self.samples.len() >= 3 {
-            self.baseline = Some(p99.max(0.5));
+        let Some(p99) = self.canary.as_ref().and_then(Canary::p99) else {
+            return;
+        };
+        // The first seconds of samples, taken before any backfill chunk is read, set the baseline.
+        if self.baseline.is_none() {
+            self.warmup += 1;
+            if self.warmup >= 5 {
+                self.baseline = Some(p99.max(0.2));
+            }
         }
         let retained = catalog::slot(session, slot)
             .await
@@ -266,6 +317,9 @@ pub struct Stats {
 /// Deliveries are handed to the acker in slices of this many, so a huge transaction does not
 /// hold millions of futures in one vector.
 const ACK_SLICE: usize = 2_000;
+
+/// Transactions whose acknowledgement may be outstanding at once.
+const ACK_QUEUE: usize = 16_384;
 
 /// How many recently streamed transaction ids the snapshot visibility check remembers.
 const RECENT_XIDS: usize = 1_024;
@@ -479,7 +533,10 @@ async fn run_once(
         .await
         .map_err(repl_err)?;
 
-    let (ack_tx, ack_rx) = mpsc::channel::<AckBatch>(64);
+    // One batch per source transaction: an OLTP stream of small transactions needs thousands
+    // in flight while the broker acknowledges (a few ms to tens of ms each), or capture stalls
+    // on the queue. A batch without deliveries is a few dozen bytes.
+    let (ack_tx, ack_rx) = mpsc::channel::<AckBatch>(ACK_QUEUE);
     let (safe_tx, mut safe_rx) = watch::channel(Lsn::ZERO);
     let mut acker = Owned(tokio::spawn(sink::acker(ack_rx, safe_tx)));
 
@@ -512,6 +569,7 @@ async fn run_once(
         let start = !in_txn
             && (snap.wants_chunk(false)
                 || (snap.wants_chunk(true)
+                    && throttle.baseline.is_some()
                     && throttle.pacer.try_acquire(
                         snap.next_backfill_rows(&state) as f64,
                         throttle.aimd.rate(),

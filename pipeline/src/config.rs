@@ -167,18 +167,22 @@ pub struct BackfillCfg {
     pub canary_tolerance: f64,
     /// Budget for WAL retained by the slot while a backfill runs.
     pub wal_budget_bytes: u64,
+    /// The canary query, run once a second; pick one like the live workload's (`SELECT 1`
+    /// only sees connection and CPU pressure).
+    pub canary_sql: String,
 }
 
 impl Default for BackfillCfg {
     fn default() -> Self {
         BackfillCfg {
             chunk_rows: 1_000,
-            max_rows_per_sec: 20_000.0,
+            max_rows_per_sec: 50_000.0,
             min_rows_per_sec: 200.0,
-            increase_rows_per_sec: 1_000.0,
+            increase_rows_per_sec: 5_000.0,
             decrease: 0.5,
             canary_tolerance: 1.25,
             wal_budget_bytes: 1 << 30,
+            canary_sql: "SELECT 1".into(),
         }
     }
 }
