@@ -20,3 +20,13 @@ pub fn thousands(v: f64) -> String {
     }
     out.chars().rev().collect()
 }
+
+/// Logs to stderr; `RUST_LOG=info` shows Ferry's own lines (batches, throttle decisions).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

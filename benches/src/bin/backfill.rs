@@ -165,7 +165,7 @@ impl Clone for Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    init_logs();
+    ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
     let run = std::time::SystemTime::now()
@@ -296,14 +296,4 @@ async fn main() -> Result<()> {
     a.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await?;
     Ok(())
-}
-
-/// Logs to stderr; `RUST_LOG=info` shows the throttle's decisions.
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

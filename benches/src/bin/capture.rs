@@ -68,7 +68,7 @@ async fn ferry_run(cfg: &Config, mode: SinkMode, end: u64) -> Result<(Duration, 
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    init_logs();
+    ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
     let run = format!(
@@ -290,14 +290,4 @@ async fn main() -> Result<()> {
     a.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await?;
     Ok(())
-}
-
-/// Logs to stderr; `RUST_LOG=info` shows Ferry's per-batch lines.
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

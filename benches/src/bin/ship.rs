@@ -371,7 +371,7 @@ async fn kernel(
 }
 
 fn main() -> Result<()> {
-    init_logs();
+    ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
     let run = std::time::SystemTime::now()
@@ -448,14 +448,4 @@ fn main() -> Result<()> {
     }
     println!("goals: bytes ≥ 3x fewer than the relay (update-heavy), ≥ 1.5x (insert-only); ≥ 5x the relay's events/s; kernel ≥ 500k events/s per core");
     Ok(())
-}
-
-/// Logs to stderr; `RUST_LOG=info` shows Ferry's per-batch lines.
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -595,30 +595,7 @@ async fn backfill_under_live_updates_ends_equal() {
     writer.await.expect("writer");
 
     // The job finishes (its state says so) …
-    let origin = Cluster::new("origin", db.cfg.origin.kafka.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (o, t, slot) = (
-            origin.clone(),
-            ferry_pipeline::sink::state_topic(&db.cfg.capture.topic_prefix),
-            db.cfg.capture.slot.clone(),
-        );
-        let st = tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
-            .await
-            .expect("task")
-            .expect("state");
-        if st.backfills.get(&job).and_then(|b| b.progress.clone())
-            == Some(ferry_pipeline::state::TableProgress::Done)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backfill did not finish: {:?}",
-            st.backfills.get(&job)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::support::wait_backfill_done(&db.cfg, &job, Duration::from_secs(120)).await;
     // … and the destination ends equal to the origin.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

@@ -193,19 +193,6 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     db.cfg.capture.snapshot = false;
     db.cfg.backfill.min_rows_per_sec = 200.0;
     db.cfg.backfill.max_rows_per_sec = 400.0;
-    let load = |db: &TestDb| {
-        let (o, t, slot) = (
-            ferry_connectors::kafka::Cluster::new("origin", db.cfg.origin.kafka.clone()),
-            ferry_pipeline::sink::state_topic(&db.cfg.capture.topic_prefix),
-            db.cfg.capture.slot.clone(),
-        );
-        async move {
-            tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
-                .await
-                .expect("task")
-                .expect("state")
-        }
-    };
     let cap = start_capture(&db.cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let table = ferry_schemas::TableId::new("public", "big");
@@ -227,7 +214,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     let paused_rows = loop {
         let lsn = db.sync_point().await;
         db.wait_confirmed(lsn, Duration::from_secs(30)).await;
-        let st = load(&db).await;
+        let st = crate::support::capture_state(&db.cfg).await;
         if let Some(b) = st.backfills.get(&job) {
             if b.paused {
                 break b.rows;
@@ -248,7 +235,12 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     // Restart: still paused, still nothing read.
     let cap = start_capture(&db.cfg);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let b = load(&db).await.backfills.get(&job).cloned().expect("job");
+    let b = crate::support::capture_state(&db.cfg)
+        .await
+        .backfills
+        .get(&job)
+        .cloned()
+        .expect("job");
     assert!(b.paused, "paused state survives a restart");
     assert_eq!(b.rows, paused_rows, "a paused job reads nothing");
     let before = db.events("public.big").await.len();
@@ -265,7 +257,12 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
         .expect("resume");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let b = load(&db).await.backfills.get(&job).cloned().expect("job");
+        let b = crate::support::capture_state(&db.cfg)
+            .await
+            .backfills
+            .get(&job)
+            .cloned()
+            .expect("job");
         if b.status() == "done" {
             assert!(b.rows >= 5_000, "{b:?}");
             break;

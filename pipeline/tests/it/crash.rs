@@ -5,8 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ferry_connectors::kafka::Cluster;
-
 use crate::support::TestDb;
 
 fn spawn_capture(config: &std::path::Path, log: &std::path::Path) -> Child {
@@ -143,28 +141,7 @@ async fn kill_9_during_a_backfill_resumes_from_its_checkpoint() {
         let _ = child.wait();
         child = spawn_capture(&config, &log);
     }
-    let origin = Cluster::new("origin", db.cfg.origin.kafka.clone());
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let (o, t, slot) = (
-            origin.clone(),
-            ferry_pipeline::sink::state_topic(&db.cfg.capture.topic_prefix),
-            db.cfg.capture.slot.clone(),
-        );
-        let st = tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
-            .await
-            .expect("task")
-            .expect("state");
-        if st.backfills.get(&job).is_some_and(|b| b.status() == "done") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "backfill never finished: {:?}",
-            st.backfills.get(&job)
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::support::wait_backfill_done(&db.cfg, &job, Duration::from_secs(120)).await;
     let lsn = db.sync_point().await;
     db.wait_confirmed(lsn, Duration::from_secs(60)).await;
     child.kill().expect("stop");

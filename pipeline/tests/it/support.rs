@@ -262,3 +262,33 @@ pub fn ops(events: &[Value]) -> Vec<String> {
         .map(|e| e["op"].as_str().unwrap_or("?").to_string())
         .collect()
 }
+
+/// The capture state (snapshot and backfill progress) as stored in the origin cluster.
+pub async fn capture_state(cfg: &Config) -> ferry_pipeline::state::CaptureState {
+    let (o, t, slot) = (
+        Cluster::new("origin", cfg.origin.kafka.clone()),
+        sink::state_topic(&cfg.capture.topic_prefix),
+        cfg.capture.slot.clone(),
+    );
+    tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
+        .await
+        .expect("task")
+        .expect("state")
+}
+
+/// Waits until a backfill job's state says it is done.
+pub async fn wait_backfill_done(cfg: &Config, job: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = capture_state(cfg).await;
+        if st.backfills.get(job).is_some_and(|b| b.status() == "done") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill {job} did not finish: {:?}",
+            st.backfills.get(job)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
