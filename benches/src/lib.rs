@@ -30,3 +30,29 @@ pub fn init_logs() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Creates a scratch database next to the configured one; returns an admin session (for
+/// clean-up) and the new database's settings.
+pub async fn scratch_database(
+    base: &ferry_connectors::postgres::PgConfig,
+    name: &str,
+) -> anyhow::Result<(
+    ferry_connectors::postgres::Session,
+    ferry_connectors::postgres::PgConfig,
+)> {
+    use anyhow::Context;
+    let admin = ferry_connectors::postgres::PgConfig {
+        database: "postgres".into(),
+        ..base.clone()
+    };
+    let a = admin
+        .connect()
+        .await
+        .context("postgres (run ops/stack up)")?;
+    a.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+    let pg = ferry_connectors::postgres::PgConfig {
+        database: name.to_string(),
+        ..base.clone()
+    };
+    Ok((a, pg))
+}

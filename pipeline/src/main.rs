@@ -153,6 +153,14 @@ enum Command {
     },
 }
 
+/// The destination database, which `lineage` and `verify` need.
+fn destination_pg(cfg: &Config) -> anyhow::Result<ferry_connectors::postgres::PgConfig> {
+    cfg.destination
+        .postgres
+        .clone()
+        .context("destination.postgres is not configured")
+}
+
 /// Epoch milliseconds, or an ISO time such as `2026-11-25T10:00:00Z` / `2026-11-25 10:00:00+01`.
 fn parse_time_ms(text: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = text.parse::<i64>() {
@@ -444,20 +452,12 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Lineage { table, key } => {
             let id = parse_table(&table).context("table must be schema.table")?;
-            let pg = cfg
-                .destination
-                .postgres
-                .clone()
-                .context("destination.postgres is not configured")?;
+            let pg = destination_pg(&cfg)?;
             println!("{}", ferry_pipeline::apply::lineage(&pg, &id, &key).await?);
         }
         Command::Verify { table, repair } => {
             let id = parse_table(&table).context("table must be schema.table")?;
-            let dest = cfg
-                .destination
-                .postgres
-                .clone()
-                .context("destination.postgres is not configured")?;
+            let dest = destination_pg(&cfg)?;
             let report = ferry_pipeline::verify::verify(&cfg.origin.postgres, &dest, &id)
                 .await
                 .map_err(anyhow::Error::msg)?;

@@ -172,19 +172,7 @@ async fn main() -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let db = format!("ferry_bench_bf_{run}");
-    let admin = PgConfig {
-        database: "postgres".into(),
-        ..base.origin.postgres.clone()
-    };
-    let a = admin
-        .connect()
-        .await
-        .context("postgres (run ops/stack up)")?;
-    a.batch_execute(&format!("CREATE DATABASE {db}")).await?;
-    let pg = PgConfig {
-        database: db.clone(),
-        ..base.origin.postgres.clone()
-    };
+    let (a, pg) = ferry_benches::scratch_database(&base.origin.postgres, &db).await?;
     eprintln!("pgbench -i -s {} …", args.scale);
     let init = Command::new("pgbench")
         .args([

@@ -19,7 +19,6 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_benches::{rate, thousands};
 use ferry_connectors::kafka::{Cluster, TopicSpec};
-use ferry_connectors::postgres::PgConfig;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::Config;
 use rdkafka::producer::FutureRecord;
@@ -78,19 +77,7 @@ async fn main() -> Result<()> {
             .as_secs()
     );
     let db = format!("ferry_bench_{run}");
-    let admin = PgConfig {
-        database: "postgres".into(),
-        ..base.origin.postgres.clone()
-    };
-    let a = admin
-        .connect()
-        .await
-        .context("postgres (run ops/stack up)")?;
-    a.batch_execute(&format!("CREATE DATABASE {db}")).await?;
-    let pgc = PgConfig {
-        database: db.clone(),
-        ..base.origin.postgres.clone()
-    };
+    let (a, pgc) = ferry_benches::scratch_database(&base.origin.postgres, &db).await?;
     let s = pgc.connect().await?;
     s.batch_execute(
         "CREATE TABLE bench (id bigint PRIMARY KEY, a int NOT NULL, b text, c timestamptz, d numeric(12,2));
