@@ -89,6 +89,41 @@ pub struct BackfillRequest {
     pub chunk_rows: usize,
     /// Rows matching at request time.
     pub total: u64,
+    /// Tier in a plan (lower tiers first).
+    #[serde(default)]
+    pub tier: u32,
+    /// Jobs this one comes after.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Hold after this many rows until the sample is verified.
+    #[serde(default)]
+    pub sample: Option<u64>,
+}
+
+/// One backfill job to request: a table with its options, and its place in a plan.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillSpec {
+    /// Job name (default: derived from the table and the time).
+    #[serde(default, rename = "name")]
+    pub job: Option<String>,
+    /// `schema.table`.
+    pub table: String,
+    /// Only rows matching this SQL predicate.
+    #[serde(default, rename = "where")]
+    pub predicate: Option<String>,
+    /// Rows per chunk (default `backfill.chunk_rows`).
+    #[serde(default)]
+    pub chunk_rows: Option<usize>,
+    /// Tier: lower tiers run first (core tables at 0).
+    #[serde(default)]
+    pub tier: u32,
+    /// Jobs that must be done first.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Hold after this many rows until they verify at the destination.
+    #[serde(default)]
+    pub sample: Option<u64>,
 }
 
 /// Asks the capture pipeline to backfill a table (through a message in the origin's WAL, so the
@@ -101,6 +136,27 @@ pub async fn request_backfill(
     chunk_rows: Option<usize>,
     job: Option<String>,
 ) -> Result<(String, u64), CaptureError> {
+    request(
+        cfg,
+        &BackfillSpec {
+            job,
+            table: table.to_string(),
+            predicate,
+            chunk_rows,
+            ..BackfillSpec::default()
+        },
+    )
+    .await
+}
+
+/// Requests one backfill job of a plan; see [`request_backfill`].
+pub async fn request(cfg: &Config, spec: &BackfillSpec) -> Result<(String, u64), CaptureError> {
+    let table = crate::config::parse_table(&spec.table).ok_or_else(|| {
+        CaptureError::Setup(format!(
+            "backfill table {:?} is not schema.table",
+            spec.table
+        ))
+    })?;
     let pgc = &cfg.origin.postgres;
     let target = pgc.display();
     let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
@@ -109,7 +165,7 @@ pub async fn request_backfill(
         ferry_connectors::postgres::quote_ident(&table.schema),
         ferry_connectors::postgres::quote_ident(&table.table)
     );
-    let count_sql = match &predicate {
+    let count_sql = match &spec.predicate {
         Some(p) => format!("SELECT count(*) FROM {q} WHERE ({p})"),
         None => format!("SELECT count(*) FROM {q}"),
     };
@@ -121,7 +177,7 @@ pub async fn request_backfill(
             format!("counting the rows of {table} to backfill"),
         ))?
         .get(0);
-    let job = job.unwrap_or_else(|| {
+    let job = spec.job.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -131,9 +187,12 @@ pub async fn request_backfill(
         slot: cfg.capture.slot.clone(),
         job: job.clone(),
         table: table.to_string(),
-        predicate,
-        chunk_rows: chunk_rows.unwrap_or(cfg.backfill.chunk_rows),
+        predicate: spec.predicate.clone(),
+        chunk_rows: spec.chunk_rows.unwrap_or(cfg.backfill.chunk_rows),
         total: total.max(0) as u64,
+        tier: spec.tier,
+        after: spec.after.clone(),
+        sample: spec.sample,
     };
     let body = serde_json::to_string(&request).map_err(|e| CaptureError::Setup(e.to_string()))?;
     session
@@ -146,129 +205,133 @@ pub async fn request_backfill(
     Ok((job, total.max(0) as u64))
 }
 
-/// Throttles backfill chunks from the origin's health: a canary query's p99 against its
-/// baseline and the WAL the slot retains, fed into the AIMD controller once a second.
+/// Throttles backfill chunks from the origin's health: the canary's p99 against its baseline,
+/// the WAL the slot retains, the live lane's lag and the destination's acknowledgement time,
+/// fed into the AIMD controller once a second (see `signals` for how they are read).
 struct BackfillThrottle {
     aimd: crate::throttle::Aimd,
     pacer: crate::throttle::Pacer,
     baseline: Option<f64>,
     last_limit: crate::throttle::Limit,
-    canary_sql: String,
-    pg: PgConfig,
-    canary: Option<Canary>,
+    probes: crate::signals::Probes,
+    sampler: Option<crate::signals::Sampler>,
     warmup: u32,
-}
-
-/// The canary: its own connection and task, running the canary query five times a second, so
-/// its latency is the database's and not the capture loop's.
-struct Canary {
-    samples: Arc<std::sync::Mutex<VecDeque<f64>>>,
-    task: Owned<()>,
-}
-
-impl Canary {
-    fn start(pg: PgConfig, sql: String) -> Canary {
-        let samples = Arc::new(std::sync::Mutex::new(VecDeque::new()));
-        let s = samples.clone();
-        let task = Owned(tokio::spawn(async move {
-            let Ok(session) = pg.connect().await else {
-                return;
-            };
-            let mut every = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                every.tick().await;
-                let t0 = Instant::now();
-                if session.simple_query(&sql).await.is_err() {
-                    continue;
-                }
-                let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                if let Ok(mut v) = s.lock() {
-                    v.push_back(ms);
-                    if v.len() > 25 {
-                        v.pop_front();
-                    }
-                }
-            }
-        }));
-        Canary { samples, task }
-    }
-
-    /// p99 over the last five seconds of samples (the window the baseline is measured with).
-    fn p99(&self) -> Option<f64> {
-        let _ = &self.task;
-        let v = self.samples.lock().ok()?;
-        if v.is_empty() {
-            return None;
-        }
-        let mut sorted: Vec<f64> = v.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        Some(sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)])
-    }
+    window: u32,
+    max_bytes_per_sec: f64,
 }
 
 impl BackfillThrottle {
     fn new(cfg: &Config) -> Self {
         let b = &cfg.backfill;
+        let budget = |v: f64| if v > 0.0 { v } else { f64::INFINITY };
+        let prefix = cfg.capture.topic_prefix.clone();
         BackfillThrottle {
             aimd: crate::throttle::Aimd::new(crate::throttle::Settings {
                 canary_baseline_ms: f64::INFINITY,
                 canary_tolerance: b.canary_tolerance,
                 wal_budget_bytes: b.wal_budget_bytes,
-                live_lag_budget: u64::MAX,
-                produce_latency_budget_ms: f64::INFINITY,
+                live_lag_budget: if b.live_lag_budget == 0 {
+                    u64::MAX
+                } else {
+                    b.live_lag_budget
+                },
+                produce_latency_budget_ms: budget(b.produce_latency_budget_ms),
                 floor: b.min_rows_per_sec,
                 ceiling: b.max_rows_per_sec,
                 increase: b.increase_rows_per_sec,
                 decrease: b.decrease,
                 max_events_per_sec: Some(b.max_rows_per_sec),
-                max_bytes_per_sec: None,
+                max_bytes_per_sec: (b.max_bytes_per_sec > 0.0).then_some(b.max_bytes_per_sec),
                 bytes_per_event: 0.0,
             }),
             pacer: crate::throttle::Pacer::default(),
             baseline: None,
             last_limit: crate::throttle::Limit::None,
-            canary_sql: b.canary_sql.clone(),
-            pg: cfg.origin.postgres.clone(),
-            canary: None,
+            probes: crate::signals::Probes {
+                canary: Some((cfg.origin.postgres.clone(), b.canary_sql.clone())),
+                slot: Some(cfg.capture.slot.clone()),
+                live_lag: (b.live_lag_budget > 0).then(|| {
+                    (
+                        Cluster::new("origin", cfg.origin.kafka.clone()),
+                        prefix.clone(),
+                        cfg.ship.group_id.clone(),
+                    )
+                }),
+                produce: (b.produce_latency_budget_ms > 0.0).then(|| {
+                    (
+                        Cluster::new("destination", cfg.destination.kafka.clone()),
+                        format!("{prefix}._probe"),
+                    )
+                }),
+                window: Duration::from_secs(b.canary_window_secs.max(1)),
+            },
+            sampler: None,
             warmup: 0,
+            window: b.canary_window_secs.max(1) as u32,
+            max_bytes_per_sec: b.max_bytes_per_sec,
         }
     }
 
-    /// One control step: measure, decide, log decisions that change the limiting signal.
-    async fn tick(&mut self, session: &Session, slot: &str) {
-        if self.canary.is_none() {
-            self.canary = Some(Canary::start(self.pg.clone(), self.canary_sql.clone()));
-            return;
-        }
-        let Some(p99) = self.canary.as_ref().and_then(Canary::p99) else {
+    /// Whether a backfill chunk may be read: the baseline is known and the pacer has room.
+    fn allows(&mut self, rows: usize) -> bool {
+        self.baseline.is_some() && self.pacer.try_acquire(rows as f64, self.aimd.rate())
+    }
+
+    /// One control step: read the signals, decide, log decisions that change the limiting
+    /// signal. `bytes_per_event` (from what capture encoded so far) applies the byte cap.
+    fn tick(&mut self, bytes_per_event: f64) {
+        let Some(sampler) = &self.sampler else {
+            self.sampler = Some(crate::signals::Sampler::start(self.probes.clone()));
             return;
         };
-        // The first seconds of samples, taken before any backfill chunk is read, set the baseline.
+        let r = sampler.read();
+        let Some(p99) = r.canary_p99_ms else {
+            return;
+        };
+        // One window of samples, taken before any backfill chunk is read, sets the baseline.
         if self.baseline.is_none() {
             self.warmup += 1;
-            if self.warmup >= 5 {
+            if self.warmup > self.window {
                 self.baseline = Some(p99.max(0.2));
+                tracing::info!(
+                    canary_p99_ms = format!("{p99:.2}"),
+                    samples = r.canary_samples,
+                    "backfill throttle baseline measured"
+                );
             }
         }
-        let retained = catalog::slot(session, slot)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|s| s.retained_bytes)
-            .unwrap_or(0)
-            .max(0) as u64;
         self.aimd
             .set_canary_baseline(self.baseline.unwrap_or(f64::INFINITY));
-        let (rate, limit) = self.aimd.step(&crate::throttle::Signals {
+        if self.max_bytes_per_sec > 0.0 {
+            self.aimd.set_bytes_per_event(bytes_per_event);
+        }
+        let signals = crate::throttle::Signals {
             canary_p99_ms: p99,
-            retained_wal_bytes: retained,
-            live_lag_events: 0,
-            produce_latency_ms: 0.0,
-        });
+            retained_wal_bytes: r.retained_wal_bytes.unwrap_or(0),
+            live_lag_events: r.live_lag_events.unwrap_or(0),
+            produce_latency_ms: r.produce_latency_ms.unwrap_or(0.0),
+        };
+        let (rate, limit) = self.aimd.step(&signals);
         if limit != self.last_limit {
-            tracing::info!(rate = rate.round(), limit = %limit, canary_p99_ms = format!("{p99:.2}"), retained_wal_bytes = retained, "backfill throttle");
+            tracing::info!(
+                rate = rate.round(),
+                limit = %limit,
+                canary_p99_ms = format!("{p99:.2}"),
+                baseline_ms = format!("{:.2}", self.baseline.unwrap_or(f64::NAN)),
+                retained_wal_bytes = signals.retained_wal_bytes,
+                live_lag = signals.live_lag_events,
+                produce_latency_ms = format!("{:.1}", signals.produce_latency_ms),
+                "backfill throttle"
+            );
             self.last_limit = limit;
         }
+    }
+
+    /// Stops measuring (no backfill left).
+    fn idle(&mut self) {
+        self.sampler = None;
+        self.baseline = None;
+        self.warmup = 0;
     }
 }
 
@@ -558,9 +621,19 @@ async fn run_once(
     for (job, b) in &state.backfills {
         if b.progress != Some(TableProgress::Done) {
             snap.enqueue_backfill(job.clone());
-            snap.set_backfill_blocked(job, b.paused || b.cancelled);
         }
     }
+    sync_backfills(&mut snap, &state);
+    // Backfill chunks read from the replica when one is configured (watermarks still go to
+    // the primary, through `session`).
+    let replica = match &cfg.backfill.replica {
+        Some(r) => Some(
+            r.connect()
+                .await
+                .map_err(pg(&r.display(), "connecting to the backfill replica"))?,
+        ),
+        None => None,
+    };
     let mut throttle = BackfillThrottle::new(cfg);
     let mut throttle_tick = tokio::time::interval(Duration::from_secs(1));
 
@@ -568,15 +641,13 @@ async fn run_once(
         // Live changes and snapshots first; a backfill chunk only when the throttle allows.
         let start = !in_txn
             && (snap.wants_chunk(false)
-                || (snap.wants_chunk(true)
-                    && throttle.baseline.is_some()
-                    && throttle.pacer.try_acquire(
-                        snap.next_backfill_rows(&state) as f64,
-                        throttle.aimd.rate(),
-                    )));
+                || (snap.wants_chunk(true) && throttle.allows(snap.next_backfill_rows(&state))));
         if start {
             let recent: HashSet<u32> = recent_xids.iter().copied().collect();
-            if let Some(schema) = snap.start_chunk(&session, &state, &recent).await? {
+            if let Some(schema) = snap
+                .start_chunk(&session, replica.as_deref(), &state, &recent)
+                .await?
+            {
                 sink.register(&schema).await?;
             }
         }
@@ -642,25 +713,20 @@ async fn run_once(
                         if prefix == WATERMARK_PREFIX {
                             if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
                                 snapshot_progress |= finish_chunk(&mut sink, done, (throttle.aimd.rate().round(), throttle.aimd.limit().to_string()), &mut pending, &mut state, stats).await?;
+                                sync_backfills(&mut snap, &state);
                             }
                         } else if prefix == BACKFILL_PREFIX {
                             match serde_json::from_slice::<BackfillRequest>(&content) {
                                 Ok(r) if r.slot == c.slot => {
                                     if !state.backfills.contains_key(&r.job) {
-                                        tracing::info!(job = r.job, table = r.table, total = r.total, "backfill requested");
-                                        state.backfills.insert(r.job.clone(), crate::state::Backfill {
-                                            table: r.table,
-                                            predicate: r.predicate,
-                                            chunk_rows: r.chunk_rows.max(1),
-                                            progress: None,
-                                            rows: 0,
-                                            total: r.total,
-                                            paused: false,
-                                            cancelled: false,
-                                            rate: 0.0,
-                                            limit: String::new(),
-                                        });
+                                        tracing::info!(job = r.job, table = r.table, total = r.total, tier = r.tier, after = ?r.after, sample = r.sample, "backfill requested");
+                                        let mut b = crate::state::Backfill::new(r.table, r.predicate, r.chunk_rows, r.total);
+                                        b.tier = r.tier;
+                                        b.after = r.after;
+                                        b.sample = r.sample;
+                                        state.backfills.insert(r.job.clone(), b);
                                         snap.enqueue_backfill(r.job);
+                                        sync_backfills(&mut snap, &state);
                                         snapshot_progress = true;
                                     }
                                 }
@@ -673,15 +739,20 @@ async fn run_once(
                                     Some(b) => {
                                         match r.action.as_str() {
                                             "pause" => b.paused = true,
-                                            "resume" => {
-                                                b.paused = false;
-                                                snap.enqueue_backfill(r.job.clone());
-                                            }
+                                            "resume" => b.paused = false,
                                             "cancel" => b.cancelled = true,
+                                            "sample-passed" => b.sample_state = Some("passed".into()),
+                                            "sample-failed" => {
+                                                b.sample_state = Some("failed".into());
+                                                b.cancelled = true;
+                                            }
                                             other => tracing::warn!(action = other, "unknown job action; ignored"),
                                         }
                                         tracing::info!(job = r.job, action = r.action, status = b.status(), "job control");
-                                        snap.set_backfill_blocked(&r.job, b.paused || b.cancelled);
+                                        if b.progress != Some(TableProgress::Done) {
+                                            snap.enqueue_backfill(r.job.clone());
+                                        }
+                                        sync_backfills(&mut snap, &state);
                                         snapshot_progress = true;
                                     }
                                     None => tracing::warn!(job = r.job, "job control for an unknown job; ignored"),
@@ -721,8 +792,13 @@ async fn run_once(
                     ReplicationEvent::StoppedAt { .. } => break,
                 }
             }
-            _ = throttle_tick.tick(), if snap.has_backfill() => {
-                throttle.tick(&session, &c.slot).await;
+            _ = throttle_tick.tick() => {
+                if snap.has_backfill() {
+                    let events = stats.events_total.load(Ordering::Relaxed).max(1);
+                    throttle.tick(stats.encoded_bytes_total.load(Ordering::Relaxed) as f64 / events as f64);
+                } else {
+                    throttle.idle();
+                }
             }
             _ = heartbeat.tick() => {
                 session
@@ -798,6 +874,15 @@ async fn run_once(
     Ok(())
 }
 
+/// Tells the snapshotter which backfill jobs may read (see `CaptureState::backfill_wait`) and
+/// in which order (tier, then request order).
+fn sync_backfills(snap: &mut Snapshotter, state: &CaptureState) {
+    for job in state.backfills.keys() {
+        snap.set_backfill_blocked(job, state.backfill_wait(job).is_some());
+    }
+    snap.order_backfills(|job| state.backfills.get(job).map_or(u32::MAX, |b| b.tier));
+}
+
 fn snap_count(snap: &Snapshotter, tables: &[TableId]) -> usize {
     tables.iter().filter(|t| !snap.covers(t)).count()
 }
@@ -851,6 +936,16 @@ async fn finish_chunk(
             b.progress = Some(progress.clone());
             b.rate = rate_limit.0;
             b.limit = rate_limit.1.clone();
+            if let Some(n) = b.sample {
+                if b.rows >= n && b.sample_state.is_none() && *progress != TableProgress::Done {
+                    b.sample_state = Some("held".into());
+                    tracing::info!(
+                        job,
+                        rows = b.rows,
+                        "backfill sample emitted; holding until it verifies at the destination"
+                    );
+                }
+            }
             tracing::info!(job, table = %done.table, rows = b.rows, total = b.total,
                 done = (*progress == TableProgress::Done), "backfill chunk");
         }

@@ -167,9 +167,26 @@ pub struct BackfillCfg {
     pub canary_tolerance: f64,
     /// Budget for WAL retained by the slot while a backfill runs.
     pub wal_budget_bytes: u64,
-    /// The canary query, run once a second; pick one like the live workload's (`SELECT 1`
-    /// only sees connection and CPU pressure).
+    /// The canary query, run 20 times a second on its own connection and thread; pick one
+    /// like the live workload's (`SELECT 1` only sees connection and CPU pressure).
     pub canary_sql: String,
+    /// The canary's sliding window (its p99 is taken over it; the baseline is one window
+    /// measured before the first chunk).
+    pub canary_window_secs: u64,
+    /// Live lane: changes the shipper group may have unshipped before backfills are cut (their
+    /// rows queue in the same partitions as live changes); replays yield at half of it. 0
+    /// turns the signal off.
+    pub live_lag_budget: u64,
+    /// Destination acknowledgement time (a probe record once a second) above which backfills
+    /// and replays are cut, ms. 0 turns the signal off.
+    pub produce_latency_budget_ms: f64,
+    /// Hard cap on the bytes per second a job emits (0: none).
+    pub max_bytes_per_sec: f64,
+    /// A read replica for backfill chunks, so the primary only serves the watermark writes
+    /// (live capture keeps the primary's slot). Same fields as `origin.postgres`.
+    pub replica: Option<PgConfig>,
+    /// How long `ferry backfill --sample` waits for the sample to verify at the destination.
+    pub sample_timeout_secs: u64,
 }
 
 impl Default for BackfillCfg {
@@ -183,6 +200,12 @@ impl Default for BackfillCfg {
             canary_tolerance: 1.25,
             wal_budget_bytes: 1 << 30,
             canary_sql: "SELECT 1".into(),
+            canary_window_secs: 5,
+            live_lag_budget: 200_000,
+            produce_latency_budget_ms: 2_000.0,
+            max_bytes_per_sec: 0.0,
+            replica: None,
+            sample_timeout_secs: 300,
         }
     }
 }

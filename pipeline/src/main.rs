@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::{parse_table, Config};
-use ferry_pipeline::{check, inspect, metrics, sink, status};
+use ferry_pipeline::{check, inspect, jobs, metrics, sink, status};
 
 #[derive(Parser)]
 #[command(
@@ -51,11 +51,23 @@ enum Command {
         #[arg(long)]
         batch: String,
     },
-    /// Backfill a table online, in key-ordered chunks throttled by the origin's health, while capture runs.
+    /// Backfill a table (or a plan of tables) online, in key-ordered chunks throttled by the origin's health, while capture runs.
     Backfill {
         /// The table, as schema.table.
+        #[arg(long, required_unless_present = "plan", conflicts_with = "plan")]
+        table: Option<String>,
+        /// A plan file (TOML): [[job]] entries with name, table, where, chunk_rows, tier, after, sample.
         #[arg(long)]
-        table: String,
+        plan: Option<PathBuf>,
+        /// Tier in the plan: lower tiers run first.
+        #[arg(long, default_value_t = 0)]
+        tier: u32,
+        /// Jobs this one comes after (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        after: Vec<String>,
+        /// Staged progression: ship this many rows first, verify them at the destination, then go on.
+        #[arg(long)]
+        sample: Option<u64>,
         /// Only rows matching this SQL predicate.
         #[arg(long = "where")]
         predicate: Option<String>,
@@ -69,11 +81,18 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// List backfill jobs with their state, progress, throttle rate and the signal limiting it.
-    Jobs,
-    /// Pause a job (takes effect in stream order; survives restarts).
+    /// List every job (the live pipeline, backfills, replays) with state, progress, throttle rate and the signal limiting it.
+    Jobs {
+        /// Follow the backfills and replays with progress bars until they finish.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a job, or `live` (shipping of the live pipeline); survives restarts.
     Pause {
-        /// Job name (see `ferry jobs`).
+        /// Job name (see `ferry jobs`), or `live`.
         job: String,
     },
     /// Resume a paused job.
@@ -113,9 +132,12 @@ enum Command {
         /// Job name for checkpoints; the same name resumes.
         #[arg(long)]
         job: Option<String>,
-        /// Rate cap in changes per second.
+        /// Rate cap in changes per second (the adaptive throttle's ceiling).
         #[arg(long, default_value_t = 10_000.0)]
         max_events_per_sec: f64,
+        /// Egress cap in bytes per second.
+        #[arg(long)]
+        max_bytes_per_sec: Option<f64>,
     },
     /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
     Lineage {
@@ -159,6 +181,81 @@ fn destination_pg(cfg: &Config) -> anyhow::Result<ferry_connectors::postgres::Pg
         .postgres
         .clone()
         .context("destination.postgres is not configured")
+}
+
+/// Reads a backfill plan: `[[job]]` tables with name, table, where, chunk_rows, tier, after,
+/// sample.
+fn read_plan(path: &std::path::Path) -> anyhow::Result<Vec<capture::BackfillSpec>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Plan {
+        job: Vec<capture::BackfillSpec>,
+    }
+    let plan: Plan = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .with_context(|| format!("plan {}", path.display()))?;
+    let names: Vec<&str> = plan.job.iter().filter_map(|j| j.job.as_deref()).collect();
+    for (i, j) in plan.job.iter().enumerate() {
+        if parse_table(&j.table).is_none() {
+            anyhow::bail!(
+                "plan {}: job {} table {:?} is not schema.table",
+                path.display(),
+                i + 1,
+                j.table
+            );
+        }
+        if j.job.is_none() && !plan.job.iter().all(|o| o.after.is_empty()) {
+            anyhow::bail!(
+                "plan {}: job {} needs a name, since jobs refer to each other with `after`",
+                path.display(),
+                i + 1
+            );
+        }
+        for dep in &j.after {
+            if !names.contains(&dep.as_str()) {
+                anyhow::bail!(
+                    "plan {}: job {} comes after {dep:?}, which the plan does not define",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+    }
+    Ok(plan.job)
+}
+
+/// Pauses, resumes or cancels a job or the live pipeline, saying which way the request went.
+async fn control(cfg: &Config, job: &str, action: &str) -> anyhow::Result<()> {
+    let route = ferry_pipeline::control::request(cfg, job, action).await?;
+    println!(
+        "{action} of {job} requested ({})",
+        match route {
+            ferry_pipeline::control::Route::Wal =>
+                "through the origin's WAL: capture applies it in stream order",
+            ferry_pipeline::control::Route::Topic =>
+                "through the control topic: it holds across restarts",
+        }
+    );
+    Ok(())
+}
+
+/// A progress bar for a replay (hidden when stderr is not a terminal).
+fn replay_bar(job: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(1)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} offsets {percent:>3}% ETA {eta} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(job.to_string());
+    bar
 }
 
 /// Epoch milliseconds, or an ISO time such as `2026-11-25T10:00:00Z` / `2026-11-25 10:00:00+01`.
@@ -318,92 +415,96 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Backfill {
             table,
+            plan,
+            tier,
+            after,
+            sample,
             predicate,
             chunk_rows,
             job,
             wait,
         } => {
-            let id = parse_table(&table).context("table must be schema.table")?;
-            let (job, total) =
-                capture::request_backfill(&cfg, &id, predicate, chunk_rows, job).await?;
-            println!("backfill {job} requested: {total} rows of {id}; capture runs it between live changes");
-            if wait {
-                let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-                let topic = sink::state_topic(&prefix);
-                let started = std::time::Instant::now();
-                let stop = stop_on_signal();
-                loop {
-                    let (o, t, slot) = (origin.clone(), topic.clone(), cfg.capture.slot.clone());
-                    let st = tokio::task::spawn_blocking(move || {
-                        ferry_pipeline::state::load(&o, &t, &slot)
-                    })
-                    .await??;
-                    if let Some(b) = st.backfills.get(&job) {
-                        let rate = b.rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                        let pct = 100.0 * b.rows as f64 / (b.total.max(1)) as f64;
-                        let eta = (b.total.saturating_sub(b.rows)) as f64 / rate.max(1.0);
-                        eprintln!(
-                            "[{pct:>5.1}%] {job}: {}/{} rows · {rate:.0} rows/s · ETA {eta:.0} s",
-                            b.rows, b.total
-                        );
-                        if b.progress == Some(ferry_pipeline::state::TableProgress::Done) {
-                            println!("backfill {job} done: {} rows", b.rows);
-                            break;
+            let specs: Vec<capture::BackfillSpec> = match (plan, table) {
+                (Some(path), _) => read_plan(&path)?,
+                (None, Some(table)) => {
+                    parse_table(&table).context("table must be schema.table")?;
+                    vec![capture::BackfillSpec {
+                        job,
+                        table,
+                        predicate,
+                        chunk_rows,
+                        tier,
+                        after,
+                        sample,
+                    }]
+                }
+                (None, None) => anyhow::bail!("give --table or --plan"),
+            };
+            let mut names = Vec::new();
+            for spec in &specs {
+                let (name, total) = capture::request(&cfg, spec).await?;
+                println!(
+                    "backfill {name} requested: {total} rows of {} (tier {}{}{}); capture runs it between live changes",
+                    spec.table,
+                    spec.tier,
+                    if spec.after.is_empty() { String::new() } else { format!(", after {}", spec.after.join(", ")) },
+                    spec.sample.map_or(String::new(), |n| format!(", sample {n}")),
+                );
+                names.push((name, spec.sample.is_some()));
+            }
+            for (name, _) in names.iter().filter(|(_, s)| *s) {
+                let outcome = jobs::check_sample(&cfg, name, |line| eprintln!("{name}: {line}"))
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                match outcome {
+                    jobs::Sample::NotReached => println!("{name}: finished before its sample size; nothing held"),
+                    jobs::Sample::Passed { rows } => println!("{name}: sample verified ({rows} rows match at the destination); the job continues"),
+                    jobs::Sample::Failed { report } => {
+                        println!("{name}: sample did NOT verify within backfill.sample_timeout_secs; the job is stopped");
+                        println!("  origin {} rows, destination {} rows", report.origin_rows, report.destination_rows);
+                        for m in report.mismatches.iter().take(20) {
+                            println!("  key ({}): {}", m.key.join(", "), m.kind);
                         }
+                        if report.mismatches.len() > 20 {
+                            println!("  … and {} more", report.mismatches.len() - 20);
+                        }
+                        return Ok(ExitCode::from(1));
                     }
-                    if *stop.borrow() {
-                        println!("stopped following; the job goes on in capture");
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+            if wait {
+                let names: Vec<String> = names.into_iter().map(|(n, _)| n).collect();
+                let rows = jobs::follow(&cfg, &names, stop_on_signal())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                for r in rows.iter().filter(|r| names.contains(&r.job)) {
+                    println!(
+                        "backfill {}: {} ({}/{} rows)",
+                        r.job, r.state, r.done, r.total
+                    );
                 }
             }
         }
-        Command::Jobs => {
-            let (o, t, slot) = (
-                origin.clone(),
-                sink::state_topic(&prefix),
-                cfg.capture.slot.clone(),
-            );
-            let st =
-                tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
-                    .await??;
-            println!(
-                "{:<36} {:<24} {:<10} {:>18} {:>7} {:>9} {:<16}",
-                "job", "table", "state", "rows", "done", "rate/s", "limited by"
-            );
-            for (job, b) in &st.backfills {
-                println!(
-                    "{:<36} {:<24} {:<10} {:>18} {:>6.1}% {:>9.0} {:<16}",
-                    job,
-                    b.table,
-                    b.status(),
-                    format!("{}/{}", b.rows, b.total),
-                    100.0 * b.rows as f64 / b.total.max(1) as f64,
-                    b.rate,
-                    if b.limit.is_empty() {
-                        "-"
-                    } else {
-                        b.limit.as_str()
-                    }
-                );
-            }
-            if st.backfills.is_empty() {
-                println!("(no jobs)");
+        Command::Jobs { watch, json } => {
+            let rows = if watch {
+                jobs::follow(&cfg, &[], stop_on_signal())
+                    .await
+                    .map_err(anyhow::Error::msg)?
+            } else {
+                let c = cfg.clone();
+                tokio::task::spawn_blocking(move || jobs::list(&c))
+                    .await?
+                    .map_err(anyhow::Error::msg)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                jobs::print(&rows);
             }
         }
-        Command::Pause { job } => {
-            capture::control_job(&cfg, &job, "pause").await?;
-            println!("pause of {job} requested");
-        }
-        Command::Resume { job } => {
-            capture::control_job(&cfg, &job, "resume").await?;
-            println!("resume of {job} requested");
-        }
-        Command::Cancel { job } => {
-            capture::control_job(&cfg, &job, "cancel").await?;
-            println!("cancel of {job} requested");
-        }
+        Command::Pause { job } => control(&cfg, &job, "pause").await?,
+        Command::Resume { job } => control(&cfg, &job, "resume").await?,
+        Command::Cancel { job } => control(&cfg, &job, "cancel").await?,
         Command::Replay {
             topic,
             partition,
@@ -413,6 +514,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             to_time,
             job,
             max_events_per_sec,
+            max_bytes_per_sec,
         } => {
             use ferry_pipeline::replay::{self, Bound};
             let from = match (from_offset, from_time) {
@@ -438,9 +540,24 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 to,
                 job: job.clone(),
                 max_events_per_sec,
+                max_bytes_per_sec,
             };
-            let report =
-                replay::run(&cfg, &spec, stop_on_signal(), |line| eprintln!("{line}")).await?;
+            let bar = replay_bar(&job);
+            let report = replay::run(&cfg, &spec, stop_on_signal(), |p| {
+                if p.total > 0 {
+                    bar.set_length(p.total as u64);
+                    bar.set_position(p.done as u64);
+                    bar.set_message(format!(
+                        "{:.0} changes/s · throttle {:.0}/s ({})",
+                        p.rate, p.throttle.0, p.throttle.1
+                    ));
+                }
+                if bar.is_hidden() || p.total == 0 {
+                    eprintln!("{job}: {} [{}/{}]", p.line, p.done, p.total);
+                }
+            })
+            .await?;
+            bar.finish_and_clear();
             println!(
                 "replay {job}: {} batches ({} under ids shipped before), {} changes",
                 report.batches, report.reused_ids, report.events

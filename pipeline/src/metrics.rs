@@ -127,6 +127,8 @@ pub fn render_ship(stats: &ShipStats, cfg: &Config, out: &mut String) {
         .map(|s| s.len())
         .unwrap_or(0);
     let _ = writeln!(out, "# HELP ferry_ship_stopped_partitions partitions stopped by bad data\n# TYPE ferry_ship_stopped_partitions gauge\nferry_ship_stopped_partitions {stopped}");
+    let paused = u8::from(stats.paused.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP ferry_ship_paused 1 while an operator has paused live shipping\n# TYPE ferry_ship_paused gauge\nferry_ship_paused {paused}");
 }
 
 /// Renders apply counters.
@@ -208,30 +210,10 @@ async fn route(
     match (method, segments.as_slice()) {
         ("GET", ["metrics"]) => ("200 OK", "text/plain; version=0.0.4", render()),
         ("GET", ["jobs"]) => {
-            let origin = ferry_connectors::kafka::Cluster::new("origin", cfg.origin.kafka.clone());
-            let (t, slot) = (
-                crate::sink::state_topic(&cfg.capture.topic_prefix),
-                cfg.capture.slot.clone(),
-            );
-            match tokio::task::spawn_blocking(move || crate::state::load(&origin, &t, &slot)).await
-            {
-                Ok(Ok(st)) => {
-                    let jobs: Vec<serde_json::Value> = st
-                        .backfills
-                        .iter()
-                        .map(|(job, b)| {
-                            serde_json::json!({
-                                "job": job, "table": b.table, "state": b.status(),
-                                "rows": b.rows, "total": b.total, "rate": b.rate, "limited_by": b.limit,
-                            })
-                        })
-                        .collect();
-                    json("200 OK", serde_json::json!({ "jobs": jobs }))
-                }
-                Ok(Err(e)) => json(
-                    "503 Service Unavailable",
-                    serde_json::json!({ "error": e.to_string() }),
-                ),
+            let c = cfg.clone();
+            match tokio::task::spawn_blocking(move || crate::jobs::list(&c)).await {
+                Ok(Ok(rows)) => json("200 OK", serde_json::json!({ "jobs": rows })),
+                Ok(Err(e)) => json("503 Service Unavailable", serde_json::json!({ "error": e })),
                 Err(e) => json(
                     "500 Internal Server Error",
                     serde_json::json!({ "error": e.to_string() }),
@@ -252,8 +234,8 @@ async fn route(
                     serde_json::json!({ "error": "missing or wrong bearer token" }),
                 );
             }
-            match crate::capture::control_job(cfg, job, action).await {
-                Ok(()) => json(
+            match crate::control::request(cfg, job, action).await {
+                Ok(_) => json(
                     "202 Accepted",
                     serde_json::json!({ "job": job, "action": action }),
                 ),

@@ -50,17 +50,59 @@ pub struct Spec {
     pub to: Option<Bound>,
     /// Job name (checkpoints are kept under it).
     pub job: String,
-    /// Rate cap, changes per second.
+    /// Rate cap, changes per second (the throttle's ceiling).
     pub max_events_per_sec: f64,
+    /// Egress cap, bytes per second.
+    pub max_bytes_per_sec: Option<f64>,
 }
 
 /// Per-partition progress of a replay job.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Next origin offset to replay, per partition.
     pub next: BTreeMap<i32, i64>,
     /// Where each partition's replay ends (exclusive).
     pub end: BTreeMap<i32, i64>,
+    /// The origin topic.
+    #[serde(default)]
+    pub topic: String,
+    /// Offsets in the whole range, and done so far.
+    #[serde(default)]
+    pub total: i64,
+    /// `running`, `paused`, `cancelled` or `done` when last saved.
+    #[serde(default)]
+    pub status: String,
+    /// The throttle's rate (changes/s) and the signal limiting it when last saved.
+    #[serde(default)]
+    pub rate: f64,
+    /// See `rate`.
+    #[serde(default)]
+    pub limit: String,
+}
+
+impl Checkpoint {
+    /// Offsets left to replay.
+    pub fn remaining(&self) -> i64 {
+        self.end
+            .iter()
+            .map(|(p, e)| e - self.next.get(p).copied().unwrap_or(*e))
+            .sum()
+    }
+}
+
+/// Where a running replay stands, for progress displays.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Offsets done and in all.
+    pub done: i64,
+    /// See `done`.
+    pub total: i64,
+    /// Changes per second so far.
+    pub rate: f64,
+    /// The throttle's rate now and what limits it.
+    pub throttle: (f64, String),
+    /// What just happened, in words.
+    pub line: String,
 }
 
 /// What a replay did.
@@ -141,16 +183,64 @@ pub fn plan(from: i64, to: i64, shipped: &[(i64, i64)], max: i64) -> Vec<((i64, 
     out
 }
 
-/// Runs a replay job to its end (or until `stop`), printing progress through `progress`.
+/// The replay lane's throttle: AIMD on the live lane's lag (replay yields at half the lag a
+/// backfill tolerates) and the destination's acknowledgement time, under the job's cap.
+fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals::Sampler) {
+    let b = &cfg.backfill;
+    let prefix = cfg.capture.topic_prefix.clone();
+    let ceiling = spec.max_events_per_sec.max(1.0);
+    let aimd = crate::throttle::Aimd::new(crate::throttle::Settings {
+        canary_baseline_ms: f64::INFINITY,
+        canary_tolerance: 1.0,
+        wal_budget_bytes: u64::MAX,
+        live_lag_budget: if b.live_lag_budget == 0 {
+            u64::MAX
+        } else {
+            (b.live_lag_budget / 2).max(1)
+        },
+        produce_latency_budget_ms: if b.produce_latency_budget_ms > 0.0 {
+            b.produce_latency_budget_ms
+        } else {
+            f64::INFINITY
+        },
+        floor: b.min_rows_per_sec.min(ceiling),
+        ceiling,
+        increase: b.increase_rows_per_sec,
+        decrease: b.decrease,
+        max_events_per_sec: Some(ceiling),
+        max_bytes_per_sec: spec.max_bytes_per_sec,
+        bytes_per_event: 0.0,
+    });
+    let sampler = crate::signals::Sampler::start(crate::signals::Probes {
+        live_lag: (b.live_lag_budget > 0).then(|| {
+            (
+                Cluster::new("origin", cfg.origin.kafka.clone()),
+                prefix.clone(),
+                cfg.ship.group_id.clone(),
+            )
+        }),
+        produce: (b.produce_latency_budget_ms > 0.0).then(|| {
+            (
+                Cluster::new("destination", cfg.destination.kafka.clone()),
+                format!("{prefix}._probe"),
+            )
+        }),
+        ..crate::signals::Probes::default()
+    });
+    (aimd, sampler)
+}
+
+/// Runs a replay job to its end (or until `stop` or a cancel), reporting through `progress`.
+/// A pause (`ferry pause <job>`) holds it between ranges, consuming nothing, across restarts.
 pub async fn run(
     cfg: &Config,
     spec: &Spec,
     stop: watch::Receiver<bool>,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(&Progress),
 ) -> Result<Report, ShipError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let state_topic = sink::state_topic(&cfg.capture.topic_prefix);
-    let key = format!("job/{}", spec.job);
+    let key = crate::control::job_key(&spec.job);
     let saver = origin.producer(5)?;
     let partitions: Vec<i32> = match spec.partition {
         Some(p) => vec![p],
@@ -190,15 +280,26 @@ pub async fn run(
         cp.next.insert(p, start);
         cp.end.insert(p, end);
     }
-    let total: i64 = partitions
-        .iter()
-        .map(|p| cp.end[p] - cp.next[p])
-        .sum::<i64>()
-        .max(1);
+    cp.topic = spec.topic.clone();
+    if cp.total == 0 {
+        cp.total = cp.remaining();
+    }
+    cp.status = "running".into();
+    // Registered before anything is shipped, so `ferry jobs` and `ferry pause` know the job.
+    state::save_value(&saver, &state_topic, &key, &cp)
+        .await
+        .map_err(other)?;
+    let mut gate = crate::control::follow(cfg, key.clone())
+        .await
+        .map_err(|e| ShipError::Unavailable(e.to_string()))?;
+    let total = cp.total.max(1);
+    let (mut aimd, sampler) = throttle(cfg, spec);
+    let mut last_tick = Instant::now();
     let mut shipper = RangeShipper::new(cfg)?;
     let mut pacer = Pacer::default();
     let mut report = Report::default();
     let started = Instant::now();
+    let mut shipped_bytes = 0u64;
     for &p in &partitions {
         let (cfg2, topic) = (cfg.clone(), spec.topic.clone());
         let shipped = tokio::task::spawn_blocking(move || shipped_ranges(&cfg2, &topic, p))
@@ -211,33 +312,102 @@ pub async fn run(
             cfg.ship.max_events as i64,
         );
         for ((first, last), reused) in steps {
+            // The operator's switch: a pause holds here (nothing read), a cancel ends the job.
+            loop {
+                let g = *gate.borrow_and_update();
+                match g {
+                    crate::control::Gate::Open => break,
+                    crate::control::Gate::Cancelled => {
+                        cp.status = "cancelled".into();
+                        state::save_value(&saver, &state_topic, &key, &cp)
+                            .await
+                            .map_err(other)?;
+                        progress(&Progress {
+                            line: "cancelled".into(),
+                            ..Progress::default()
+                        });
+                        return Ok(report);
+                    }
+                    crate::control::Gate::Paused => {
+                        if cp.status != "paused" {
+                            cp.status = "paused".into();
+                            state::save_value(&saver, &state_topic, &key, &cp)
+                                .await
+                                .map_err(other)?;
+                            progress(&Progress {
+                                line: format!("paused (`ferry resume {}` resumes)", spec.job),
+                                ..Progress::default()
+                            });
+                        }
+                        let mut s = stop.clone();
+                        tokio::select! {
+                            _ = gate.changed() => {}
+                            _ = s.changed() => {}
+                        }
+                        if *stop.borrow() {
+                            return Ok(report);
+                        }
+                    }
+                }
+            }
+            if cp.status != "running" {
+                cp.status = "running".into();
+            }
             if *stop.borrow() {
-                progress("stopped; run the same command again to resume");
+                progress(&Progress {
+                    line: "stopped; run the same command again to resume".into(),
+                    ..Progress::default()
+                });
                 return Ok(report);
             }
-            pacer
-                .acquire((last - first + 1) as f64, spec.max_events_per_sec)
-                .await;
-            let (events, _) = shipper.ship_range(&spec.topic, p, first, last).await?;
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                if report.events > 0 {
+                    aimd.set_bytes_per_event(shipped_bytes as f64 / report.events as f64);
+                }
+                let r = sampler.read();
+                aimd.step(&crate::throttle::Signals {
+                    canary_p99_ms: 0.0,
+                    retained_wal_bytes: 0,
+                    live_lag_events: r.live_lag_events.unwrap_or(0),
+                    produce_latency_ms: r.produce_latency_ms.unwrap_or(0.0),
+                });
+            }
+            pacer.acquire((last - first + 1) as f64, aimd.rate()).await;
+            let (events, _, bytes) = shipper.ship_range(&spec.topic, p, first, last).await?;
+            shipped_bytes += bytes;
             crate::ship::failpoint("replay.before_checkpoint");
             cp.next.insert(p, last + 1);
+            cp.rate = aimd.rate().round();
+            cp.limit = aimd.limit().to_string();
+            let remaining = cp.remaining();
+            if remaining == 0 {
+                cp.status = "done".into();
+            }
             state::save_value(&saver, &state_topic, &key, &cp)
                 .await
                 .map_err(other)?;
             report.batches += 1;
             report.reused_ids += u64::from(reused);
             report.events += events;
-            let done = report.events as f64;
             let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let remaining: i64 = partitions.iter().map(|q| cp.end[q] - cp.next[q]).sum();
-            progress(&format!(
-                "[{:>5.1}%] partition {p} offsets {first}-{last} shipped ({} id) · {:.0} changes/s · ETA {:.0} s",
-                100.0 * (1.0 - remaining as f64 / total as f64),
-                if reused { "same" } else { "new" },
-                done / secs,
-                remaining as f64 / (done / secs).max(1.0)
-            ));
+            progress(&Progress {
+                done: total - remaining,
+                total,
+                rate: report.events as f64 / secs,
+                throttle: (aimd.rate(), aimd.limit().to_string()),
+                line: format!(
+                    "partition {p} offsets {first}-{last} shipped ({} id)",
+                    if reused { "same" } else { "new" }
+                ),
+            });
         }
+    }
+    if cp.status != "done" {
+        cp.status = "done".into();
+        state::save_value(&saver, &state_topic, &key, &cp)
+            .await
+            .map_err(other)?;
     }
     Ok(report)
 }

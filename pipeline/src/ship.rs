@@ -64,6 +64,9 @@ pub enum ShipError {
         /// What is wrong.
         reason: String,
     },
+    /// A service Ferry depends on is unreachable for now (retried).
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -76,6 +79,7 @@ impl ShipError {
             ShipError::Kafka(e) => e.is_retryable(),
             ShipError::Client { .. } => true,
             ShipError::Data { .. } => false,
+            ShipError::Unavailable(_) => true,
             ShipError::Other(_) => false,
         }
     }
@@ -127,6 +131,8 @@ pub struct ShipStats {
     pub wire_tx_bytes: std::sync::atomic::AtomicU64,
     /// When the first origin record arrived (start-up and group join end there).
     pub first_record_at: std::sync::OnceLock<Instant>,
+    /// Live shipping is paused by an operator.
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 impl ShipStats {
@@ -689,6 +695,21 @@ async fn run_once(
         .subscribe(&[&pattern])
         .map_err(client("origin", format!("subscribing to {pattern}")))?;
     tracing::info!(group = cfg.ship.group_id, pattern, batch_topic, "shipping");
+    // The live pipeline's pause switch: while paused, every assigned partition is paused (no
+    // fetches) and nothing is shipped; buffered records wait, and every offset stays put.
+    let mut live = crate::control::follow(cfg, crate::control::live_key(cfg))
+        .await
+        .map_err(|e| ShipError::Unavailable(e.to_string()))?;
+    let mut paused = *live.borrow_and_update() == crate::control::Gate::Paused;
+    stats
+        .paused
+        .store(paused, std::sync::atomic::Ordering::Relaxed);
+    if paused {
+        tracing::warn!(
+            group = cfg.ship.group_id,
+            "live shipping is paused (`ferry resume live` resumes it)"
+        );
+    }
 
     let mut shipper = Shipper {
         cfg,
@@ -714,8 +735,15 @@ async fn run_once(
                     }
                 }
                 Assignment::Assigned(ps) => {
+                    let mut tpl = TopicPartitionList::new();
                     for p in ps {
+                        tpl.add_partition(&p.0, p.1);
                         buffers.remove(&p);
+                    }
+                    if paused {
+                        consumer
+                            .pause(&tpl)
+                            .map_err(client("origin", "pausing partitions"))?;
                     }
                 }
             }
@@ -723,6 +751,20 @@ async fn run_once(
         let mut due: Vec<(String, i32)> = Vec::new();
         tokio::select! {
             _ = stop.changed() => break,
+            Ok(()) = live.changed() => {
+                let now = *live.borrow_and_update() == crate::control::Gate::Paused;
+                if now != paused {
+                    paused = now;
+                    stats.paused.store(paused, std::sync::atomic::Ordering::Relaxed);
+                    let assigned = consumer.assignment().map_err(client("origin", "reading the assignment"))?;
+                    if paused {
+                        consumer.pause(&assigned).map_err(client("origin", "pausing partitions"))?;
+                    } else {
+                        consumer.resume(&assigned).map_err(client("origin", "resuming partitions"))?;
+                    }
+                    tracing::warn!(group = cfg.ship.group_id, paused, partitions = assigned.count(), "live shipping {}", if paused { "paused" } else { "resumed" });
+                }
+            }
             _ = tick.tick() => {
                 for (tp, b) in &buffers {
                     if !b.records.is_empty() && b.opened.is_some_and(|o| o.elapsed() >= linger) {
@@ -786,6 +828,9 @@ async fn run_once(
                     }
                 }
             }
+        }
+        if paused {
+            continue;
         }
         for tp in due {
             flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
@@ -945,7 +990,7 @@ impl<'a> RangeShipper<'a> {
         partition: i32,
         first: i64,
         last: i64,
-    ) -> Result<(u64, u64), ShipError> {
+    ) -> Result<(u64, u64, u64), ShipError> {
         let (o, t) = (self.origin.clone(), topic.to_string());
         let records =
             tokio::task::spawn_blocking(move || read_range(&o, &t, partition, first, last))
@@ -957,6 +1002,7 @@ impl<'a> RangeShipper<'a> {
         Ok((
             after.events_in - before.events_in,
             after.events_out - before.events_out,
+            after.shipped_bytes - before.shipped_bytes,
         ))
     }
 }
@@ -987,7 +1033,8 @@ pub fn parse_batch_id(batch_id: &str) -> Result<(String, i32, i64, i64), ShipErr
 /// skips it otherwise. Returns (events in, rows out).
 pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipError> {
     let (topic, partition, first, last) = parse_batch_id(batch_id)?;
-    RangeShipper::new(cfg)?
+    let (events_in, events_out, _) = RangeShipper::new(cfg)?
         .ship_range(&topic, partition, first, last)
-        .await
+        .await?;
+    Ok((events_in, events_out))
 }

@@ -172,6 +172,13 @@ impl Snapshotter {
         }
     }
 
+    /// Orders queued backfill jobs by `rank` (their tier), keeping request order within one.
+    pub fn order_backfills(&mut self, rank: impl Fn(&str) -> u32) {
+        self.backfills
+            .make_contiguous()
+            .sort_by_key(|j| rank(j.as_str()));
+    }
+
     fn next_backfill(&self) -> Option<&String> {
         self.backfills.iter().find(|j| !self.blocked.contains(*j))
     }
@@ -220,6 +227,7 @@ impl Snapshotter {
     pub async fn start_chunk(
         &mut self,
         client: &Client,
+        replica: Option<&Client>,
         state: &CaptureState,
         recent_xids: &HashSet<u32>,
     ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
@@ -362,8 +370,15 @@ impl Snapshotter {
                 chunk_rows
             }
         );
+        // A backfill chunk may read from a replica; its snapshot is checked against the
+        // stream exactly like the primary's (a lagging replica is waited for below).
+        let reader = match (&backfill, replica) {
+            (Some(_), Some(r)) => r,
+            _ => client,
+        };
+        let waiting_since = std::time::Instant::now();
         let (visibility, messages) = loop {
-            let read = client
+            let read = reader
                 .simple_query(&format!(
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
                      SELECT pg_current_snapshot()::text; {sql}; COMMIT"
@@ -384,8 +399,18 @@ impl Snapshotter {
                         "unexpected pg_current_snapshot() result {snapshot_text:?}"
                     ))
                 })?;
-            if visibility.in_progress.is_disjoint(recent_xids) {
+            if recent_xids.iter().all(|x| visibility.sees(*x)) {
                 break (visibility, read);
+            }
+            if waiting_since.elapsed() > std::time::Duration::from_secs(120) {
+                return Err(CaptureError::Setup(format!(
+                    "a snapshot read of {table} has not seen transactions already streamed for 120 s{}",
+                    if std::ptr::eq(reader, client) {
+                        ""
+                    } else {
+                        " (the backfill replica lags that far behind the primary)"
+                    }
+                )));
             }
             // A transaction already streamed is not visible yet: wait a moment and read again.
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -65,10 +65,43 @@ pub struct Backfill {
     /// The signal limiting the rate then.
     #[serde(default)]
     pub limit: String,
+    /// Tier in a plan: a job starts only when no job of a lower tier is unfinished.
+    #[serde(default)]
+    pub tier: u32,
+    /// Jobs that must be done before this one starts.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Staged progression: hold after this many rows until the sample verifies at the
+    /// destination (`ferry backfill --sample`).
+    #[serde(default)]
+    pub sample: Option<u64>,
+    /// Where the sample stands: `held` (waiting for verification), `passed` or `failed`.
+    #[serde(default)]
+    pub sample_state: Option<String>,
 }
 
 impl Backfill {
-    /// `running`, `paused`, `cancelled` or `done`.
+    /// A job as requested, nothing done yet.
+    pub fn new(table: String, predicate: Option<String>, chunk_rows: usize, total: u64) -> Self {
+        Backfill {
+            table,
+            predicate,
+            chunk_rows: chunk_rows.max(1),
+            progress: None,
+            rows: 0,
+            total,
+            paused: false,
+            cancelled: false,
+            rate: 0.0,
+            limit: String::new(),
+            tier: 0,
+            after: Vec::new(),
+            sample: None,
+            sample_state: None,
+        }
+    }
+
+    /// `done`, `cancelled`, `paused`, `sampled` (held for verification) or `running`.
     pub fn status(&self) -> &'static str {
         if self.progress == Some(TableProgress::Done) {
             "done"
@@ -76,9 +109,48 @@ impl Backfill {
             "cancelled"
         } else if self.paused {
             "paused"
+        } else if self.sample_state.as_deref() == Some("held") {
+            "sampled"
         } else {
             "running"
         }
+    }
+
+    /// Whether this job holds for its sample to be verified.
+    pub fn held(&self) -> bool {
+        self.sample_state.as_deref() == Some("held")
+    }
+}
+
+impl CaptureState {
+    /// Why `job` may not read now (`None`: it may): an operator's pause or cancel, its sample
+    /// awaiting verification, a job it comes after, or an unfinished job of a lower tier.
+    pub fn backfill_wait(&self, job: &str) -> Option<String> {
+        let b = self.backfills.get(job)?;
+        if b.progress == Some(TableProgress::Done) {
+            return Some("done".into());
+        }
+        if b.cancelled || b.paused {
+            return Some(b.status().into());
+        }
+        if b.held() {
+            return Some("sample awaiting verification".into());
+        }
+        for dep in &b.after {
+            match self.backfills.get(dep) {
+                Some(d) if d.progress == Some(TableProgress::Done) => {}
+                Some(d) if d.cancelled => return Some(format!("after {dep}, which was cancelled")),
+                Some(_) => return Some(format!("after {dep}")),
+                None => return Some(format!("after {dep}, not requested yet")),
+            }
+        }
+        let lower = self.backfills.iter().find(|(name, o)| {
+            o.tier < b.tier
+                && o.progress != Some(TableProgress::Done)
+                && !o.cancelled
+                && name.as_str() != job
+        });
+        lower.map(|(name, o)| format!("tier {} waits for {name} (tier {})", b.tier, o.tier))
     }
 }
 
@@ -100,12 +172,23 @@ pub fn load_value<T: serde::de::DeserializeOwned>(
     topic: &str,
     key: &str,
 ) -> Result<Option<T>, CaptureError> {
+    let mut found = load_all::<T>(cluster, topic, |k| k == key)?;
+    Ok(found.remove(key))
+}
+
+/// Reads the newest JSON value of every key `wanted` accepts (a deleted key is absent).
+pub fn load_all<T: serde::de::DeserializeOwned>(
+    cluster: &Cluster,
+    topic: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, T>, CaptureError> {
     let consumer = cluster.reader()?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, Duration::from_secs(10))
         .map_err(|e| state_err(topic, format!("reading watermarks: {e}")))?;
+    let mut raw: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
     if high <= low {
-        return Ok(None);
+        return Ok(BTreeMap::new());
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
@@ -113,7 +196,6 @@ pub fn load_value<T: serde::de::DeserializeOwned>(
     consumer
         .assign(&tpl)
         .map_err(|e| state_err(topic, e.to_string()))?;
-    let mut state = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if std::time::Instant::now() > deadline {
@@ -127,12 +209,11 @@ pub fn load_value<T: serde::de::DeserializeOwned>(
             Some(Err(RdError::PartitionEOF(_))) => break,
             Some(Err(e)) => return Err(state_err(topic, e.to_string())),
             Some(Ok(m)) => {
-                if m.key() == Some(key.as_bytes()) {
-                    state = match m.payload() {
-                        None => None,
-                        Some(p) => Some(serde_json::from_slice(p).map_err(|e| {
-                            state_err(topic, format!("record at offset {}: {e}", m.offset()))
-                        })?),
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default());
+                if wanted(&key) {
+                    match m.payload() {
+                        None => raw.remove(key.as_ref()),
+                        Some(p) => raw.insert(key.into_owned(), (m.offset(), p.to_vec())),
                     };
                 }
                 if m.offset() + 1 >= high {
@@ -141,7 +222,13 @@ pub fn load_value<T: serde::de::DeserializeOwned>(
             }
         }
     }
-    Ok(state)
+    raw.into_iter()
+        .map(|(k, (offset, body))| {
+            serde_json::from_slice(&body)
+                .map(|v| (k, v))
+                .map_err(|e| state_err(topic, format!("record at offset {offset}: {e}")))
+        })
+        .collect()
 }
 
 /// Writes the state for `slot` and waits for the broker's acknowledgement.

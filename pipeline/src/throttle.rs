@@ -110,6 +110,11 @@ impl Aimd {
         self.settings.canary_baseline_ms = ms;
     }
 
+    /// Sets the average bytes per event the byte cap divides by.
+    pub fn set_bytes_per_event(&mut self, bytes: f64) {
+        self.settings.bytes_per_event = bytes;
+    }
+
     /// The current rate (per second).
     pub fn rate(&self) -> f64 {
         self.rate

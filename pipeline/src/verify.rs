@@ -34,6 +34,8 @@ pub struct Report {
 struct Side {
     session: Session,
     q: String,
+    /// An extra condition every query of this comparison carries (`true`: the whole table).
+    scope: String,
     /// (column, type) in origin column order.
     columns: Vec<(String, String)>,
     keys: Vec<(String, String)>,
@@ -82,6 +84,7 @@ impl Side {
         Ok(Side {
             session,
             q,
+            scope: "true".into(),
             columns,
             keys,
         })
@@ -115,7 +118,7 @@ impl Side {
     }
 
     fn predicate(&self, lo: Option<&[String]>, hi: Option<&[String]>) -> String {
-        let mut p = vec!["true".to_string()];
+        let mut p = vec![self.scope.clone()];
         if let Some(lo) = lo {
             p.push(format!("({}) >= {}", self.order(), self.bound(lo)));
         }
@@ -225,15 +228,44 @@ type Key = Vec<String>;
 const FIRST_RANGE_ROWS: i64 = 10_000;
 const ROW_BY_ROW: i64 = 64;
 
+/// Which rows a comparison covers.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Only keys up to and including this one (text of each key column).
+    pub upto: Option<Vec<String>>,
+    /// Only rows matching this SQL predicate.
+    pub predicate: Option<String>,
+}
+
 /// Compares `table` in both databases.
 pub async fn verify(
     origin: &PgConfig,
     destination: &PgConfig,
     table: &TableId,
 ) -> Result<Report, String> {
-    let o = Side::open(origin, table, None).await?;
+    verify_scope(origin, destination, table, &Scope::default()).await
+}
+
+/// Compares the rows of `table` within `scope` in both databases (a backfill's sample).
+pub async fn verify_scope(
+    origin: &PgConfig,
+    destination: &PgConfig,
+    table: &TableId,
+    scope: &Scope,
+) -> Result<Report, String> {
+    let mut o = Side::open(origin, table, None).await?;
     let names: Vec<String> = o.columns.iter().map(|(c, _)| c.clone()).collect();
-    let d = Side::open(destination, table, Some(&names)).await?;
+    let mut d = Side::open(destination, table, Some(&names)).await?;
+    for side in [&mut o, &mut d] {
+        let mut parts = vec!["true".to_string()];
+        if let Some(k) = &scope.upto {
+            parts.push(format!("({}) <= {}", side.order(), side.bound(k)));
+        }
+        if let Some(p) = &scope.predicate {
+            parts.push(format!("({p})"));
+        }
+        side.scope = parts.join(" AND ");
+    }
     if d.columns.len() != o.columns.len() {
         return Err(format!(
             "the destination lacks columns of {table}: origin has {}, destination {}",

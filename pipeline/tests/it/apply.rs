@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::support::{start_capture, TestDb};
 
-async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
+pub(crate) async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
     let admin = PgConfig {
         database: "postgres".into(),
         ..db.cfg.origin.postgres.clone()
@@ -37,7 +37,7 @@ async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
     }
 }
 
-async fn drop_db(pg: &PgConfig) {
+pub(crate) async fn drop_db(pg: &PgConfig) {
     let admin = PgConfig {
         database: "postgres".into(),
         ..pg.clone()
@@ -507,6 +507,7 @@ async fn verify_finds_drift_and_repair_fixes_it() {
         to: None,
         job: "replay-all".into(),
         max_events_per_sec: 1e6,
+        max_bytes_per_sec: None,
     };
     let never = watch::channel(false).1;
     let r = ferry_pipeline::replay::run(&db.cfg, &spec, never.clone(), |_| {})

@@ -6,6 +6,7 @@ mod apply;
 mod capture;
 mod check;
 mod crash;
+mod jobs;
 mod schema_change;
 mod ship;
 mod snapshot;

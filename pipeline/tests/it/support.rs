@@ -35,6 +35,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new(test: &str) -> TestDb {
+        init_logs();
         let base = Config::load(&repo().join("ops/ferry.toml")).expect("ops/ferry.toml loads");
         let t = tag();
         let name = format!("ferry_it_{test}_{t}");
@@ -290,5 +291,18 @@ pub async fn wait_backfill_done(cfg: &Config, job: &str, timeout: Duration) {
             st.backfills.get(job)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Logs to stderr when `FERRY_TEST_LOG` is set (e.g. `FERRY_TEST_LOG=info`), for debugging.
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if let Ok(filter) = std::env::var("FERRY_TEST_LOG") {
+        ONCE.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        });
     }
 }
