@@ -89,10 +89,9 @@ async fn ensure(origin: &Cluster, topic: &str) -> Result<(), CaptureError> {
 /// Writes `action` for `key` and waits for the broker's acknowledgement.
 pub async fn send(cfg: &Config, key: &str, action: &str) -> Result<(), CaptureError> {
     if !matches!(action, "pause" | "resume" | "cancel") {
-        return Err(err(
-            key,
-            format!("unknown action {action:?} (pause, resume or cancel)"),
-        ));
+        return Err(CaptureError::Setup(format!(
+            "unknown action {action:?} for {key} (pause, resume or cancel)"
+        )));
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let topic = topic(&cfg.capture.topic_prefix);
@@ -127,9 +126,8 @@ pub enum Route {
 pub async fn request(cfg: &Config, job: &str, action: &str) -> Result<Route, CaptureError> {
     if job == LIVE {
         if action == "cancel" {
-            return Err(err(
-                job,
-                "the live pipeline can be paused and resumed, not cancelled",
+            return Err(CaptureError::Setup(
+                "the live pipeline can be paused and resumed, not cancelled".into(),
             ));
         }
         send(cfg, &live_key(cfg), action).await?;
@@ -157,10 +155,9 @@ pub async fn request(cfg: &Config, job: &str, action: &str) -> Result<Route, Cap
         send(cfg, &job_key(job), action).await?;
         Ok(Route::Topic)
     } else {
-        Err(err(
-            &state_topic,
-            format!("no job named {job:?} (see `ferry jobs`; the live pipeline is `live`)"),
-        ))
+        Err(CaptureError::Setup(format!(
+            "no job named {job:?} (see `ferry jobs`; the live pipeline is `live`)"
+        )))
     }
 }
 
@@ -186,17 +183,7 @@ fn read_into(
         let (low, h) = match reader.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
             Ok(w) => w,
             // No topic: nothing was ever requested.
-            Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
-                            | rdkafka::types::RDKafkaErrorCode::UnknownTopic
-                    )
-                ) =>
-            {
-                return Ok(false)
-            }
+            Err(e) if crate::state::missing_topic(&e) => return Ok(false),
             Err(e) => return Err(err(topic, format!("reading watermarks: {e}"))),
         };
         let mut tpl = TopicPartitionList::new();

@@ -53,7 +53,7 @@ pub enum CaptureError {
     #[error("{0}")]
     Setup(String),
     /// Stored capture state could not be read.
-    #[error("capture state topic {topic}: {reason}")]
+    #[error("state topic {topic}: {reason}")]
     State {
         /// The state topic.
         topic: String,

@@ -154,6 +154,15 @@ impl CaptureState {
     }
 }
 
+/// Whether a client error means the topic does not exist (yet): nothing was stored there.
+pub fn missing_topic(e: &RdError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition)
+    )
+}
+
 fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {
     CaptureError::State {
         topic: topic.into(),
@@ -183,9 +192,11 @@ pub fn load_all<T: serde::de::DeserializeOwned>(
     wanted: impl Fn(&str) -> bool,
 ) -> Result<BTreeMap<String, T>, CaptureError> {
     let consumer = cluster.reader()?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .map_err(|e| state_err(topic, format!("reading watermarks: {e}")))?;
+    let (low, high) = match consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
+        Ok(w) => w,
+        Err(e) if missing_topic(&e) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(state_err(topic, format!("reading watermarks: {e}"))),
+    };
     let mut raw: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
     if high <= low {
         return Ok(BTreeMap::new());
