@@ -224,7 +224,6 @@ impl BackfillThrottle {
     fn new(cfg: &Config) -> Self {
         let b = &cfg.backfill;
         let budget = |v: f64| if v > 0.0 { v } else { f64::INFINITY };
-        let prefix = cfg.capture.topic_prefix.clone();
         BackfillThrottle {
             aimd: crate::throttle::Aimd::new(crate::throttle::Settings {
                 canary_baseline_ms: f64::INFINITY,
@@ -250,20 +249,8 @@ impl BackfillThrottle {
             probes: crate::signals::Probes {
                 canary: Some((cfg.origin.postgres.clone(), b.canary_sql.clone())),
                 slot: Some(cfg.capture.slot.clone()),
-                live_lag: (b.live_lag_budget > 0).then(|| {
-                    (
-                        Cluster::new("origin", cfg.origin.kafka.clone()),
-                        prefix.clone(),
-                        cfg.ship.group_id.clone(),
-                    )
-                }),
-                produce: (b.produce_latency_budget_ms > 0.0).then(|| {
-                    (
-                        Cluster::new("destination", cfg.destination.kafka.clone()),
-                        format!("{prefix}._probe"),
-                    )
-                }),
                 window: Duration::from_secs(b.canary_window_secs.max(1)),
+                ..crate::signals::Probes::lanes(cfg)
             },
             sampler: None,
             warmup: 0,

@@ -187,7 +187,6 @@ pub fn plan(from: i64, to: i64, shipped: &[(i64, i64)], max: i64) -> Vec<((i64, 
 /// backfill tolerates) and the destination's acknowledgement time, under the job's cap.
 fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals::Sampler) {
     let b = &cfg.backfill;
-    let prefix = cfg.capture.topic_prefix.clone();
     let ceiling = spec.max_events_per_sec.max(1.0);
     let aimd = crate::throttle::Aimd::new(crate::throttle::Settings {
         canary_baseline_ms: f64::INFINITY,
@@ -211,22 +210,7 @@ fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals
         max_bytes_per_sec: spec.max_bytes_per_sec,
         bytes_per_event: 0.0,
     });
-    let sampler = crate::signals::Sampler::start(crate::signals::Probes {
-        live_lag: (b.live_lag_budget > 0).then(|| {
-            (
-                Cluster::new("origin", cfg.origin.kafka.clone()),
-                prefix.clone(),
-                cfg.ship.group_id.clone(),
-            )
-        }),
-        produce: (b.produce_latency_budget_ms > 0.0).then(|| {
-            (
-                Cluster::new("destination", cfg.destination.kafka.clone()),
-                format!("{prefix}._probe"),
-            )
-        }),
-        ..crate::signals::Probes::default()
-    });
+    let sampler = crate::signals::Sampler::start(crate::signals::Probes::lanes(cfg));
     (aimd, sampler)
 }
 

@@ -39,6 +39,31 @@ pub struct Probes {
     pub window: Duration,
 }
 
+impl Probes {
+    /// The lane signals every throttled job reads: the live shipper group's lag and the
+    /// destination's acknowledgement time, each unless its budget is 0 (off).
+    pub fn lanes(cfg: &crate::config::Config) -> Probes {
+        let b = &cfg.backfill;
+        let prefix = &cfg.capture.topic_prefix;
+        Probes {
+            live_lag: (b.live_lag_budget > 0).then(|| {
+                (
+                    Cluster::new("origin", cfg.origin.kafka.clone()),
+                    prefix.clone(),
+                    cfg.ship.group_id.clone(),
+                )
+            }),
+            produce: (b.produce_latency_budget_ms > 0.0).then(|| {
+                (
+                    Cluster::new("destination", cfg.destination.kafka.clone()),
+                    format!("{prefix}._probe"),
+                )
+            }),
+            ..Probes::default()
+        }
+    }
+}
+
 /// The newest readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Readings {

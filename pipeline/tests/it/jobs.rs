@@ -144,13 +144,7 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
         assert!(Instant::now() < deadline, "core never finished");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let rows = {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || jobs::list(&c))
-            .await
-            .expect("task")
-            .expect("jobs")
-    };
+    let rows = list_jobs(&db.cfg).await;
     let orders = rows.iter().find(|r| r.job == "orders").expect("orders row");
     assert_eq!((orders.kind, orders.tier), ("backfill", Some(1)));
     assert!(rows.iter().any(|r| r.job == "live" && r.kind == "live"));
@@ -240,6 +234,14 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
     db.cleanup().await;
 }
 
+async fn list_jobs(cfg: &Config) -> Vec<jobs::JobRow> {
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || jobs::list(&c))
+        .await
+        .expect("task")
+        .expect("jobs")
+}
+
 /// Batches in the destination batch topic.
 fn batches(cfg: &Config) -> usize {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
@@ -318,13 +320,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
             .expect("task")
     });
     assert_eq!(before, after, "a paused pipeline consumed or shipped");
-    let rows = {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || jobs::list(&c))
-            .await
-            .expect("task")
-            .expect("jobs")
-    };
+    let rows = list_jobs(&db.cfg).await;
     let live = rows.iter().find(|r| r.job == "live").expect("live row");
     assert_eq!(live.state, "paused");
 
@@ -383,13 +379,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         .await
         .expect("replay");
     assert_eq!(report.events, 400, "{report:?}");
-    let rows = {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || jobs::list(&c))
-            .await
-            .expect("task")
-            .expect("jobs")
-    };
+    let rows = list_jobs(&db.cfg).await;
     let rp = rows.iter().find(|r| r.job == "rp1").expect("replay row");
     assert_eq!(
         (rp.kind, rp.state.as_str(), rp.done),
