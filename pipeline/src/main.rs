@@ -365,16 +365,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             println!("all checks passed");
         }
         Command::Capture { null_sink } => {
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-                let _ = stop_tx.send(true);
-            });
+            let stop_rx = stop_on_signal();
             let mode = if null_sink {
                 SinkMode::Null
             } else {

@@ -189,13 +189,18 @@ impl Default for Pacer {
 }
 
 impl Pacer {
-    /// Takes `n` units if they fit at `rate` now, without waiting.
-    pub fn try_acquire(&mut self, n: f64, rate: f64) -> bool {
-        let rate = rate.max(1e-3);
+    /// Adds what `rate` earned since the last call (the bucket holds one second, or `n`).
+    fn refill(&mut self, n: f64, rate: f64) {
         let now = tokio::time::Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.allowance = (self.allowance + elapsed * rate).min(rate.max(n));
+    }
+
+    /// Takes `n` units if they fit at `rate` now, without waiting.
+    pub fn try_acquire(&mut self, n: f64, rate: f64) -> bool {
+        let rate = rate.max(1e-3);
+        self.refill(n, rate);
         if self.allowance >= n {
             self.allowance -= n;
             true
@@ -208,10 +213,7 @@ impl Pacer {
     pub async fn acquire(&mut self, n: f64, rate: f64) {
         let rate = rate.max(1e-3);
         loop {
-            let now = tokio::time::Instant::now();
-            let elapsed = now.duration_since(self.last).as_secs_f64();
-            self.last = now;
-            self.allowance = (self.allowance + elapsed * rate).min(rate.max(n));
+            self.refill(n, rate);
             if self.allowance >= n {
                 self.allowance -= n;
                 return;

@@ -98,6 +98,14 @@ impl Side {
             .join(", ")
     }
 
+    /// Each key column as text, in key order.
+    fn key_texts(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|(k, _)| format!("{}::text", quote_ident(k)))
+            .collect()
+    }
+
     fn row_text(&self) -> String {
         let parts: Vec<String> = self
             .columns
@@ -155,11 +163,7 @@ impl Side {
         hi: Option<&[String]>,
         step: i64,
     ) -> Result<Vec<Vec<String>>, String> {
-        let keys: Vec<String> = self
-            .keys
-            .iter()
-            .map(|(k, _)| format!("{}::text", quote_ident(k)))
-            .collect();
+        let keys = self.key_texts();
         let sql = format!(
             "SELECT {cols} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS _rn FROM {q} WHERE {pred}) s
              WHERE (_rn - 1) % {step} = 0 ORDER BY _rn",
@@ -189,11 +193,7 @@ impl Side {
         lo: Option<&[String]>,
         hi: Option<&[String]>,
     ) -> Result<BTreeMap<Vec<String>, String>, String> {
-        let keys: Vec<String> = self
-            .keys
-            .iter()
-            .map(|(k, _)| format!("{}::text", quote_ident(k)))
-            .collect();
+        let keys = self.key_texts();
         let sql = format!(
             "SELECT {}, md5({}) FROM {} WHERE {} ORDER BY {}",
             keys.join(", "),

@@ -250,6 +250,13 @@ fn batches(cfg: &Config) -> usize {
         .unwrap_or(0)
 }
 
+async fn count_batches(cfg: &Config) -> usize {
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || batches(&c))
+        .await
+        .expect("task")
+}
+
 async fn committed(cfg: &Config) -> i64 {
     let (o, p, g) = (
         Cluster::new("origin", cfg.origin.kafka.clone()),
@@ -300,12 +307,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     .await;
     down.stop().await;
     let down = start_downstream(&db.cfg, false);
-    let before = (committed(&db.cfg).await, {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&c))
-            .await
-            .expect("task")
-    });
+    let before = (committed(&db.cfg).await, count_batches(&db.cfg).await);
     db.exec("INSERT INTO t SELECT g, g FROM generate_series(101, 400) g")
         .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -313,12 +315,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         down.ship_stats.paused.load(Ordering::Relaxed),
         "pause lost in the restart"
     );
-    let after = (committed(&db.cfg).await, {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&c))
-            .await
-            .expect("task")
-    });
+    let after = (committed(&db.cfg).await, count_batches(&db.cfg).await);
     assert_eq!(before, after, "a paused pipeline consumed or shipped");
     let rows = list_jobs(&db.cfg).await;
     let live = rows.iter().find(|r| r.job == "live").expect("live row");
@@ -349,12 +346,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     control::send(&db.cfg, &control::job_key("rp1"), "pause")
         .await
         .expect("pause replay");
-    let batches_before = {
-        let c = db.cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&c))
-            .await
-            .expect("task")
-    };
+    let batches_before = count_batches(&db.cfg).await;
     for _ in 0..2 {
         let (stop, rx) = watch::channel(false);
         let (c, s) = (db.cfg.clone(), spec.clone());
@@ -364,13 +356,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         let report = task.await.expect("join").expect("replay ok");
         assert_eq!(report.events, 0, "a paused replay read changes");
     }
-    let c = db.cfg.clone();
-    assert_eq!(
-        tokio::task::spawn_blocking(move || batches(&c))
-            .await
-            .expect("task"),
-        batches_before
-    );
+    assert_eq!(count_batches(&db.cfg).await, batches_before);
     control::request(&db.cfg, "rp1", "resume")
         .await
         .expect("resume replay");
