@@ -177,9 +177,30 @@ pub struct DestDb {
     statements: HashMap<String, tokio_postgres::Statement>,
 }
 
+/// A Postgres error with its target and action; lost connections and passing conditions
+/// (classes 08, 40, 53, 57) are retried, anything else is not.
 fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> ShipError {
     let msg = format!("postgres {target}: {action}");
-    move |e| ShipError::Other(format!("{msg}: {e}"))
+    move |e| {
+        let passing = e
+            .as_db_error()
+            .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "40" | "53" | "57"));
+        if passing {
+            ShipError::Unavailable(format!("{msg}: {e}"))
+        } else {
+            ShipError::Other(format!("{msg}: {e}"))
+        }
+    }
+}
+
+/// A destination Kafka client error (retried).
+fn kafka_err(action: &str) -> impl FnOnce(rdkafka::error::KafkaError) -> ShipError {
+    let action = action.to_string();
+    move |source| ShipError::Client {
+        cluster: "destination",
+        action,
+        source,
+    }
 }
 
 impl DestDb {
@@ -294,6 +315,20 @@ impl DestDb {
             .map_err(db_err(&self.target, "preparing a statement"))?;
         self.statements.insert(sql, st.clone());
         Ok(st)
+    }
+
+    /// Whether a batch was applied before.
+    pub async fn has(&mut self, batch_id: &str) -> Result<bool, ShipError> {
+        let t = self.target.clone();
+        let row = self
+            .session
+            .query_opt(
+                "SELECT 1 FROM ferry.applied_batches WHERE batch_id = $1",
+                &[&batch_id],
+            )
+            .await
+            .map_err(db_err(&t, "looking a batch up"))?;
+        Ok(row.is_some())
     }
 
     /// Applies a verified batch in one transaction with its id. Returns false when the batch
@@ -560,8 +595,22 @@ impl DestDb {
     }
 }
 
-/// Runs the applier until `stop` turns true.
+/// Runs the applier until `stop` turns true, retrying transient failures (brokers or the
+/// destination database away): everything after the last committed offset is applied again,
+/// which the batch ids make harmless.
 pub async fn run(
+    cfg: &Config,
+    stop: watch::Receiver<bool>,
+    stats: Arc<ApplyStats>,
+) -> Result<(), ShipError> {
+    crate::ship::retrying(cfg, stop, "applying", |stop| {
+        let stats = stats.clone();
+        async move { run_once(cfg, stop, stats).await }
+    })
+    .await
+}
+
+async fn run_once(
     cfg: &Config,
     mut stop: watch::Receiver<bool>,
     stats: Arc<ApplyStats>,
@@ -615,7 +664,7 @@ pub async fn run(
     loop {
         let msg = tokio::select! {
             _ = stop.changed() => break,
-            m = consumer.recv() => m.map_err(|e| ShipError::Other(format!("kafka destination: consuming: {e}")))?,
+            m = consumer.recv() => m.map_err(kafka_err("consuming"))?,
         };
         let (partition, offset) = (msg.partition(), msg.offset());
         if stopped.contains(&partition) {
@@ -659,9 +708,7 @@ pub async fn run(
                         Duration::from_secs(60),
                     )
                     .await
-                    .map_err(|(e, _)| {
-                        ShipError::Other(format!("kafka destination: quarantining: {e}"))
-                    })?;
+                    .map_err(|(e, _)| kafka_err("quarantining")(e))?;
                 let copies = tokio::task::block_in_place(|| {
                     same_key_after(&dest, &batch_topic, partition, offset, msg.key())
                 });
@@ -699,11 +746,18 @@ pub async fn run(
                 }
             }
             Ok((m, runs)) => {
-                if cfg.apply.topics {
+                // A batch the database has is in the replicated topics too (they are written
+                // first): a re-delivered copy goes to neither.
+                let before = match db.as_mut() {
+                    Some(db) => db.has(&m.batch_id).await?,
+                    None => false,
+                };
+                if cfg.apply.topics && !before {
                     replicate(&dest, &producer, cfg, &runs, &mut known_topics).await?;
                 }
                 let applied = match db.as_mut() {
-                    Some(db) => db.apply(&m, &runs, &stats).await?,
+                    Some(db) if !before => db.apply(&m, &runs, &stats).await?,
+                    Some(_) => false,
                     None => true,
                 };
                 if applied {
@@ -722,7 +776,7 @@ pub async fn run(
             .map_err(|e| ShipError::Other(e.to_string()))?;
         consumer
             .commit(&tpl, CommitMode::Sync)
-            .map_err(|e| ShipError::Other(format!("kafka destination: committing: {e}")))?;
+            .map_err(kafka_err("committing"))?;
     }
     Ok(())
 }
@@ -775,15 +829,15 @@ async fn replicate(
                 }
                 let d = ferry_connectors::kafka::enqueue(producer, rec)
                     .await
-                    .map_err(|err| ShipError::Other(format!("replicating to {topic}: {err}")))?;
+                    .map_err(kafka_err(&format!("replicating to {topic}")))?;
                 pending.push(d);
             }
         }
     }
     for d in pending {
         d.await
-            .map_err(|_| ShipError::Other("producer closed".into()))?
-            .map_err(|(err, _)| ShipError::Other(format!("replicating: {err}")))?;
+            .map_err(|_| ShipError::Unavailable("kafka destination: producer closed".into()))?
+            .map_err(|(err, _)| kafka_err("replicating")(err))?;
     }
     Ok(())
 }

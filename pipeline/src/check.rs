@@ -113,6 +113,9 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             if s.wal_status.as_deref() == Some("lost") {
                 problems.push("was invalidated (wal_status lost); drop it".into());
             }
+            if let Some(risk) = s.at_risk() {
+                problems.push(risk);
+            }
             let detail = format!(
                 "slot {} exists (active: {}, confirmed flush {}, wal_status {}, retains {} bytes)",
                 c.slot,

@@ -48,6 +48,8 @@ pub enum CaptureError {
         lsn: String,
         /// The broker's or client's reason.
         reason: String,
+        /// Whether sending it again cannot help (a record the broker will never take).
+        permanent: bool,
     },
     /// The source is not set up so that capture can work; the message says what to fix.
     #[error("{0}")]
@@ -74,11 +76,16 @@ impl CaptureError {
                 let class = &db.code().code()[..2];
                 matches!(class, "08" | "53" | "57" | "40" | "55")
             }),
-            CaptureError::Replication { .. } => true,
+            // Class 22 (data exception): the server cannot decode the change at the slot's
+            // position, e.g. text that is not valid in the database's encoding. It fails the
+            // same way every time; stop there rather than skip it.
+            CaptureError::Replication { source, .. } => {
+                !source.to_string().contains("(SQLSTATE 22")
+            }
             CaptureError::Change(e) => e.is_retryable(),
             CaptureError::Encode { .. } => false,
             CaptureError::Kafka(e) => e.is_retryable(),
-            CaptureError::Delivery { .. } => true,
+            CaptureError::Delivery { permanent, .. } => !permanent,
             CaptureError::Setup(_) => false,
             CaptureError::State { .. } => false,
         }
@@ -97,4 +104,20 @@ pub fn pg(
         action,
         source,
     }
+}
+
+/// Whether the broker will refuse a record however often it is sent.
+pub fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::InvalidMessage
+                | C::TopicAuthorizationFailed
+                | C::InvalidTopic
+        )
+    )
 }

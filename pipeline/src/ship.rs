@@ -29,6 +29,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::producer::FutureRecord;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -585,12 +586,22 @@ impl Shipper<'_> {
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        self.producer
-            .send(record, Duration::from_secs(60))
+        let failed = |e| client("destination", format!("producing batch {}", m.batch_id))(e);
+        let delivery = ferry_connectors::kafka::enqueue(&self.producer, record)
             .await
-            .map_err(|(e, _)| {
-                client("destination", format!("producing batch {}", m.batch_id))(e)
-            })?;
+            .map_err(failed)?;
+        // The record sits in the producer's queue (perhaps on the wire), not yet acknowledged.
+        failpoint("ship.mid_produce");
+        match tokio::time::timeout(Duration::from_secs(60), delivery).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => return Err(failed(e)),
+            Ok(Err(_)) => return Err(failed(RdError::Canceled)),
+            Err(_) => {
+                return Err(failed(RdError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                )))
+            }
+        }
         Ok(value.len() + m.batch_id.len())
     }
 }
@@ -598,13 +609,33 @@ impl Shipper<'_> {
 /// Runs the shipper until `stop` turns true, retrying transient failures.
 pub async fn run(
     cfg: &Config,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     stats: Arc<ShipStats>,
 ) -> Result<(), ShipError> {
+    retrying(cfg, stop, "shipping", |mut stop| {
+        let stats = stats.clone();
+        async move { run_once(cfg, &mut stop, &stats).await }
+    })
+    .await
+}
+
+/// Runs `once` until it succeeds, fails for good, or `stop` turns true; a retryable failure
+/// is logged and retried after a jittered exponential backoff (capped by
+/// `capture.max_backoff_ms`, reset after a minute of running).
+pub async fn retrying<F, Fut>(
+    cfg: &Config,
+    mut stop: watch::Receiver<bool>,
+    what: &str,
+    mut once: F,
+) -> Result<(), ShipError>
+where
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ShipError>>,
+{
     let mut attempt = 0u32;
     loop {
         let started = Instant::now();
-        match run_once(cfg, &mut stop, &stats).await {
+        match once(stop.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() && !*stop.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -613,7 +644,7 @@ pub async fn run(
                 attempt += 1;
                 let base = (250u64 << attempt.min(16)).min(cfg.capture.max_backoff_ms.max(100));
                 let delay = base / 2 + rand::random_range(0..=base / 2);
-                tracing::warn!(error = %e, attempt, delay_ms = delay, "shipping interrupted; retrying");
+                tracing::warn!(error = %e, attempt, delay_ms = delay, "{what} interrupted; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                     _ = stop.changed() => return Ok(()),

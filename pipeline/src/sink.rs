@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
 use ferry_schemas::{ChangeEvent, EncodedSchema, Lsn, Op, TableId};
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 
@@ -24,6 +25,32 @@ pub struct AckBatch {
     pub lsn: Option<Lsn>,
     /// Delivery futures, in production order.
     pub deliveries: Vec<(String, DeliveryFuture)>,
+}
+
+/// A record the broker did not take; one it will never take (too large, say) stops capture
+/// with what to change, instead of being retried for ever.
+fn undelivered(
+    topic: String,
+    lsn: String,
+    e: &rdkafka::error::KafkaError,
+    size: usize,
+) -> CaptureError {
+    let permanent = crate::error::refused_for_good(e);
+    let reason = if permanent {
+        format!(
+            "{e}; the record is {size} bytes and the broker will never take it: capture stops \
+             here and skips nothing (for large rows, raise the broker's max.message.bytes and \
+             origin.kafka.properties message.max.bytes, then restart)"
+        )
+    } else {
+        e.to_string()
+    };
+    CaptureError::Delivery {
+        topic,
+        lsn,
+        reason,
+        permanent,
+    }
 }
 
 /// Awaits deliveries in order and publishes each batch's LSN once everything up to it is
@@ -40,18 +67,17 @@ pub async fn acker(
         for (topic, d) in batch.deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(CaptureError::Delivery {
-                        topic,
-                        lsn,
-                        reason: e.to_string(),
-                    })
+                Ok(Err((e, msg))) => {
+                    let size =
+                        msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
+                    return Err(undelivered(topic, lsn, &e, size));
                 }
                 Err(_) => {
                     return Err(CaptureError::Delivery {
                         topic,
                         lsn,
                         reason: "producer closed before the broker answered".into(),
+                        permanent: false,
                     })
                 }
             }
@@ -198,6 +224,7 @@ impl Sink {
                 .map_err(|(e, _)| CaptureError::Delivery {
                     topic: topic.clone(),
                     lsn: "schema".into(),
+                    permanent: crate::error::refused_for_good(&e),
                     reason: e.to_string(),
                 })?;
             k.schemas.insert(fp.0);
@@ -265,10 +292,13 @@ impl Sink {
                     }
                     let d = ferry_connectors::kafka::enqueue(&k.producer, record)
                         .await
-                        .map_err(|e| CaptureError::Delivery {
-                            topic: topic.clone(),
-                            lsn: lsn.to_string(),
-                            reason: e.to_string(),
+                        .map_err(|e| {
+                            undelivered(
+                                topic.clone(),
+                                lsn.to_string(),
+                                &e,
+                                k.key.len() + k.value.len(),
+                            )
                         })?;
                     pending.push((topic.clone(), d));
                 }

@@ -269,6 +269,7 @@ pub async fn save_value<T: Serialize>(
         .map_err(|(e, _)| CaptureError::Delivery {
             topic: topic.into(),
             lsn: "state".into(),
+            permanent: crate::error::refused_for_good(&e),
             reason: e.to_string(),
         })?;
     Ok(())

@@ -157,13 +157,19 @@ pub async fn print(cfg: &Config) -> Result<(), String> {
     let pgc = &cfg.origin.postgres;
     match pgc.connect().await {
         Ok(s) => match catalog::slot(&s, &cfg.capture.slot).await {
-            Ok(Some(slot)) => println!(
-                "  slot {:<20} active {:<5} confirmed {:<14} retains {}",
-                cfg.capture.slot,
-                slot.active,
-                slot.confirmed_flush_lsn.unwrap_or_default(),
-                human_bytes(slot.retained_bytes.unwrap_or(0).max(0) as u64)
-            ),
+            Ok(Some(slot)) => {
+                println!(
+                    "  slot {:<20} active {:<5} confirmed {:<14} retains {} (wal_status {})",
+                    cfg.capture.slot,
+                    slot.active,
+                    slot.confirmed_flush_lsn.as_deref().unwrap_or_default(),
+                    human_bytes(slot.retained_bytes.unwrap_or(0).max(0) as u64),
+                    slot.wal_status.as_deref().unwrap_or("-")
+                );
+                if let Some(risk) = slot.at_risk() {
+                    println!("  WARNING: {risk}");
+                }
+            }
             Ok(None) => println!("  slot {} does not exist yet", cfg.capture.slot),
             Err(e) => println!("  slot: {e}"),
         },

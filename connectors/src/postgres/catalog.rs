@@ -276,6 +276,37 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     /// Bytes of WAL the slot holds back.
     pub retained_bytes: Option<i64>,
+    /// Bytes of WAL that can still be written before the slot is in danger of being
+    /// invalidated (`None` without a `max_slot_wal_keep_size` limit).
+    pub safe_wal_bytes: Option<i64>,
+    /// The server's `max_slot_wal_keep_size` in bytes (-1: no limit).
+    pub keep_limit_bytes: Option<i64>,
+}
+
+impl SlotInfo {
+    /// Why Postgres may soon invalidate this slot, if it may: its WAL is past
+    /// `max_slot_wal_keep_size` (`unreserved`), or less than a quarter of that limit is left.
+    pub fn at_risk(&self) -> Option<String> {
+        let limit = self.keep_limit_bytes.filter(|&l| l > 0)?;
+        let mb = |b: i64| b as f64 / (1024.0 * 1024.0);
+        if self.wal_status.as_deref() == Some("unreserved") {
+            return Some(format!(
+                "slot retains more WAL than max_slot_wal_keep_size ({:.0} MiB): Postgres will \
+                 invalidate it at the next checkpoint unless capture catches up now",
+                mb(limit)
+            ));
+        }
+        let safe = self.safe_wal_bytes?;
+        (safe < limit / 4).then(|| {
+            format!(
+                "slot is {:.1} MiB of WAL away from invalidation (max_slot_wal_keep_size {:.0} MiB, \
+                 retained {:.1} MiB): resume capture before it is lost",
+                mb(safe.max(0)),
+                mb(limit),
+                mb(self.retained_bytes.unwrap_or(0))
+            )
+        })
+    }
 }
 
 /// Looks a replication slot up.
@@ -283,7 +314,8 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio
     let row = client
         .query_opt(
             "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size, \
+                    pg_size_bytes(current_setting('max_slot_wal_keep_size')) \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&name],
         )
@@ -295,6 +327,8 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, tokio
         confirmed_flush_lsn: r.get(3),
         wal_status: r.get(4),
         retained_bytes: r.get(5),
+        safe_wal_bytes: r.get(6),
+        keep_limit_bytes: r.get(7),
     }))
 }
 

@@ -34,9 +34,26 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// The local stack's settings (ops/ferry.toml).
+    pub fn new_config() -> Config {
+        Config::load(&repo().join("ops/ferry.toml")).expect("ops/ferry.toml loads")
+    }
+
     pub async fn new(test: &str) -> TestDb {
+        let base = TestDb::new_config();
+        let pg = base.origin.postgres.clone();
+        TestDb::on(base, pg, test).await
+    }
+
+    /// A private database on the server `pg` names, with the rest of the settings of `base`.
+    pub async fn on(base: Config, pg: PgConfig, test: &str) -> TestDb {
+        TestDb::on_with(base, pg, test, "").await
+    }
+
+    /// [`TestDb::on`] with `CREATE DATABASE` options (e.g. an encoding).
+    pub async fn on_with(mut base: Config, pg: PgConfig, test: &str, options: &str) -> TestDb {
         init_logs();
-        let base = Config::load(&repo().join("ops/ferry.toml")).expect("ops/ferry.toml loads");
+        base.origin.postgres = pg;
         let t = tag();
         let name = format!("ferry_it_{test}_{t}");
         let admin = PgConfig {
@@ -47,7 +64,7 @@ impl TestDb {
             .connect()
             .await
             .expect("postgres reachable (run ops/stack up)");
-        a.batch_execute(&format!("CREATE DATABASE {name}"))
+        a.batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .expect("create database");
         let mut cfg = base;
