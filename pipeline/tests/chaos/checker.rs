@@ -164,7 +164,7 @@ pub fn check_origin_topic(f: &mut Figures, history: &History, records: &[(i64, i
         };
         let missing: Vec<i64> = committed
             .iter()
-            .map(|(v, _)| *v)
+            .map(|v| v.version)
             .filter(|v| v >= first && !copies.contains_key(&(*k, *v)))
             .collect();
         if !missing.is_empty() {
@@ -288,4 +288,38 @@ impl Figures {
         }
         self.notes.extend(o.notes);
     }
+}
+
+/// Right after capture was killed: every version whose commit lies at or before the slot's
+/// confirmed position (`lsn_after <= confirmed`) must be in the origin topic, or the slot
+/// was confirmed ahead of what the broker had.
+pub fn capture_ahead(
+    history: &History,
+    confirmed: i64,
+    records: &[(i64, i64)],
+) -> (u64, Vec<String>) {
+    let have: std::collections::HashSet<(i64, i64)> = records.iter().copied().collect();
+    let mut first_seen: HashMap<i64, i64> = HashMap::new();
+    for &(k, v) in records {
+        let e = first_seen.entry(k).or_insert(v);
+        *e = (*e).min(v);
+    }
+    let (mut ahead, mut notes) = (0, Vec::new());
+    for (k, versions) in &history.keys {
+        // A key not captured yet may wait for its snapshot chunk; versions before a key's first
+        // captured one predate its snapshot read.
+        let Some(&first) = first_seen.get(k) else {
+            continue;
+        };
+        for v in versions {
+            if v.lsn_after <= confirmed && v.version >= first && !have.contains(&(*k, v.version)) {
+                ahead += 1;
+                notes.push(format!(
+                    "slot confirmed {confirmed:#x} past key {k} version {} (committed by {:#x}), which is not in the origin topic",
+                    v.version, v.lsn_after
+                ));
+            }
+        }
+    }
+    (ahead, notes)
 }

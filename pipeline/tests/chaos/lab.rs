@@ -485,6 +485,33 @@ instance_id = "chaos-apply"
         self.figures.notes.extend(notes);
     }
 
+    /// Right after capture was killed: the slot's confirmed position must not be ahead of
+    /// what the origin topic holds.
+    pub async fn check_capture(&mut self) {
+        let confirmed: Option<i64> = self
+            .db
+            .session
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.capture.slot],
+            )
+            .await
+            .expect("slot")
+            .and_then(|r| r.get(0));
+        let Some(confirmed) = confirmed else { return };
+        let (o, prefix) = (
+            Cluster::new("origin", self.cfg.origin.kafka.clone()),
+            self.cfg.capture.topic_prefix.clone(),
+        );
+        let records = tokio::task::spawn_blocking(move || checker::topic_versions(&o, &prefix))
+            .await
+            .expect("task");
+        let history = self.history.lock().expect("history").clone();
+        let (ahead, notes) = checker::capture_ahead(&history, confirmed, &records);
+        self.figures.checkpoint_ahead += ahead;
+        self.figures.notes.extend(notes);
+    }
+
     /// Stops the workload, waits until the destination holds every committed version (or
     /// `drain` passes), stops everything, runs the checker, and drops the lab's databases.
     pub async fn finish(mut self, drain: Duration) -> Figures {

@@ -171,7 +171,9 @@ impl Net {
         );
         let path = std::env::temp_dir().join(format!("{}.nft", self.table));
         std::fs::write(&path, script).expect("nft script");
-        must("nft", &["-f", &path.to_string_lossy()]);
+        let applied = run("nft", &["-f", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        applied.unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

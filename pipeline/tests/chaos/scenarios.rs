@@ -73,12 +73,16 @@ pub async fn capture_kill9(f: &mut Figures, iterations: u32, seed_rows: i64) {
             lab.spawn(Role::Capture, None);
             sleep_ms(300, 2000).await;
             lab.kill9(Role::Capture);
+            lab.check_capture().await;
             sleep_ms(0, 1000).await;
         }
         lab.spawn(Role::Capture, None);
         lab.mark_heal();
         lab.recovery(DRAIN).await;
-        f.merge(lab.finish(DRAIN).await);
+        let mut run = lab.finish(DRAIN).await;
+        // This lab and the snapshot one make one iteration.
+        run.iterations = 0;
+        f.merge(run);
 
         let opts = Opts {
             seed_rows,
@@ -93,6 +97,7 @@ pub async fn capture_kill9(f: &mut Figures, iterations: u32, seed_rows: i64) {
             lab.spawn(Role::Capture, None);
             sleep_ms(800, 2500).await;
             lab.kill9(Role::Capture);
+            lab.check_capture().await;
         }
         lab.spawn(Role::Capture, None);
         lab.mark_heal();

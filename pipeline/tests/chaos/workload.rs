@@ -27,10 +27,20 @@ pub const DEST_DDL: &str = "CREATE TABLE public.chaos_item (id bigint, version b
   CREATE TRIGGER chaos_audit AFTER INSERT OR UPDATE ON public.chaos_item
     FOR EACH ROW EXECUTE FUNCTION chaos_audit();";
 
-/// What the origin committed: per key, its versions in commit order with commit times.
+/// One committed version of a key.
+#[derive(Clone, Copy)]
+pub struct Version {
+    pub version: i64,
+    /// When its COMMIT returned.
+    pub at: Instant,
+    /// The server's WAL position right after that: at or past the commit record.
+    pub lsn_after: i64,
+}
+
+/// What the origin committed: per key, its versions in commit order.
 #[derive(Clone, Default)]
 pub struct History {
-    pub keys: BTreeMap<i64, Vec<(i64, Instant)>>,
+    pub keys: BTreeMap<i64, Vec<Version>>,
     pub txns: u64,
 }
 
@@ -43,7 +53,7 @@ impl History {
     pub fn last(&self) -> BTreeMap<i64, i64> {
         self.keys
             .iter()
-            .filter_map(|(k, v)| v.last().map(|(ver, _)| (*k, *ver)))
+            .filter_map(|(k, v)| v.last().map(|ver| (*k, ver.version)))
             .collect()
     }
 
@@ -52,8 +62,8 @@ impl History {
         let mut lag = Duration::ZERO;
         for (k, versions) in &self.keys {
             let have = applied.get(k).copied().unwrap_or(0);
-            if let Some((_, at)) = versions.iter().find(|(v, _)| *v > have) {
-                lag = lag.max(now.saturating_duration_since(*at));
+            if let Some(v) = versions.iter().find(|v| v.version > have) {
+                lag = lag.max(now.saturating_duration_since(v.at));
             }
         }
         lag
@@ -62,6 +72,14 @@ impl History {
 
 pub type Shared = Arc<Mutex<History>>;
 
+/// The server's current WAL write position, as a number.
+pub async fn current_lsn(s: &Session) -> i64 {
+    s.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+        .await
+        .expect("current WAL position")
+        .get(0)
+}
+
 /// Inserts keys 1..=rows at version 1 in one transaction (rows the initial snapshot reads).
 pub async fn seed(s: &Session, history: &Shared, rows: i64) {
     s.batch_execute(&format!(
@@ -69,10 +87,15 @@ pub async fn seed(s: &Session, history: &Shared, rows: i64) {
     ))
     .await
     .expect("seed rows");
-    let now = Instant::now();
+    let lsn_after = current_lsn(s).await;
+    let at = Instant::now();
     let mut h = history.lock().expect("history");
     for k in 1..=rows {
-        h.keys.entry(k).or_default().push((1, now));
+        h.keys.entry(k).or_default().push(Version {
+            version: 1,
+            at,
+            lsn_after,
+        });
     }
     h.txns += 1;
 }
@@ -129,10 +152,15 @@ impl Workload {
                     done.push((k, row.get::<_, i64>(0)));
                 }
                 s.batch_execute("COMMIT").await.expect("commit");
-                let now = Instant::now();
+                let at = Instant::now();
+                let lsn_after = current_lsn(&s).await;
                 let mut h = history.lock().expect("history");
-                for (k, v) in done {
-                    h.keys.entry(k).or_default().push((v, now));
+                for (k, version) in done {
+                    h.keys.entry(k).or_default().push(Version {
+                        version,
+                        at,
+                        lsn_after,
+                    });
                 }
                 h.txns += 1;
             }
