@@ -38,7 +38,7 @@ use tokio_postgres::types::Type;
 use crate::compact::Run;
 use crate::config::{Config, OnCorrupt};
 use crate::payload;
-use crate::ship::{Registry, ShipError};
+use crate::ship::{client, Registry, ShipError};
 use crate::sink;
 
 /// Live counters of an applier.
@@ -190,16 +190,6 @@ fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> S
         } else {
             ShipError::Other(format!("{msg}: {e}"))
         }
-    }
-}
-
-/// A destination Kafka client error (retried).
-fn kafka_err(action: &str) -> impl FnOnce(rdkafka::error::KafkaError) -> ShipError {
-    let action = action.to_string();
-    move |source| ShipError::Client {
-        cluster: "destination",
-        action,
-        source,
     }
 }
 
@@ -664,7 +654,7 @@ async fn run_once(
     loop {
         let msg = tokio::select! {
             _ = stop.changed() => break,
-            m = consumer.recv() => m.map_err(kafka_err("consuming"))?,
+            m = consumer.recv() => m.map_err(client("destination", "consuming"))?,
         };
         let (partition, offset) = (msg.partition(), msg.offset());
         if stopped.contains(&partition) {
@@ -708,7 +698,7 @@ async fn run_once(
                         Duration::from_secs(60),
                     )
                     .await
-                    .map_err(|(e, _)| kafka_err("quarantining")(e))?;
+                    .map_err(|(e, _)| client("destination", "quarantining")(e))?;
                 let copies = tokio::task::block_in_place(|| {
                     same_key_after(&dest, &batch_topic, partition, offset, msg.key())
                 });
@@ -776,7 +766,7 @@ async fn run_once(
             .map_err(|e| ShipError::Other(e.to_string()))?;
         consumer
             .commit(&tpl, CommitMode::Sync)
-            .map_err(kafka_err("committing"))?;
+            .map_err(client("destination", "committing"))?;
     }
     Ok(())
 }
@@ -829,7 +819,7 @@ async fn replicate(
                 }
                 let d = ferry_connectors::kafka::enqueue(producer, rec)
                     .await
-                    .map_err(kafka_err(&format!("replicating to {topic}")))?;
+                    .map_err(client("destination", format!("replicating to {topic}")))?;
                 pending.push(d);
             }
         }
@@ -837,7 +827,7 @@ async fn replicate(
     for d in pending {
         d.await
             .map_err(|_| ShipError::Unavailable("kafka destination: producer closed".into()))?
-            .map_err(|(err, _)| kafka_err("replicating")(err))?;
+            .map_err(|(err, _)| client("destination", "replicating")(err))?;
     }
     Ok(())
 }

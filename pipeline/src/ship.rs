@@ -86,7 +86,10 @@ impl ShipError {
     }
 }
 
-fn client(cluster: &'static str, action: impl Into<String>) -> impl FnOnce(RdError) -> ShipError {
+pub(crate) fn client(
+    cluster: &'static str,
+    action: impl Into<String>,
+) -> impl FnOnce(RdError) -> ShipError {
     let action = action.into();
     move |source| ShipError::Client {
         cluster,

@@ -29,7 +29,7 @@ pub struct AckBatch {
 
 /// A record the broker did not take; one it will never take (too large, say) stops capture
 /// with what to change, instead of being retried for ever.
-fn undelivered(
+pub(crate) fn undelivered(
     topic: String,
     lsn: String,
     e: &rdkafka::error::KafkaError,
@@ -221,11 +221,8 @@ impl Sink {
                     Duration::from_secs(30),
                 )
                 .await
-                .map_err(|(e, _)| CaptureError::Delivery {
-                    topic: topic.clone(),
-                    lsn: "schema".into(),
-                    permanent: crate::error::refused_for_good(&e),
-                    reason: e.to_string(),
+                .map_err(|(e, _)| {
+                    undelivered(topic.clone(), "schema".into(), &e, key.len() + json.len())
                 })?;
             k.schemas.insert(fp.0);
         }

@@ -266,11 +266,8 @@ pub async fn save_value<T: Serialize>(
             Duration::from_secs(30),
         )
         .await
-        .map_err(|(e, _)| CaptureError::Delivery {
-            topic: topic.into(),
-            lsn: "state".into(),
-            permanent: crate::error::refused_for_good(&e),
-            reason: e.to_string(),
+        .map_err(|(e, _)| {
+            crate::sink::undelivered(topic.into(), "state".into(), &e, key.len() + body.len())
         })?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::broker::{self, Broker};
 use crate::checker::{self, Figures};
 use crate::net::{self, Net};
-use crate::support::TestDb;
+use crate::support::{drop_db, TestDb};
 use crate::workload::{self, Shape, Shared, Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -107,11 +107,18 @@ pub struct Lab {
     pub figures: Figures,
 }
 
-/// Peak resident memory of a process so far (KiB), from /proc.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+/// A memory figure of a process from /proc/<pid>/status, in KiB: `VmHWM` (peak resident) or
+/// `VmRSS` (resident now).
+pub fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    proc_kib(pid, "VmHWM")
 }
 
 impl Lab {
@@ -488,17 +495,9 @@ instance_id = "chaos-apply"
     /// Right after capture was killed: the slot's confirmed position must not be ahead of
     /// what the origin topic holds.
     pub async fn check_capture(&mut self) {
-        let confirmed: Option<i64> = self
-            .db
-            .session
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.cfg.capture.slot],
-            )
-            .await
-            .expect("slot")
-            .and_then(|r| r.get(0));
-        let Some(confirmed) = confirmed else { return };
+        let Some(confirmed) = self.db.confirmed().await else {
+            return;
+        };
         let (o, prefix) = (
             Cluster::new("origin", self.cfg.origin.kafka.clone()),
             self.cfg.capture.topic_prefix.clone(),
@@ -600,18 +599,7 @@ instance_id = "chaos-apply"
         origin.kill9();
         dest.kill9();
         drop(net);
-        let admin = PgConfig {
-            database: "postgres".into(),
-            ..dest_pg.clone()
-        };
-        if let Ok(a) = admin.connect().await {
-            let _ = a
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    dest_pg.database
-                ))
-                .await;
-        }
+        drop_db(&dest_pg).await;
         db.cleanup().await;
         if keep_logs {
             eprintln!("chaos: logs kept in {}", dir.display());

@@ -322,14 +322,7 @@ pub async fn stalled_destination(f: &mut Figures, iterations: u32, stall: u64) {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    crate::lab::proc_kib(pid, "VmRSS").map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 /// A corrupted copy of `value`: never equal to it.

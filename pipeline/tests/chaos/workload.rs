@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use ferry_connectors::postgres::{PgConfig, Session};
 use tokio::sync::watch;
 
+use crate::support::current_lsn;
+
 pub const TABLE: &str = "chaos_item";
 
 /// The origin table; the destination gets the same shape plus Ferry's columns, created up
@@ -71,14 +73,6 @@ impl History {
 }
 
 pub type Shared = Arc<Mutex<History>>;
-
-/// The server's current WAL write position, as a number.
-pub async fn current_lsn(s: &Session) -> i64 {
-    s.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
-        .await
-        .expect("current WAL position")
-        .get(0)
-}
 
 /// Inserts keys 1..=rows at version 1 in one transaction (rows the initial snapshot reads).
 pub async fn seed(s: &Session, history: &Shared, rows: i64) {

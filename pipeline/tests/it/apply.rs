@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::watch;
 
-use crate::support::{start_capture, TestDb};
+use crate::support::{drop_db, start_capture, TestDb};
 
 pub(crate) async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
     let admin = PgConfig {
@@ -34,21 +34,6 @@ pub(crate) async fn dest_db(db: &TestDb, suffix: &str) -> PgConfig {
     PgConfig {
         database: name,
         ..db.cfg.origin.postgres.clone()
-    }
-}
-
-pub(crate) async fn drop_db(pg: &PgConfig) {
-    let admin = PgConfig {
-        database: "postgres".into(),
-        ..pg.clone()
-    };
-    if let Ok(a) = admin.connect().await {
-        let _ = a
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                pg.database
-            ))
-            .await;
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{ops, start_capture, TestDb};
+use crate::support::{current_lsn, ops, start_capture, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_update_delete_truncate_and_transactions() {
@@ -125,12 +125,7 @@ async fn idle_database_still_advances_the_slot() {
     let cap = start_capture(&db.cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     // No writes to captured tables at all: heartbeats alone must move the slot forward.
-    let row = db
-        .session
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
-        .await
-        .expect("lsn");
-    let lsn = row.get::<_, i64>(0) as u64;
+    let lsn = current_lsn(&db.session).await as u64;
     db.wait_confirmed(lsn, Duration::from_secs(30)).await;
     cap.stop().await;
     db.cleanup().await;

@@ -15,8 +15,8 @@ use ferry_pipeline::{control, inspect, jobs, replay, status};
 use ferry_schemas::TableId;
 use tokio::sync::watch;
 
-use crate::apply::{dest_db, drop_db};
-use crate::support::{capture_state, start_capture, wait_backfill_done, TestDb};
+use crate::apply::dest_db;
+use crate::support::{capture_state, drop_db, start_capture, wait_backfill_done, TestDb};
 
 /// Shipper and applier running in this process until `stop`.
 struct Downstream {

@@ -95,30 +95,30 @@ impl TestDb {
 
     /// A position after everything committed so far; wait for it with [`TestDb::wait_confirmed`].
     pub async fn sync_point(&self) -> u64 {
-        let row = self
-            .session
-            .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
-            .await
-            .expect("current lsn");
+        let lsn = current_lsn(&self.session).await;
         // A transaction after the point, so the stream has a commit past it to confirm.
         self.exec("SELECT pg_logical_emit_message(true, 'ferry.test', 'sync')")
             .await;
-        row.get::<_, i64>(0) as u64
+        lsn as u64
+    }
+
+    /// The slot's confirmed flush position, if the slot exists and has one.
+    pub async fn confirmed(&self) -> Option<i64> {
+        self.session
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
+            .await
+            .expect("slot query")
+            .and_then(|r| r.get(0))
     }
 
     /// Waits until the slot's confirmed flush position passes `lsn`.
     pub async fn wait_confirmed(&self, lsn: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let row = self
-                .session
-                .query_opt(
-                    "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.name],
-                )
-                .await
-                .expect("slot query");
-            let confirmed = row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64;
+            let confirmed = self.confirmed().await.unwrap_or(0) as u64;
             if confirmed >= lsn {
                 return;
             }
@@ -242,6 +242,30 @@ snapshot_chunk_rows = {chunk}
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
+            ))
+            .await;
+    }
+}
+
+/// The server's current WAL write position, as a number.
+pub async fn current_lsn(s: &Session) -> i64 {
+    s.query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint", &[])
+        .await
+        .expect("current WAL position")
+        .get(0)
+}
+
+/// Drops the database `pg` names (connecting to `postgres` on the same server), if it exists.
+pub async fn drop_db(pg: &PgConfig) {
+    let admin = PgConfig {
+        database: "postgres".into(),
+        ..pg.clone()
+    };
+    if let Ok(a) = admin.connect().await {
+        let _ = a
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                pg.database
             ))
             .await;
     }
