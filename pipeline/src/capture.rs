@@ -218,7 +218,21 @@ struct BackfillThrottle {
     warmup: u32,
     window: u32,
     max_bytes_per_sec: f64,
+    /// The live-throughput probe (`None` when `live_harm_budget` is 0).
+    live: Option<crate::throttle::LiveProbe>,
+    /// A quiet period's verdict not yet fed to the controller.
+    harm: Option<f64>,
+    clock: Instant,
+    ticks: u32,
 }
+
+/// How often the throttle looks at the clock (quiet periods, waking a paced chunk); the
+/// controller itself steps once a second.
+const THROTTLE_TICK: Duration = Duration::from_millis(100);
+
+/// The smallest chunk the throttle asks for (each chunk costs a few round trips and a
+/// watermark commit).
+const MIN_CHUNK_ROWS: usize = 100;
 
 impl BackfillThrottle {
     fn new(cfg: &Config) -> Self {
@@ -228,6 +242,8 @@ impl BackfillThrottle {
             aimd: crate::throttle::Aimd::new(crate::throttle::Settings {
                 canary_baseline_ms: f64::INFINITY,
                 canary_tolerance: b.canary_tolerance,
+                canary_slack_ms: b.canary_slack_ms,
+                live_harm_budget: budget(b.live_harm_budget),
                 wal_budget_bytes: b.wal_budget_bytes,
                 live_lag_budget: if b.live_lag_budget == 0 {
                     u64::MAX
@@ -256,47 +272,120 @@ impl BackfillThrottle {
             warmup: 0,
             window: b.canary_window_secs.max(1) as u32,
             max_bytes_per_sec: b.max_bytes_per_sec,
+            live: (b.live_harm_budget > 0.0).then(|| {
+                crate::throttle::LiveProbe::new(
+                    b.live_probe_every_secs,
+                    b.live_probe_quiet_secs,
+                    0.0,
+                )
+            }),
+            harm: None,
+            clock: Instant::now(),
+            ticks: 0,
         }
     }
 
-    /// Whether a backfill chunk may be read: the baseline is known and the pacer has room.
+    fn now(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64()
+    }
+
+    /// Whether a backfill chunk may be read: the baseline is known, no quiet period is on and
+    /// the pacer has room.
     fn allows(&mut self, rows: usize) -> bool {
-        self.baseline.is_some() && self.pacer.try_acquire(rows as f64, self.aimd.rate())
+        self.baseline.is_some()
+            && !self.live.as_ref().is_some_and(|l| l.is_quiet())
+            && self.pacer.try_acquire(rows as f64, self.aimd.rate())
+    }
+
+    /// The most rows a backfill chunk should read at the current rate: half a second's worth
+    /// (at least `MIN_CHUNK_ROWS`), so a slow backfill reads small chunks often rather than a
+    /// big one now and then.
+    fn chunk_rows(&self) -> usize {
+        let half_second = (self.aimd.rate() / 2.0).min(usize::MAX as f64 / 2.0) as usize;
+        half_second.max(MIN_CHUNK_ROWS)
+    }
+
+    /// Notes a live transaction's commit (only while a backfill is being throttled).
+    fn live_commit(&mut self) {
+        if self.sampler.is_some() {
+            let now = self.now();
+            if let Some(l) = self.live.as_mut() {
+                l.record(now);
+            }
+        }
+    }
+
+    /// Called every `THROTTLE_TICK` while a backfill is queued: runs the quiet periods and,
+    /// once a second or when a quiet period ends, a control step.
+    fn tick(&mut self, bytes_per_event: f64) {
+        if self.sampler.is_none() {
+            self.sampler = Some(crate::signals::Sampler::start(self.probes.clone()));
+            return;
+        }
+        let now = self.now();
+        let mut step = false;
+        if self.baseline.is_some() {
+            if let Some(harm) = self.live.as_mut().and_then(|l| l.poll(now)) {
+                tracing::debug!(
+                    harm = format!("{harm:.3}"),
+                    rate = self.aimd.rate().round(),
+                    "backfill quiet period measured"
+                );
+                self.harm = Some(harm);
+                step = true;
+            }
+        }
+        self.ticks += 1;
+        if self.ticks * THROTTLE_TICK.as_millis() as u32 >= 1_000 {
+            self.ticks = 0;
+            step = true;
+        }
+        if step {
+            self.step(bytes_per_event);
+        }
     }
 
     /// One control step: read the signals, decide, log decisions that change the limiting
     /// signal. `bytes_per_event` (from what capture encoded so far) applies the byte cap.
-    fn tick(&mut self, bytes_per_event: f64) {
+    fn step(&mut self, bytes_per_event: f64) {
         let Some(sampler) = &self.sampler else {
-            self.sampler = Some(crate::signals::Sampler::start(self.probes.clone()));
             return;
         };
         let r = sampler.read();
         let Some(p99) = r.canary_p99_ms else {
             return;
         };
-        // One window of samples, taken before any backfill chunk is read, sets the baseline.
+        // One window of samples, taken before any backfill chunk is read, sets the baseline;
+        // the rate starts at the floor once it is known.
         if self.baseline.is_none() {
             self.warmup += 1;
             if self.warmup > self.window {
                 self.baseline = Some(p99.max(0.2));
+                self.aimd.set_canary_baseline(p99.max(0.2));
+                self.aimd.reset();
+                let now = self.now();
+                if let Some(l) = self.live.as_mut() {
+                    l.restart(now);
+                }
                 tracing::info!(
                     canary_p99_ms = format!("{p99:.2}"),
                     samples = r.canary_samples,
                     "backfill throttle baseline measured"
                 );
             }
+            return;
         }
-        self.aimd
-            .set_canary_baseline(self.baseline.unwrap_or(f64::INFINITY));
         if self.max_bytes_per_sec > 0.0 {
             self.aimd.set_bytes_per_event(bytes_per_event);
         }
+        let now = self.now();
         let signals = crate::throttle::Signals {
             canary_p99_ms: p99,
             retained_wal_bytes: r.retained_wal_bytes.unwrap_or(0),
             live_lag_events: r.live_lag_events.unwrap_or(0),
             produce_latency_ms: r.produce_latency_ms.unwrap_or(0.0),
+            live_harm: self.harm.take(),
+            live_gated: self.live.as_ref().is_some_and(|l| l.loaded(now)),
         };
         let (rate, limit) = self.aimd.step(&signals);
         if limit != self.last_limit {
@@ -308,17 +397,21 @@ impl BackfillThrottle {
                 retained_wal_bytes = signals.retained_wal_bytes,
                 live_lag = signals.live_lag_events,
                 produce_latency_ms = format!("{:.1}", signals.produce_latency_ms),
+                live_harm = signals.live_harm.map(|h| format!("{h:.3}")),
+                live_gated = signals.live_gated,
                 "backfill throttle"
             );
             self.last_limit = limit;
         }
     }
 
-    /// Stops measuring (no backfill left).
+    /// Stops measuring (no backfill left); the next job starts from the floor.
     fn idle(&mut self) {
         self.sampler = None;
         self.baseline = None;
         self.warmup = 0;
+        self.harm = None;
+        self.aimd.reset();
     }
 }
 
@@ -622,10 +715,14 @@ async fn run_once(
         None => None,
     };
     let mut throttle = BackfillThrottle::new(cfg);
-    let mut throttle_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut throttle_tick = tokio::time::interval(THROTTLE_TICK);
+    // Whether the open transaction carried live changes (watermark-only ones do not count
+    // as live commits).
+    let mut live_txn = false;
 
     loop {
         // Live changes and snapshots first; a backfill chunk only when the throttle allows.
+        snap.cap_backfill_rows(throttle.chunk_rows());
         let start = !in_txn
             && (snap.wants_chunk(false)
                 || (snap.wants_chunk(true) && throttle.allows(snap.next_backfill_rows(&state))));
@@ -685,6 +782,7 @@ async fn run_once(
                             match out {
                                 Output::Schema(s) => sink.register(&s).await?,
                                 Output::Event(s, e) => {
+                                    live_txn = true;
                                     snap.observe(&s, &e);
                                     let n = sink.send(&s, &e, &mut pending).await?;
                                     stats.encoded_bytes_total.fetch_add(n as u64, Ordering::Relaxed);
@@ -763,6 +861,9 @@ async fn run_once(
                     }
                     ReplicationEvent::Commit { end_lsn, .. } => {
                         in_txn = false;
+                        if std::mem::take(&mut live_txn) {
+                            throttle.live_commit();
+                        }
                         stats.transactions_total.fetch_add(1, Ordering::Relaxed);
                         let end = Lsn(end_lsn.as_u64());
                         send_batch(&ack_tx, Some(end), &mut pending).await?;

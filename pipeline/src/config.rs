@@ -165,6 +165,17 @@ pub struct BackfillCfg {
     pub decrease: f64,
     /// How far the canary query's p99 may rise over its baseline (1.25 = 25%).
     pub canary_tolerance: f64,
+    /// Canary rises below this many ms never count (single slow samples of a few ms are the
+    /// canary's own noise); the canary is there to catch stalls.
+    pub canary_slack_ms: f64,
+    /// The share of live commits a backfill may cost, measured in short quiet periods in
+    /// which it pauses (see `live_probe_every_secs`). 0 turns the signal off.
+    pub live_harm_budget: f64,
+    /// Under live load, a backfill pauses for `live_probe_quiet_secs` every this many seconds
+    /// to measure the live commit rate without it.
+    pub live_probe_every_secs: f64,
+    /// How long each quiet period lasts.
+    pub live_probe_quiet_secs: f64,
     /// Budget for WAL retained by the slot while a backfill runs.
     pub wal_budget_bytes: u64,
     /// The canary query, run 20 times a second on its own connection and thread; pick one
@@ -198,6 +209,10 @@ impl Default for BackfillCfg {
             increase_rows_per_sec: 5_000.0,
             decrease: 0.5,
             canary_tolerance: 1.25,
+            canary_slack_ms: 10.0,
+            live_harm_budget: 0.05,
+            live_probe_every_secs: 3.0,
+            live_probe_quiet_secs: 1.0,
             wal_budget_bytes: 1 << 30,
             canary_sql: "SELECT 1".into(),
             canary_window_secs: 5,

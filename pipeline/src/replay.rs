@@ -191,6 +191,8 @@ fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals
     let aimd = crate::throttle::Aimd::new(crate::throttle::Settings {
         canary_baseline_ms: f64::INFINITY,
         canary_tolerance: 1.0,
+        canary_slack_ms: 0.0,
+        live_harm_budget: f64::INFINITY,
         wal_budget_bytes: u64::MAX,
         live_lag_budget: if b.live_lag_budget == 0 {
             u64::MAX
@@ -355,6 +357,7 @@ pub async fn run(
                     retained_wal_bytes: 0,
                     live_lag_events: r.live_lag_events.unwrap_or(0),
                     produce_latency_ms: r.produce_latency_ms.unwrap_or(0.0),
+                    ..crate::throttle::Signals::default()
                 });
             }
             pacer.acquire((last - first + 1) as f64, aimd.rate()).await;

@@ -207,6 +207,16 @@ async fn canary(
                 None => None,
             };
             let p = p99(&ring);
+            if let Some(h) = ring.back() {
+                tracing::debug!(
+                    n = h.len(),
+                    p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0,
+                    p90_ms = h.value_at_quantile(0.9) as f64 / 1000.0,
+                    p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0,
+                    max_ms = h.max() as f64 / 1000.0,
+                    "canary second"
+                );
+            }
             if let Ok(mut r) = readings.lock() {
                 r.canary_p99_ms = p.map(|x| x.0);
                 r.canary_samples = p.map_or(0, |x| x.1);

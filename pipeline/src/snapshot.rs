@@ -107,6 +107,8 @@ pub struct Snapshotter {
     region: String,
     database: String,
     chunk_rows: usize,
+    /// The most rows a backfill chunk reads now (the throttle's pacing), whatever its job asks.
+    backfill_cap: usize,
     queue: VecDeque<TableId>,
     repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
     backfills: VecDeque<String>,
@@ -125,6 +127,7 @@ impl Snapshotter {
             region: region.into(),
             database: database.into(),
             chunk_rows,
+            backfill_cap: usize::MAX,
             queue: VecDeque::new(),
             repairs: VecDeque::new(),
             backfills: VecDeque::new(),
@@ -192,7 +195,14 @@ impl Snapshotter {
     pub fn next_backfill_rows(&self, state: &CaptureState) -> usize {
         self.next_backfill()
             .and_then(|j| state.backfills.get(j))
-            .map_or(self.chunk_rows, |b| b.chunk_rows)
+            .map_or(self.chunk_rows, |b| b.chunk_rows.max(1))
+            .min(self.backfill_cap)
+    }
+
+    /// Caps the rows of backfill chunks (at a low rate, smaller chunks more often keep the
+    /// load on the origin even).
+    pub fn cap_backfill_rows(&mut self, rows: usize) {
+        self.backfill_cap = rows.max(1);
     }
 
     /// Whether a table is queued or being read.
@@ -290,9 +300,9 @@ impl Snapshotter {
             },
             _ => None,
         };
-        let chunk_rows = backfill
-            .as_ref()
-            .map_or(self.chunk_rows, |(_, b)| b.chunk_rows.max(1));
+        let chunk_rows = backfill.as_ref().map_or(self.chunk_rows, |(_, b)| {
+            b.chunk_rows.max(1).min(self.backfill_cap)
+        });
         let extra = backfill
             .as_ref()
             .and_then(|(_, b)| b.predicate.clone())

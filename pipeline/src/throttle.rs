@@ -7,7 +7,17 @@
 //!    baseline measured before the job started (times a tolerance);
 //! 2. WAL retained by the origin's replication slot;
 //! 3. live shipping lag (the live lane always wins);
-//! 4. destination produce latency.
+//! 4. destination produce latency;
+//! 5. live throughput: the live workload's commit rate while the job runs, against its rate
+//!    during short quiet periods in which the job pauses ([`LiveProbe`]). This is the signal
+//!    that sees a CPU-bound load lose throughput: a canary that sleeps between queries is
+//!    woken ahead of busy tasks by the kernel's scheduler and barely slows down (measured on
+//!    2 cores: canary p50 0.35 ms with and without a backfill that cost pgbench 35% of its
+//!    TPS), so it mostly catches stalls.
+//!
+//! While live load is measurable the rate only grows after a quiet period found the job
+//! harmless (by at most half of itself per period); without live load it grows every
+//! healthy second, doubling until the first cut (slow start) and additively after it.
 //!
 //! A decision names the signal that limits the rate, so an operator sees at a glance why a job
 //! is slow. The controller is pure: the caller feeds it signals on its own clock (every second
@@ -28,6 +38,8 @@ pub enum Limit {
     LiveLag,
     /// The destination is slow to acknowledge.
     ProduceLatency,
+    /// The live workload commits less while the job runs than while it pauses.
+    LiveThroughput,
     /// The rate sits at the ceiling (or a hard cap).
     Ceiling,
 }
@@ -40,6 +52,7 @@ impl fmt::Display for Limit {
             Limit::RetainedWal => "retained_wal",
             Limit::LiveLag => "live_lag",
             Limit::ProduceLatency => "produce_latency",
+            Limit::LiveThroughput => "live_throughput",
             Limit::Ceiling => "ceiling",
         })
     }
@@ -56,6 +69,11 @@ pub struct Signals {
     pub live_lag_events: u64,
     /// Destination produce latency (p99), in ms.
     pub produce_latency_ms: f64,
+    /// The share of live commits the job cost, measured by the quiet period that just ended
+    /// (`None` between quiet periods).
+    pub live_harm: Option<f64>,
+    /// Whether live load is being measured: then the rate grows only on a `live_harm` reading.
+    pub live_gated: bool,
 }
 
 /// Budgets and shape of the control loop.
@@ -65,6 +83,11 @@ pub struct Settings {
     pub canary_baseline_ms: f64,
     /// How far above the baseline the canary may go (1.25 = 25%).
     pub canary_tolerance: f64,
+    /// Rises of the canary smaller than this are never unhealthy, in ms (the canary's own
+    /// noise: single slow samples of a few ms).
+    pub canary_slack_ms: f64,
+    /// The share of live commits a job may cost (0.05 = 5%).
+    pub live_harm_budget: f64,
     /// Retained WAL budget, in bytes.
     pub wal_budget_bytes: u64,
     /// Live lag budget, in changes.
@@ -93,6 +116,9 @@ pub struct Aimd {
     settings: Settings,
     rate: f64,
     limit: Limit,
+    /// Whether anything has cut the rate since the start: until then, without live load, the
+    /// rate at least doubles each healthy step (slow start, as in TCP).
+    cut: bool,
 }
 
 impl Aimd {
@@ -102,6 +128,7 @@ impl Aimd {
             rate: settings.floor,
             settings,
             limit: Limit::None,
+            cut: false,
         }
     }
 
@@ -113,6 +140,13 @@ impl Aimd {
     /// Sets the average bytes per event the byte cap divides by.
     pub fn set_bytes_per_event(&mut self, bytes: f64) {
         self.settings.bytes_per_event = bytes;
+    }
+
+    /// Back to the floor (a new job starts slowly).
+    pub fn reset(&mut self) {
+        self.rate = self.settings.floor;
+        self.limit = Limit::None;
+        self.cut = false;
     }
 
     /// The current rate (per second).
@@ -142,7 +176,12 @@ impl Aimd {
         let s = &self.settings;
         if x.live_lag_events > s.live_lag_budget {
             Limit::LiveLag
-        } else if x.canary_p99_ms > s.canary_baseline_ms * s.canary_tolerance {
+        } else if x.live_harm.is_some_and(|h| h > s.live_harm_budget) {
+            Limit::LiveThroughput
+        } else if x.canary_p99_ms
+            > (s.canary_baseline_ms * s.canary_tolerance)
+                .max(s.canary_baseline_ms + s.canary_slack_ms)
+        {
             Limit::CanaryLatency
         } else if x.retained_wal_bytes > s.wal_budget_bytes {
             Limit::RetainedWal
@@ -158,7 +197,15 @@ impl Aimd {
         let cap = self.cap();
         let bad = self.unhealthy(x);
         if bad == Limit::None {
-            self.rate = (self.rate + self.settings.increase).min(cap);
+            // Under measurable live load, growth waits for a quiet period's verdict and is at
+            // most half the rate, so one step cannot multiply the harm.
+            let step = match (x.live_gated, x.live_harm) {
+                (false, _) if !self.cut => self.settings.increase.max(self.rate),
+                (false, _) => self.settings.increase,
+                (true, Some(_)) => self.settings.increase.min(self.rate * 0.5),
+                (true, None) => 0.0,
+            };
+            self.rate = (self.rate + step).min(cap);
             self.limit = if self.rate >= cap {
                 Limit::Ceiling
             } else {
@@ -167,8 +214,114 @@ impl Aimd {
         } else {
             self.rate = (self.rate * self.settings.decrease).max(self.settings.floor);
             self.limit = bad;
+            self.cut = true;
         }
         (self.rate, self.limit)
+    }
+}
+
+/// Seconds after the job pauses or resumes before the live rate reflects it (chunk rows still
+/// in flight to the broker, the stream catching up).
+const SETTLE_SECS: f64 = 0.4;
+
+/// Below this many live commits per second there is no live load worth measuring.
+const MIN_LIVE_RATE: f64 = 20.0;
+
+/// A quiet period with fewer live commits than this measures nothing (it reads as harmless).
+const MIN_QUIET_COMMITS: usize = 30;
+
+/// Measures what a job costs the live workload: under live load the job pauses for `quiet`
+/// seconds every `every` seconds, and the live commit rate during the pause is compared with
+/// the rate in the seconds before it. `1 - busy / quiet` is the share of live commits the job
+/// cost. Pure: the caller feeds it commit times and the clock, both in seconds.
+#[derive(Debug)]
+pub struct LiveProbe {
+    commits: std::collections::VecDeque<f64>,
+    every: f64,
+    quiet: f64,
+    /// Start of the current quiet period, and the busy rate measured just before it.
+    quiet_from: Option<(f64, f64)>,
+    /// When the next quiet period may start.
+    next: f64,
+    /// When the job last resumed.
+    busy_from: f64,
+}
+
+impl LiveProbe {
+    /// A probe that pauses for `quiet` seconds every `every` seconds, starting at `now`.
+    pub fn new(every: f64, quiet: f64, now: f64) -> LiveProbe {
+        let quiet = quiet.max(SETTLE_SECS + 0.2);
+        let every = every.max(quiet + SETTLE_SECS + 0.5);
+        LiveProbe {
+            commits: std::collections::VecDeque::new(),
+            every,
+            quiet,
+            quiet_from: None,
+            next: now + every - quiet,
+            busy_from: now,
+        }
+    }
+
+    /// Starts the cycle over at `now` (a job starts reading): the first quiet period comes
+    /// after a full busy stretch.
+    pub fn restart(&mut self, now: f64) {
+        self.quiet_from = None;
+        self.busy_from = now;
+        self.next = now + self.every - self.quiet;
+    }
+
+    /// Notes a live commit seen at `at`.
+    pub fn record(&mut self, at: f64) {
+        self.commits.push_back(at);
+        let keep = at - 2.0 * self.every - 2.0;
+        while self.commits.front().is_some_and(|&t| t < keep) {
+            self.commits.pop_front();
+        }
+    }
+
+    fn rate(&self, from: f64, to: f64) -> (usize, f64) {
+        let n = self
+            .commits
+            .iter()
+            .filter(|&&t| t >= from && t < to)
+            .count();
+        (n, n as f64 / (to - from).max(1e-3))
+    }
+
+    /// Whether live load is measurable: enough commits per second over the last two seconds.
+    pub fn loaded(&self, now: f64) -> bool {
+        self.rate(now - 2.0, now).1 >= MIN_LIVE_RATE
+    }
+
+    /// Whether the job must pause now.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet_from.is_some()
+    }
+
+    /// Advances the cycle at `now`: starts a quiet period when one is due and live load is
+    /// measurable; when one ends, returns the share of live commits the job cost (0 when the
+    /// quiet period saw too few commits to tell).
+    pub fn poll(&mut self, now: f64) -> Option<f64> {
+        match self.quiet_from {
+            Some((from, busy)) if now >= from + self.quiet => {
+                self.quiet_from = None;
+                self.busy_from = now;
+                self.next = now + self.every - self.quiet;
+                let (n, quiet) = self.rate(from + SETTLE_SECS, now);
+                Some(if n < MIN_QUIET_COMMITS || quiet <= 0.0 {
+                    0.0
+                } else {
+                    1.0 - busy / quiet
+                })
+            }
+            Some(_) => None,
+            None if now >= self.next && self.loaded(now) => {
+                let from = (self.busy_from + SETTLE_SECS).max(now - 2.0).min(now - 0.5);
+                self.quiet_from = Some((now, self.rate(from, now).1));
+                None
+            }
+            None => None,
+        }
     }
 }
 
@@ -233,6 +386,8 @@ mod tests {
         Settings {
             canary_baseline_ms: 2.0,
             canary_tolerance: 1.25,
+            canary_slack_ms: 0.0,
+            live_harm_budget: 0.05,
             wal_budget_bytes: 1 << 30,
             live_lag_budget: 10_000,
             produce_latency_budget_ms: 500.0,
@@ -252,12 +407,19 @@ mod tests {
             retained_wal_bytes: 1 << 20,
             live_lag_events: 0,
             produce_latency_ms: 20.0,
+            live_harm: None,
+            live_gated: false,
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn grows_additively_to_the_ceiling_and_stays() {
         let mut c = Aimd::new(settings());
+        // One cut (at the floor) ends the slow start.
+        c.step(&Signals {
+            canary_p99_ms: 50.0,
+            ..healthy()
+        });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut rates = Vec::new();
         for _ in 0..14 {
@@ -299,6 +461,13 @@ mod tests {
                     ..healthy()
                 },
                 Limit::ProduceLatency,
+            ),
+            (
+                Signals {
+                    live_harm: Some(0.3),
+                    ..healthy()
+                },
+                Limit::LiveThroughput,
             ),
         ];
         for (signals, limit) in cases {
@@ -352,6 +521,110 @@ mod tests {
             c.step(&healthy());
         }
         assert_eq!(c.rate(), 1_500.0, "150 kB/s at 100 B per event");
+    }
+
+    #[test]
+    fn slow_start_doubles_until_the_first_cut() {
+        let mut c = Aimd::new(Settings {
+            ceiling: 50_000.0,
+            ..settings()
+        });
+        let rates: Vec<f64> = (0..4).map(|_| c.step(&healthy()).0).collect();
+        assert_eq!(
+            rates,
+            [600.0, 1_200.0, 2_400.0, 4_800.0],
+            "at least +500, else ×2"
+        );
+        c.step(&Signals {
+            canary_p99_ms: 50.0,
+            ..healthy()
+        });
+        assert_eq!(c.rate(), 2_400.0);
+        assert_eq!(c.step(&healthy()).0, 2_900.0, "additive after a cut");
+        c.reset();
+        assert_eq!(c.step(&healthy()).0, 600.0, "a new job starts slowly again");
+    }
+
+    #[test]
+    fn canary_slack_ignores_small_rises() {
+        let c = Aimd::new(Settings {
+            canary_slack_ms: 5.0,
+            ..settings()
+        });
+        let at = |ms| Signals {
+            canary_p99_ms: ms,
+            ..healthy()
+        };
+        assert_eq!(
+            c.unhealthy(&at(6.9)),
+            Limit::None,
+            "2 ms baseline + 5 ms slack"
+        );
+        assert_eq!(c.unhealthy(&at(7.1)), Limit::CanaryLatency);
+    }
+
+    #[test]
+    fn under_live_load_growth_waits_for_a_verdict_by_half_at_most() {
+        let mut c = Aimd::new(settings());
+        let gated = Signals {
+            live_gated: true,
+            ..healthy()
+        };
+        assert_eq!(c.step(&gated).0, 100.0, "no verdict, no growth");
+        let harmless = Signals {
+            live_harm: Some(0.01),
+            ..gated
+        };
+        assert_eq!(c.step(&harmless).0, 150.0);
+        assert_eq!(c.step(&harmless).0, 225.0);
+        let harmful = Signals {
+            live_harm: Some(0.2),
+            ..gated
+        };
+        assert_eq!(c.step(&harmful), (112.5, Limit::LiveThroughput));
+    }
+
+    /// Feeds `rate` live commits per second between `from` and `to` (seconds).
+    fn commits(p: &mut LiveProbe, from: f64, to: f64, rate: f64) {
+        let n = ((to - from) * rate) as usize;
+        for i in 0..n {
+            p.record(from + i as f64 / rate);
+        }
+    }
+
+    #[test]
+    fn live_probe_measures_the_share_of_commits_the_job_costs() {
+        let mut p = LiveProbe::new(3.0, 1.0, 0.0);
+        // Busy: the job costs the load 20% (800 of 1,000 commits/s).
+        commits(&mut p, 0.0, 2.0, 800.0);
+        assert_eq!(p.poll(1.9), None, "not due yet");
+        assert!(!p.is_quiet());
+        assert_eq!(p.poll(2.0), None, "quiet starts");
+        assert!(p.is_quiet());
+        commits(&mut p, 2.0, 3.0, 1_000.0);
+        let harm = p.poll(3.0).expect("verdict");
+        assert!((0.18..=0.22).contains(&harm), "{harm}");
+        assert!(!p.is_quiet());
+        // The next period is `every` after the last one started.
+        commits(&mut p, 3.0, 5.0, 1_000.0);
+        assert_eq!(p.poll(4.9), None);
+        assert!(!p.is_quiet());
+        assert_eq!(p.poll(5.0), None);
+        assert!(p.is_quiet());
+        commits(&mut p, 5.0, 6.0, 1_000.0);
+        let harm = p.poll(6.0).expect("verdict");
+        assert!(harm.abs() < 0.02, "{harm}");
+    }
+
+    #[test]
+    fn live_probe_stays_out_of_the_way_without_live_load() {
+        let mut p = LiveProbe::new(3.0, 1.0, 0.0);
+        commits(&mut p, 0.0, 10.0, 5.0);
+        for t in 0..100 {
+            assert_eq!(p.poll(f64::from(t) * 0.1), None);
+            assert!(!p.is_quiet());
+        }
+        assert!(!p.loaded(10.0));
     }
 
     #[tokio::test(start_paused = true)]

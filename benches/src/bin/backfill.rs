@@ -1,7 +1,9 @@
 //! A steady OLTP load (pgbench, TPC-B-like) on the origin, measured three ways in one run:
 //! alone; during a backfill of `pgbench_accounts` with the throttle off; during the same
 //! backfill with the throttle on. Then both backfills once more with the load stopped, to
-//! compare their rates.
+//! compare their rates. The backfill starts together with the load, so the throttle measures
+//! its baseline under it; only what follows that warm-up is measured. `--fixed` instead pins
+//! the backfill at given rates, to see what each costs the load.
 //!
 //! `cargo run --release -p ferry-benches --bin backfill -- --scale 10 --seconds 20`
 
@@ -31,6 +33,19 @@ struct Args {
     /// pgbench clients.
     #[arg(long, default_value_t = 4)]
     clients: u32,
+    /// Rows per backfill chunk (the most; the throttle may read fewer at a time).
+    #[arg(long, default_value_t = 2_000)]
+    chunk_rows: usize,
+    /// The throttle's canary query.
+    #[arg(
+        long,
+        default_value = "SELECT abalance FROM pgbench_accounts WHERE aid = (SELECT 1 + (random() * 99999)::int)"
+    )]
+    canary_sql: String,
+    /// Instead of throttle off / on, run the load next to a backfill pinned at each of these
+    /// rates (rows/s), to see what a rate costs the load (for picking `max_rows_per_sec`).
+    #[arg(long, value_delimiter = ',')]
+    fixed: Vec<f64>,
     /// Ferry configuration (for the stack's addresses).
     #[arg(long, default_value = "ops/ferry.toml")]
     config: PathBuf,
@@ -42,12 +57,21 @@ struct Load {
     p99_ms: f64,
 }
 
-/// Runs pgbench for `seconds` and reads every transaction's latency from its log.
-fn pgbench(pg: &PgConfig, args: &Args, dir: &Path) -> Result<Load> {
+fn since_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Runs pgbench for `warmup + seconds` and reads the latency of every transaction that
+/// finished in the last `seconds` from its per-transaction log (fields: client, number,
+/// latency µs, script, finish epoch s, finish µs).
+fn pgbench(pg: &PgConfig, args: &Args, dir: &Path, warmup: u32) -> Result<Load> {
     let prefix = dir.join("pgb");
     for e in std::fs::read_dir(dir)? {
         let _ = std::fs::remove_file(e?.path());
     }
+    let from = since_epoch() + f64::from(warmup);
     let out = Command::new("pgbench")
         .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
         .args([
@@ -56,7 +80,7 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path) -> Result<Load> {
             "-j",
             "2",
             "-T",
-            &args.seconds.to_string(),
+            &(args.seconds + warmup).to_string(),
         ])
         .args([
             "--log",
@@ -69,32 +93,31 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path) -> Result<Load> {
     if !out.status.success() {
         bail!("pgbench: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let tps = stdout
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .context("tps in pgbench output")?;
     let mut lat: Vec<f64> = Vec::new();
+    let mut last = from;
     for e in std::fs::read_dir(dir)? {
         let text = std::fs::read_to_string(e?.path())?;
         for line in text.lines() {
-            if let Some(us) = line
+            let f: Vec<f64> = line
                 .split_whitespace()
-                .nth(2)
-                .and_then(|v| v.parse::<f64>().ok())
-            {
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            let [_, _, us, _, epoch, frac, ..] = f[..] else {
+                continue;
+            };
+            let done = epoch + frac / 1e6;
+            if done >= from {
                 lat.push(us / 1000.0);
+                last = last.max(done);
             }
         }
     }
+    if lat.is_empty() {
+        bail!("pgbench logged no transaction in the measured window");
+    }
+    let tps = lat.len() as f64 / (last - from).max(1e-3);
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     Ok(Load {
         tps,
         p50_ms: pct(0.50),
@@ -103,52 +126,51 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path) -> Result<Load> {
 }
 
 /// Rows the job had done, from the capture state.
-fn rows_done(cfg: &Config, job: &str) -> u64 {
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    state::load(
-        &origin,
-        &sink::state_topic(&cfg.capture.topic_prefix),
-        &cfg.capture.slot,
-    )
-    .ok()
-    .and_then(|s| s.backfills.get(job).map(|b| b.rows))
-    .unwrap_or(0)
+async fn rows_done(cfg: &Config, job: &str) -> Result<u64> {
+    let (cfg, job) = (cfg.clone(), job.to_string());
+    Ok(tokio::task::spawn_blocking(move || {
+        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+        state::load(
+            &origin,
+            &sink::state_topic(&cfg.capture.topic_prefix),
+            &cfg.capture.slot,
+        )
+        .ok()
+        .and_then(|s| s.backfills.get(&job).map(|b| b.rows))
+        .unwrap_or(0)
+    })
+    .await?)
 }
 
-/// Starts a backfill job, runs `during` (or waits `seconds`), and returns the job's rows/s.
+/// Starts a backfill job and returns its rows/s over the measured window, with the load's
+/// figures over the same window when `load` is given. The load (if any) starts together with
+/// the job, so the throttle measures its canary baseline under the load, as it would when a
+/// backfill is started on a busy database; only what follows that warm-up is measured.
 async fn backfill_rate(
     cfg: &Config,
     job: &str,
-    seconds: u32,
-    during: Option<(&PgConfig, &Args, &Path)>,
+    args: &Args,
+    load: Option<(&PgConfig, &Path)>,
 ) -> Result<(f64, Option<Load>)> {
     let table = TableId::new("public", "pgbench_accounts");
-    capture::request_backfill(cfg, &table, None, Some(2_000), Some(job.into())).await?;
-    // The throttle measures its baseline for one canary window before the first chunk.
-    tokio::time::sleep(Duration::from_secs(cfg.backfill.canary_window_secs + 3)).await;
-    let (c, j) = (cfg.clone(), job.to_string());
-    let r0 = tokio::task::spawn_blocking(move || rows_done(&c, &j)).await?;
+    let warmup = cfg.backfill.canary_window_secs as u32 + 3;
+    let bench = load.map(|(pg, dir)| {
+        let (pg, args, dir) = (pg.clone(), args.clone(), dir.to_path_buf());
+        tokio::task::spawn_blocking(move || pgbench(&pg, &args, &dir, warmup))
+    });
+    capture::request_backfill(cfg, &table, None, Some(args.chunk_rows), Some(job.into())).await?;
+    tokio::time::sleep(Duration::from_secs(u64::from(warmup))).await;
+    let r0 = rows_done(cfg, job).await?;
     let t0 = Instant::now();
-    let load = match during {
-        Some((pg, args, dir)) => {
-            let (pg, args2, dir) = (
-                pg.clone(),
-                Args {
-                    config: args.config.clone(),
-                    ..*args
-                },
-                dir.to_path_buf(),
-            );
-            Some(tokio::task::spawn_blocking(move || pgbench(&pg, &args2, &dir)).await??)
-        }
+    let load = match bench {
+        Some(b) => Some(b.await??),
         None => {
-            tokio::time::sleep(Duration::from_secs(u64::from(seconds))).await;
+            tokio::time::sleep(Duration::from_secs(u64::from(args.seconds))).await;
             None
         }
     };
     let secs = t0.elapsed().as_secs_f64();
-    let (c, j) = (cfg.clone(), job.to_string());
-    let r1 = tokio::task::spawn_blocking(move || rows_done(&c, &j)).await?;
+    let r1 = rows_done(cfg, job).await?;
     capture::control_job(cfg, job, "cancel").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(((r1 - r0) as f64 / secs, load))
@@ -158,6 +180,8 @@ impl Clone for Args {
     fn clone(&self) -> Self {
         Args {
             config: self.config.clone(),
+            fixed: self.fixed.clone(),
+            canary_sql: self.canary_sql.clone(),
             ..*self
         }
     }
@@ -202,14 +226,15 @@ async fn main() -> Result<()> {
     cfg.capture.tables = vec!["public.pgbench_accounts".into()];
     cfg.capture.snapshot = false;
     cfg.capture.topic_prefix = format!("bfbench{run}");
-    cfg.backfill.canary_sql =
-        "SELECT abalance FROM pgbench_accounts WHERE aid = 1 + (random() * 1000)::int".into();
+    cfg.backfill.canary_sql = args.canary_sql.clone();
     let unthrottled = {
         let mut c = cfg.clone();
         c.backfill.min_rows_per_sec = 1e9;
         c.backfill.max_rows_per_sec = 1e9;
+        c.backfill.live_harm_budget = 0.0; // no quiet periods either
         c
     };
+    let warmup = cfg.backfill.canary_window_secs as u32 + 3;
     let start = |c: Config| {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -221,7 +246,7 @@ async fn main() -> Result<()> {
     eprintln!("load alone, no Ferry…");
     let bare = tokio::task::spawn_blocking({
         let (pg, args, dir) = (pg.clone(), args.clone(), dir.clone());
-        move || pgbench(&pg, &args, &dir)
+        move || pgbench(&pg, &args, &dir, warmup)
     })
     .await??;
     // The baseline: the load with live capture running and no backfill, since live sync is
@@ -232,7 +257,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let load = tokio::task::spawn_blocking({
             let (pg, args, dir) = (pg.clone(), args.clone(), dir.clone());
-            move || pgbench(&pg, &args, &dir)
+            move || pgbench(&pg, &args, &dir, warmup)
         })
         .await??;
         let _ = stop.send(true);
@@ -240,30 +265,52 @@ async fn main() -> Result<()> {
         load
     };
 
+    let mut runs = vec![
+        ("throttle off".to_string(), unthrottled.clone(), true),
+        ("throttle on".to_string(), cfg.clone(), true),
+    ];
+    if !args.fixed.is_empty() {
+        runs = args
+            .fixed
+            .iter()
+            .map(|&r| {
+                let mut c = cfg.clone();
+                c.backfill.min_rows_per_sec = r;
+                c.backfill.max_rows_per_sec = r;
+                (format!("fixed {} rows/s", thousands(r)), c, false)
+            })
+            .collect();
+    }
     let mut results = Vec::new();
-    for (name, c) in [
-        ("throttle off", unthrottled.clone()),
-        ("throttle on", cfg.clone()),
-    ] {
+    for (name, c, alone_too) in runs {
         eprintln!("load during a backfill, {name}…");
         let (stop, task) = start(c.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (rate, load) = backfill_rate(
-            &c,
-            &format!("{name}-load"),
-            args.seconds,
-            Some((&pg, &args, &dir)),
-        )
-        .await?;
-        eprintln!("backfill alone, {name}…");
-        let (rate_alone, _) =
-            backfill_rate(&c, &format!("{name}-alone"), args.seconds, None).await?;
+        let (rate, load) =
+            backfill_rate(&c, &format!("{name}-load"), &args, Some((&pg, &dir))).await?;
+        let rate_alone = if alone_too {
+            eprintln!("backfill alone, {name}…");
+            Some(
+                backfill_rate(&c, &format!("{name}-alone"), &args, None)
+                    .await?
+                    .0,
+            )
+        } else {
+            None
+        };
         let _ = stop.send(true);
         task.await??;
         results.push((name, rate, load.context("load")?, rate_alone));
     }
 
-    println!("pgbench -s {} -c {} for {} s each; backfill of pgbench_accounts ({} rows) in chunks of 2,000", args.scale, args.clients, args.seconds, args.scale * 100_000);
+    println!(
+        "pgbench -s {} -c {} for {} s each; backfill of pgbench_accounts ({} rows) in chunks of up to {}",
+        args.scale,
+        args.clients,
+        args.seconds,
+        thousands(f64::from(args.scale) * 100_000.0),
+        thousands(args.chunk_rows as f64)
+    );
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>10} {:>14}",
         "run", "TPS", "p50 ms", "p99 ms", "TPS ratio", "backfill rows/s"
@@ -298,8 +345,9 @@ async fn main() -> Result<()> {
             l.p99_ms / alone.p99_ms.max(1e-9)
         );
     }
-    let (off, on) = (results[0].3, results[1].3);
-    println!("backfill with the load stopped: throttle off {} rows/s, throttle on {} rows/s, ratio {:.2}", thousands(off), thousands(on), on / off.max(1e-9));
+    if let [(_, _, _, Some(off)), (_, _, _, Some(on)), ..] = results[..] {
+        println!("backfill with the load stopped: throttle off {} rows/s, throttle on {} rows/s, ratio {:.2}", thousands(off), thousands(on), on / off.max(1e-9));
+    }
     println!("goals: throttle on → p99 ≤ 1.25× and TPS ≥ 0.9× of alone (live capture on); load stopped → throttled ≥ 0.8× unthrottled");
 
     let _ = a
