@@ -71,6 +71,19 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path, warmup: u32) -> Result<Load> 
     for e in std::fs::read_dir(dir)? {
         let _ = std::fs::remove_file(e?.path());
     }
+    // A checkpoint now, so that no timed one falls inside this run (the next is minutes away):
+    // every run starts from the same state.
+    let checkpoint = Command::new("psql")
+        .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
+        .args(["-d", &pg.database, "-qXc", "CHECKPOINT"])
+        .output()
+        .context("psql")?;
+    if !checkpoint.status.success() {
+        eprintln!(
+            "CHECKPOINT before the run failed (measuring anyway): {}",
+            String::from_utf8_lossy(&checkpoint.stderr).trim()
+        );
+    }
     let from = since_epoch() + f64::from(warmup);
     let out = Command::new("pgbench")
         .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
@@ -250,9 +263,10 @@ async fn main() -> Result<()> {
     })
     .await??;
     // The baseline: the load with live capture running and no backfill, since live sync is
-    // always on where a backfill runs; the ratios measure what the backfill adds.
-    eprintln!("load alone, live capture running…");
-    let alone = {
+    // always on where a backfill runs; the ratios measure what the backfill adds. It is measured
+    // before and after the backfill runs, and their mean is the baseline, so drift over the
+    // run (the broker's storage growing, the tables' bloat) weighs on both sides alike.
+    let with_capture = || async {
         let (stop, task) = start(cfg.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
         let load = tokio::task::spawn_blocking({
@@ -262,8 +276,10 @@ async fn main() -> Result<()> {
         .await??;
         let _ = stop.send(true);
         task.await??;
-        load
+        anyhow::Ok(load)
     };
+    eprintln!("load alone, live capture running…");
+    let before = with_capture().await?;
 
     let mut runs = vec![
         ("throttle off".to_string(), unthrottled.clone(), true),
@@ -301,7 +317,16 @@ async fn main() -> Result<()> {
         let _ = stop.send(true);
         task.await??;
         results.push((name, rate, load.context("load")?, rate_alone));
+        // Let the broker finish writing what the backfill sent before the next measurement.
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
+    eprintln!("load alone, live capture running, again…");
+    let after = with_capture().await?;
+    let alone = Load {
+        tps: (before.tps + after.tps) / 2.0,
+        p50_ms: (before.p50_ms + after.p50_ms) / 2.0,
+        p99_ms: (before.p99_ms + after.p99_ms) / 2.0,
+    };
 
     println!(
         "pgbench -s {} -c {} for {} s each; backfill of pgbench_accounts ({} rows) in chunks of up to {}",
@@ -312,11 +337,11 @@ async fn main() -> Result<()> {
         thousands(args.chunk_rows as f64)
     );
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>10} {:>14}",
+        "{:<40} {:>9} {:>9} {:>9} {:>10} {:>14}",
         "run", "TPS", "p50 ms", "p99 ms", "TPS ratio", "backfill rows/s"
     );
     println!(
-        "{:<34} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
+        "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
         "load alone, no Ferry",
         bare.tps,
         bare.p50_ms,
@@ -324,13 +349,27 @@ async fn main() -> Result<()> {
         bare.tps / alone.tps,
         "-"
     );
+    for (name, l) in [
+        ("load alone (live capture on), before", &before),
+        ("load alone (live capture on), after", &after),
+    ] {
+        println!(
+            "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
+            name,
+            l.tps,
+            l.p50_ms,
+            l.p99_ms,
+            l.tps / alone.tps,
+            "-"
+        );
+    }
     println!(
-        "{:<34} {:>9.0} {:>9.2} {:>9.2} {:>10} {:>14}",
-        "load alone (live capture on)", alone.tps, alone.p50_ms, alone.p99_ms, "1.00", "-"
+        "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10} {:>14}",
+        "baseline: mean of the two", alone.tps, alone.p50_ms, alone.p99_ms, "1.00", "-"
     );
     for (name, rate, l, _) in &results {
         println!(
-            "{:<34} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
+            "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
             format!("load + backfill, {name}"),
             l.tps,
             l.p50_ms,
