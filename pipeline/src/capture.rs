@@ -722,14 +722,15 @@ async fn run_once(
 
     loop {
         // Live changes and snapshots first; a backfill chunk only when the throttle allows.
-        snap.cap_backfill_rows(throttle.chunk_rows());
+        let backfill_cap = throttle.chunk_rows();
         let start = !in_txn
             && (snap.wants_chunk(false)
-                || (snap.wants_chunk(true) && throttle.allows(snap.next_backfill_rows(&state))));
+                || (snap.wants_chunk(true)
+                    && throttle.allows(snap.next_backfill_rows(&state, backfill_cap))));
         if start {
             let recent: HashSet<u32> = recent_xids.iter().copied().collect();
             if let Some(schema) = snap
-                .start_chunk(&session, replica.as_deref(), &state, &recent)
+                .start_chunk(&session, replica.as_deref(), &state, &recent, backfill_cap)
                 .await?
             {
                 sink.register(&schema).await?;

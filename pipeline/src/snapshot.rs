@@ -107,8 +107,6 @@ pub struct Snapshotter {
     region: String,
     database: String,
     chunk_rows: usize,
-    /// The most rows a backfill chunk reads now (the throttle's pacing), whatever its job asks.
-    backfill_cap: usize,
     queue: VecDeque<TableId>,
     repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
     backfills: VecDeque<String>,
@@ -127,7 +125,6 @@ impl Snapshotter {
             region: region.into(),
             database: database.into(),
             chunk_rows,
-            backfill_cap: usize::MAX,
             queue: VecDeque::new(),
             repairs: VecDeque::new(),
             backfills: VecDeque::new(),
@@ -191,18 +188,15 @@ impl Snapshotter {
         self.next_backfill().is_some()
     }
 
-    /// Rows the next backfill chunk will read at most.
-    pub fn next_backfill_rows(&self, state: &CaptureState) -> usize {
+    /// Rows the next backfill chunk will read at most: its job's chunk size, but no more than
+    /// `cap` (the throttle's pacing: at a low rate, smaller chunks more often keep the load on
+    /// the origin even).
+    pub fn next_backfill_rows(&self, state: &CaptureState, cap: usize) -> usize {
         self.next_backfill()
             .and_then(|j| state.backfills.get(j))
-            .map_or(self.chunk_rows, |b| b.chunk_rows.max(1))
-            .min(self.backfill_cap)
-    }
-
-    /// Caps the rows of backfill chunks (at a low rate, smaller chunks more often keep the
-    /// load on the origin even).
-    pub fn cap_backfill_rows(&mut self, rows: usize) {
-        self.backfill_cap = rows.max(1);
+            .map_or(self.chunk_rows, |b| b.chunk_rows)
+            .min(cap)
+            .max(1)
     }
 
     /// Whether a table is queued or being read.
@@ -233,13 +227,15 @@ impl Snapshotter {
 
     /// Reads the next chunk of the table at the head of the queue, between two watermarks.
     /// Returns the schema version the chunk uses (to register before its rows are sent).
-    /// `recent_xids` are the transactions streamed most recently (see the module docs).
+    /// `recent_xids` are the transactions streamed most recently (see the module docs); a
+    /// backfill chunk reads at most `backfill_cap` rows (see `next_backfill_rows`).
     pub async fn start_chunk(
         &mut self,
         client: &Client,
         replica: Option<&Client>,
         state: &CaptureState,
         recent_xids: &HashSet<u32>,
+        backfill_cap: usize,
     ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
         let repair = self.repairs.pop_front();
         let mut backfill: Option<(String, crate::state::Backfill)> = None;
@@ -301,7 +297,7 @@ impl Snapshotter {
             _ => None,
         };
         let chunk_rows = backfill.as_ref().map_or(self.chunk_rows, |(_, b)| {
-            b.chunk_rows.max(1).min(self.backfill_cap)
+            b.chunk_rows.min(backfill_cap).max(1)
         });
         let extra = backfill
             .as_ref()

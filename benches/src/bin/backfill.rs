@@ -155,6 +155,12 @@ async fn rows_done(cfg: &Config, job: &str) -> Result<u64> {
     .await?)
 }
 
+/// Seconds of load before the measured window: the throttle's canary baseline takes one
+/// window, and the first chunks follow it.
+fn warmup_secs(cfg: &Config) -> u32 {
+    cfg.backfill.canary_window_secs as u32 + 3
+}
+
 /// Starts a backfill job and returns its rows/s over the measured window, with the load's
 /// figures over the same window when `load` is given. The load (if any) starts together with
 /// the job, so the throttle measures its canary baseline under the load, as it would when a
@@ -166,7 +172,7 @@ async fn backfill_rate(
     load: Option<(&PgConfig, &Path)>,
 ) -> Result<(f64, Option<Load>)> {
     let table = TableId::new("public", "pgbench_accounts");
-    let warmup = cfg.backfill.canary_window_secs as u32 + 3;
+    let warmup = warmup_secs(cfg);
     let bench = load.map(|(pg, dir)| {
         let (pg, args, dir) = (pg.clone(), args.clone(), dir.to_path_buf());
         tokio::task::spawn_blocking(move || pgbench(&pg, &args, &dir, warmup))
@@ -247,7 +253,7 @@ async fn main() -> Result<()> {
         c.backfill.live_harm_budget = 0.0; // no quiet periods either
         c
     };
-    let warmup = cfg.backfill.canary_window_secs as u32 + 3;
+    let warmup = warmup_secs(&cfg);
     let start = |c: Config| {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -340,19 +346,7 @@ async fn main() -> Result<()> {
         "{:<40} {:>9} {:>9} {:>9} {:>10} {:>14}",
         "run", "TPS", "p50 ms", "p99 ms", "TPS ratio", "backfill rows/s"
     );
-    println!(
-        "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
-        "load alone, no Ferry",
-        bare.tps,
-        bare.p50_ms,
-        bare.p99_ms,
-        bare.tps / alone.tps,
-        "-"
-    );
-    for (name, l) in [
-        ("load alone (live capture on), before", &before),
-        ("load alone (live capture on), after", &after),
-    ] {
+    let row = |name: &str, l: &Load, rate: String| {
         println!(
             "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
             name,
@@ -360,23 +354,15 @@ async fn main() -> Result<()> {
             l.p50_ms,
             l.p99_ms,
             l.tps / alone.tps,
-            "-"
+            rate
         );
-    }
-    println!(
-        "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10} {:>14}",
-        "baseline: mean of the two", alone.tps, alone.p50_ms, alone.p99_ms, "1.00", "-"
-    );
+    };
+    row("load alone, no Ferry", &bare, "-".into());
+    row("load alone (live capture on), before", &before, "-".into());
+    row("load alone (live capture on), after", &after, "-".into());
+    row("baseline: mean of the two", &alone, "-".into());
     for (name, rate, l, _) in &results {
-        println!(
-            "{:<40} {:>9.0} {:>9.2} {:>9.2} {:>10.2} {:>14}",
-            format!("load + backfill, {name}"),
-            l.tps,
-            l.p50_ms,
-            l.p99_ms,
-            l.tps / alone.tps,
-            thousands(*rate)
-        );
+        row(&format!("load + backfill, {name}"), l, thousands(*rate));
     }
     for (name, _, l, _) in &results {
         println!(
