@@ -178,14 +178,11 @@ pub struct DestDb {
 }
 
 /// A Postgres error with its target and action; lost connections and passing conditions
-/// (classes 08, 40, 53, 57) are retried, anything else is not.
+/// ([`crate::error::passing`]) are retried, anything else is not.
 fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> ShipError {
     let msg = format!("postgres {target}: {action}");
     move |e| {
-        let passing = e
-            .as_db_error()
-            .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "40" | "53" | "57"));
-        if passing {
+        if crate::error::passing(&e) {
             ShipError::Unavailable(format!("{msg}: {e}"))
         } else {
             ShipError::Other(format!("{msg}: {e}"))

@@ -211,7 +211,6 @@ pub async fn request(cfg: &Config, spec: &BackfillSpec) -> Result<(String, u64),
 struct BackfillThrottle {
     aimd: crate::throttle::Aimd,
     pacer: crate::throttle::Pacer,
-    baseline: Option<f64>,
     last_limit: crate::throttle::Limit,
     probes: crate::signals::Probes,
     sampler: Option<crate::signals::Sampler>,
@@ -223,7 +222,8 @@ struct BackfillThrottle {
     /// A quiet period's verdict not yet fed to the controller.
     harm: Option<f64>,
     clock: Instant,
-    ticks: u32,
+    /// When the next once-a-second control step is due.
+    next_step: f64,
 }
 
 /// How often the throttle looks at the clock (quiet periods, waking a paced chunk); the
@@ -260,7 +260,6 @@ impl BackfillThrottle {
                 bytes_per_event: 0.0,
             }),
             pacer: crate::throttle::Pacer::default(),
-            baseline: None,
             last_limit: crate::throttle::Limit::None,
             probes: crate::signals::Probes {
                 canary: Some((cfg.origin.postgres.clone(), b.canary_sql.clone())),
@@ -281,7 +280,7 @@ impl BackfillThrottle {
             }),
             harm: None,
             clock: Instant::now(),
-            ticks: 0,
+            next_step: 0.0,
         }
     }
 
@@ -292,7 +291,7 @@ impl BackfillThrottle {
     /// Whether a backfill chunk may be read: the baseline is known, no quiet period is on and
     /// the pacer has room.
     fn allows(&mut self, rows: usize) -> bool {
-        self.baseline.is_some()
+        self.aimd.canary_baseline().is_some()
             && !self.live.as_ref().is_some_and(|l| l.is_quiet())
             && self.pacer.try_acquire(rows as f64, self.aimd.rate())
     }
@@ -324,7 +323,7 @@ impl BackfillThrottle {
         }
         let now = self.now();
         let mut step = false;
-        if self.baseline.is_some() {
+        if self.aimd.canary_baseline().is_some() {
             if let Some(harm) = self.live.as_mut().and_then(|l| l.poll(now)) {
                 tracing::debug!(
                     harm = format!("{harm:.3}"),
@@ -335,9 +334,8 @@ impl BackfillThrottle {
                 step = true;
             }
         }
-        self.ticks += 1;
-        if self.ticks * THROTTLE_TICK.as_millis() as u32 >= 1_000 {
-            self.ticks = 0;
+        if now >= self.next_step {
+            self.next_step = now + 1.0;
             step = true;
         }
         if step {
@@ -357,10 +355,9 @@ impl BackfillThrottle {
         };
         // One window of samples, taken before any backfill chunk is read, sets the baseline;
         // the rate starts at the floor once it is known.
-        if self.baseline.is_none() {
+        if self.aimd.canary_baseline().is_none() {
             self.warmup += 1;
             if self.warmup > self.window {
-                self.baseline = Some(p99.max(0.2));
                 self.aimd.set_canary_baseline(p99.max(0.2));
                 self.aimd.reset();
                 let now = self.now();
@@ -393,7 +390,7 @@ impl BackfillThrottle {
                 rate = rate.round(),
                 limit = %limit,
                 canary_p99_ms = format!("{p99:.2}"),
-                baseline_ms = format!("{:.2}", self.baseline.unwrap_or(f64::NAN)),
+                baseline_ms = format!("{:.2}", self.aimd.canary_baseline().unwrap_or(f64::NAN)),
                 retained_wal_bytes = signals.retained_wal_bytes,
                 live_lag = signals.live_lag_events,
                 produce_latency_ms = format!("{:.1}", signals.produce_latency_ms),
@@ -408,7 +405,7 @@ impl BackfillThrottle {
     /// Stops measuring (no backfill left); the next job starts from the floor.
     fn idle(&mut self) {
         self.sampler = None;
-        self.baseline = None;
+        self.aimd.set_canary_baseline(f64::INFINITY);
         self.warmup = 0;
         self.harm = None;
         self.aimd.reset();

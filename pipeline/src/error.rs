@@ -69,13 +69,7 @@ impl CaptureError {
     /// and unknown failures are retried with back-off.
     pub fn is_retryable(&self) -> bool {
         match self {
-            CaptureError::Postgres { source, .. } => source.as_db_error().is_none_or(|db| {
-                // Class 08 (connection), 53 (resources), 57 (operator intervention), 40
-                // (transaction rollback) are passing; syntax, privilege and undefined-object
-                // errors are not.
-                let class = &db.code().code()[..2];
-                matches!(class, "08" | "53" | "57" | "40" | "55")
-            }),
+            CaptureError::Postgres { source, .. } => passing(source),
             // Class 22 (data exception): the server cannot decode the change at the slot's
             // position, e.g. text that is not valid in the database's encoding. It fails the
             // same way every time; stop there rather than skip it.
@@ -90,6 +84,15 @@ impl CaptureError {
             CaptureError::State { .. } => false,
         }
     }
+}
+
+/// Whether a Postgres error may pass on a retry: a lost connection (no SQLSTATE) or class 08
+/// (connection), 40 (transaction rollback), 53 (resources), 55 (object in use, lock not
+/// available) or 57 (operator intervention). Syntax, privilege, data and undefined-object
+/// errors fail the same way every time.
+pub fn passing(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "40" | "53" | "55" | "57"))
 }
 
 /// Wraps a Postgres error with its target and action.

@@ -135,9 +135,14 @@ impl Aimd {
         }
     }
 
-    /// Sets the canary baseline once it has been measured.
+    /// Sets the canary baseline once it has been measured (infinite: not measured).
     pub fn set_canary_baseline(&mut self, ms: f64) {
         self.settings.canary_baseline_ms = ms;
+    }
+
+    /// The canary baseline, once measured.
+    pub fn canary_baseline(&self) -> Option<f64> {
+        Some(self.settings.canary_baseline_ms).filter(|ms| ms.is_finite())
     }
 
     /// Sets the average bytes per event the byte cap divides by.
@@ -329,12 +334,13 @@ impl LiveProbe {
         }
     }
 
+    /// Commits in `[from, to)` and their rate; `commits` is in time order.
     fn rate(&self, from: f64, to: f64) -> (usize, f64) {
+        let first = self.commits.partition_point(|&t| t < from);
         let n = self
             .commits
-            .iter()
-            .filter(|&&t| t >= from && t < to)
-            .count();
+            .partition_point(|&t| t < to)
+            .saturating_sub(first);
         (n, n as f64 / (to - from).max(1e-3))
     }
 

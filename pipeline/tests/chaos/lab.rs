@@ -391,11 +391,26 @@ instance_id = "chaos-apply"
         }
     }
 
+    fn log_path(&self, role: Role) -> PathBuf {
+        self.dir.join(format!("{}.log", role.command()))
+    }
+
+    /// Where a process logs, with the log's last lines: the lab's directory is gone by the
+    /// time anyone reads a CI failure.
     pub fn log(&self, role: Role) -> String {
-        self.dir
-            .join(format!("{}.log", role.command()))
-            .display()
-            .to_string()
+        const TAIL: usize = 30;
+        let path = self.log_path(role);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(TAIL)..].join("\n");
+        format!("{}; its last lines:\n{tail}", path.display())
+    }
+
+    /// [`Lab::log`] of every process.
+    pub fn logs(&self) -> String {
+        [Role::Capture, Role::Ship, Role::Apply]
+            .map(|r| self.log(r))
+            .join("\n")
     }
 
     /// Runs a `ferry` command against the lab's config.
@@ -446,7 +461,7 @@ instance_id = "chaos-apply"
         while Instant::now() < deadline {
             if !self.running(role) {
                 let st = self.wait_exit(role, timeout).await;
-                let log = std::fs::read_to_string(self.log(role)).unwrap_or_default();
+                let log = std::fs::read_to_string(self.log_path(role)).unwrap_or_default();
                 return (!st.success()).then_some(log);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -578,7 +593,8 @@ instance_id = "chaos-apply"
                 self.dir.display()
             ));
         }
-        let keep = !f.violations().is_empty();
+        let keep = !f.violations().is_empty()
+            || std::env::var("FERRY_CHAOS_KEEP_LOGS").is_ok_and(|v| v == "1");
         let figures = std::mem::take(&mut self.figures);
         self.cleanup(keep).await;
         figures

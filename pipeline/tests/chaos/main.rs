@@ -9,7 +9,8 @@
 //! `ops/chaos`, which also sets `FERRY_CHAOS_FULL=1` (longer faults) and
 //! `FERRY_CHAOS_ITERATIONS`. Every scenario appends its figures as a JSON line to
 //! `FERRY_CHAOS_REPORT` (default `target/chaos/report.jsonl`) and fails on any non-zero safety
-//! figure.
+//! figure. A scenario keeps its processes' and brokers' logs (the path is printed) when it
+//! finds a violation, or always with `FERRY_CHAOS_KEEP_LOGS=1`.
 
 #[path = "../it/support.rs"]
 #[allow(dead_code)]
