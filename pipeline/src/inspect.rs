@@ -24,12 +24,31 @@ fn ie(e: impl std::fmt::Display) -> InspectError {
 /// One record as read back: partition, offset, key, value.
 pub type RawRecord = (i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// Reads every record of a topic (all partitions) from the start to the current end.
+/// Reads every record of a topic (all partitions) from the start to the end it has when the
+/// call starts (records appended meanwhile are not chased), at most `limit` of them.
 pub fn read_all(
     cluster: &Cluster,
     topic: &str,
     limit: usize,
 ) -> Result<Vec<RawRecord>, InspectError> {
+    let mut out = Vec::new();
+    scan(cluster, topic, None, |record| {
+        out.push(record);
+        out.len() < limit
+    })?;
+    Ok(out)
+}
+
+/// Hands every record of a topic (or of one of its partitions), up to the end it has when the
+/// call starts, to `each`, one at a time (nothing is held in memory); `each` returns whether to
+/// go on. Fails when a partition delivers nothing for a minute before reaching its end.
+pub fn scan(
+    cluster: &Cluster,
+    topic: &str,
+    partition: Option<i32>,
+    mut each: impl FnMut(RawRecord) -> bool,
+) -> Result<(), InspectError> {
+    const STALL: Duration = Duration::from_secs(60);
     let consumer = cluster.reader().map_err(ie)?;
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -43,8 +62,19 @@ pub fn read_all(
     if partitions.is_empty() {
         return Err(InspectError(format!("topic {topic} does not exist")));
     }
+    let partitions: Vec<i32> = match partition {
+        Some(p) if partitions.contains(&p) => vec![p],
+        Some(p) => {
+            return Err(InspectError(format!(
+                "topic {topic} has no partition {p} (it has {})",
+                partitions.len()
+            )))
+        }
+        None => partitions,
+    };
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
+    // Per partition with records, the offset after its last record now.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     for &p in &partitions {
         let (lo, hi) = consumer
             .fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -52,32 +82,51 @@ pub fn read_all(
         if hi > lo {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
                 .map_err(ie)?;
-            remaining += 1;
+            ends.insert(p, hi);
         }
     }
-    let mut out = Vec::new();
-    if remaining == 0 {
-        return Ok(out);
+    if ends.is_empty() {
+        return Ok(());
     }
     consumer.assign(&tpl).map_err(ie)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while remaining > 0 && out.len() < limit {
-        if std::time::Instant::now() > deadline {
-            return Err(InspectError(format!("timed out reading {topic}")));
+    let mut last_progress = std::time::Instant::now();
+    while !ends.is_empty() {
+        if last_progress.elapsed() > STALL {
+            return Err(InspectError(format!(
+                "timed out reading {topic}: nothing for {STALL:?} from partitions {:?}, \
+                 which have not reached their end",
+                ends.keys().collect::<Vec<_>>()
+            )));
         }
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
-            Some(Err(RdError::PartitionEOF(_))) => remaining -= 1,
+            Some(Err(RdError::PartitionEOF(p))) => {
+                ends.remove(&p);
+            }
             Some(Err(e)) => return Err(ie(e)),
-            Some(Ok(m)) => out.push((
-                m.partition(),
-                m.offset(),
-                m.key().map(<[u8]>::to_vec),
-                m.payload().map(<[u8]>::to_vec),
-            )),
+            Some(Ok(m)) => {
+                last_progress = std::time::Instant::now();
+                let p = m.partition();
+                let Some(&end) = ends.get(&p) else { continue };
+                if m.offset() + 1 >= end {
+                    ends.remove(&p);
+                }
+                if m.offset() >= end {
+                    continue;
+                }
+                let record = (
+                    p,
+                    m.offset(),
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
+                );
+                if !each(record) {
+                    return Ok(());
+                }
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Every schema in the schema topic, by fingerprint (newest record wins).

@@ -146,14 +146,17 @@ fn resolve(origin: &Cluster, topic: &str, p: i32, b: Bound) -> Result<i64, ShipE
 fn shipped_ranges(cfg: &Config, topic: &str, p: i32) -> Result<Vec<(i64, i64)>, ShipError> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
     let d = batch_partition(topic, p, cfg.ship.batch_partitions);
-    let mut out: Vec<(i64, i64)> = inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX)
-        .map_err(other)?
-        .into_iter()
-        .filter(|(part, _, _, _)| *part == d)
-        .filter_map(|(_, _, _, v)| manifest::unframe(&v?).ok().map(|(m, _)| m))
-        .filter(|m| m.kind == "changes" && m.origin_topic == topic && m.origin_partition == p)
-        .map(|m| (m.first_offset, m.last_offset))
-        .collect();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    // One record at a time: the partition holds every batch shipped within its retention.
+    inspect::scan(&dest, &cfg.batch_topic(), Some(d), |(_, _, _, v)| {
+        if let Some(Ok((m, _))) = v.as_deref().map(manifest::unframe) {
+            if m.kind == "changes" && m.origin_topic == topic && m.origin_partition == p {
+                out.push((m.first_offset, m.last_offset));
+            }
+        }
+        true
+    })
+    .map_err(other)?;
     out.sort();
     out.dedup();
     Ok(out)

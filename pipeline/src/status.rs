@@ -36,13 +36,9 @@ pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
     let mut out = EgressTable::new();
     let mut unreadable = 0;
-    let records = match inspect::read_all(&dest, &cfg.batch_topic(), usize::MAX) {
-        Ok(r) => r,
-        Err(e) if e.to_string().contains("does not exist") => Vec::new(),
-        Err(e) => return Err(e.to_string()),
-    };
-    for (_, _, key, value) in records {
-        let Some(value) = value else { continue };
+    // One record at a time: the batch topic holds everything shipped within its retention.
+    let scanned = inspect::scan(&dest, &cfg.batch_topic(), None, |(_, _, key, value)| {
+        let Some(value) = value else { return true };
         match manifest::unframe(&value) {
             Ok((m, _)) => {
                 let pair = format!("{}->{}", m.source_region, m.destination_region);
@@ -53,8 +49,13 @@ pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
             }
             Err(_) => unreadable += 1,
         }
+        true
+    });
+    match scanned {
+        Ok(()) => Ok((out, unreadable)),
+        Err(e) if e.to_string().contains("does not exist") => Ok((EgressTable::new(), 0)),
+        Err(e) => Err(e.to_string()),
     }
-    Ok((out, unreadable))
 }
 
 /// One origin table topic's shipping position, summed over its partitions.
