@@ -763,12 +763,22 @@ async fn run_once(
         while let Ok(a) = rx.try_recv() {
             match a {
                 Assignment::Revoked(ps) => {
+                    tracing::info!(
+                        group = cfg.ship.group_id,
+                        partitions = ps.len(),
+                        "partitions revoked"
+                    );
                     for p in ps {
                         // Unshipped records are re-read by the next owner from the committed offset.
                         buffers.remove(&p);
                     }
                 }
                 Assignment::Assigned(ps) => {
+                    tracing::info!(
+                        group = cfg.ship.group_id,
+                        partitions = ps.len(),
+                        "partitions assigned"
+                    );
                     let mut tpl = TopicPartitionList::new();
                     for p in ps {
                         tpl.add_partition(&p.0, p.1);
