@@ -21,6 +21,14 @@ pub fn thousands(v: f64) -> String {
     out.chars().rev().collect()
 }
 
+/// Seconds since the Unix epoch (run ids for scratch databases and topics; pgbench's log
+/// timestamps).
+pub fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Logs to stderr; `RUST_LOG=info` shows Ferry's own lines (batches, throttle decisions).
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -33,7 +33,9 @@ pub fn read_all(
 ) -> Result<Vec<RawRecord>, InspectError> {
     let mut out = Vec::new();
     scan(cluster, topic, None, |record| {
-        out.push(record);
+        if out.len() < limit {
+            out.push(record);
+        }
         out.len() < limit
     })?;
     Ok(out)

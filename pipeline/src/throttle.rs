@@ -360,9 +360,7 @@ impl LiveProbe {
     pub fn poll(&mut self, now: f64) -> Option<f64> {
         match self.quiet_from {
             Some((from, busy)) if now >= from + self.quiet => {
-                self.quiet_from = None;
-                self.busy_from = now;
-                self.next = now + self.every - self.quiet;
+                self.restart(now);
                 let (n, quiet) = self.rate(from + SETTLE_SECS, now);
                 Some(if n < MIN_QUIET_COMMITS || quiet <= 0.0 {
                     0.0

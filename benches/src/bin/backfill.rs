@@ -57,12 +57,6 @@ struct Load {
     p99_ms: f64,
 }
 
-fn since_epoch() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// Runs pgbench for `warmup + seconds` and reads the latency of every transaction that
 /// finished in the last `seconds` from its per-transaction log (fields: client, number,
 /// latency µs, script, finish epoch s, finish µs).
@@ -84,7 +78,7 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path, warmup: u32) -> Result<Load> 
             String::from_utf8_lossy(&checkpoint.stderr).trim()
         );
     }
-    let from = since_epoch() + f64::from(warmup);
+    let from = ferry_benches::unix_secs() + f64::from(warmup);
     let out = Command::new("pgbench")
         .args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
         .args([
@@ -211,9 +205,7 @@ async fn main() -> Result<()> {
     ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let run = ferry_benches::unix_secs() as u64;
     let db = format!("ferry_bench_bf_{run}");
     let (a, pg) = ferry_benches::scratch_database(&base.origin.postgres, &db).await?;
     eprintln!("pgbench -i -s {} …", args.scale);

@@ -70,12 +70,7 @@ async fn main() -> Result<()> {
     ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
-    let run = format!(
-        "{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    );
+    let run = ferry_benches::unix_secs() as u64;
     let db = format!("ferry_bench_{run}");
     let (a, pgc) = ferry_benches::scratch_database(&base.origin.postgres, &db).await?;
     let s = pgc.connect().await?;

@@ -374,9 +374,7 @@ fn main() -> Result<()> {
     ferry_benches::init_logs();
     let args = Args::parse();
     let base = Config::load(&args.config)?;
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let run = ferry_benches::unix_secs() as u64;
     let schema = Arc::new(EncodedSchema::new(&table())?);
     let mut report: HashMap<&str, Vec<Line>> = HashMap::new();
     let mut kernels = Vec::new();

@@ -30,6 +30,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every pipeline process, in start order.
+    pub const ALL: [Role; 3] = [Role::Capture, Role::Ship, Role::Apply];
+
     fn command(self) -> &'static str {
         match self {
             Role::Capture => "capture",
@@ -321,7 +324,7 @@ instance_id = "chaos-apply"
     }
 
     pub fn start_all(&mut self) {
-        for r in [Role::Capture, Role::Ship, Role::Apply] {
+        for r in Role::ALL {
             self.spawn(r, None);
         }
     }
@@ -408,9 +411,7 @@ instance_id = "chaos-apply"
 
     /// [`Lab::log`] of every process.
     pub fn logs(&self) -> String {
-        [Role::Capture, Role::Ship, Role::Apply]
-            .map(|r| self.log(r))
-            .join("\n")
+        Role::ALL.map(|r| self.log(r)).join("\n")
     }
 
     /// Runs a `ferry` command against the lab's config.

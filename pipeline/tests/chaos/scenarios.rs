@@ -125,7 +125,7 @@ pub async fn broker_restart(f: &mut Figures, iterations: u32) {
             lab.mark_heal();
             lab.recovery(DRAIN).await;
         }
-        for r in [Role::Capture, Role::Ship, Role::Apply] {
+        for r in Role::ALL {
             if !lab.running(r) {
                 lab.figures.failures += 1;
                 lab.figures.notes.push(format!(
@@ -809,11 +809,7 @@ pub async fn poison(f: &mut Figures, iterations: u32) {
                 .ok()
                 .flatten()
                 .is_some_and(|r| r.get::<_, i32>(0) == 3_200_000);
-            if !arrived
-                && [Role::Capture, Role::Ship, Role::Apply]
-                    .iter()
-                    .any(|&r| !lab.running(r))
-            {
+            if !arrived && Role::ALL.iter().any(|&r| !lab.running(r)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -823,7 +819,7 @@ pub async fn poison(f: &mut Figures, iterations: u32) {
                 .notes
                 .push("oversized row: delivered whole".into());
         } else {
-            let role = [Role::Capture, Role::Ship, Role::Apply]
+            let role = Role::ALL
                 .into_iter()
                 .find(|&r| !lab.running(r))
                 .unwrap_or(Role::Capture);
