@@ -26,8 +26,11 @@ use std::time::Duration;
 use ferry_connectors::kafka::{Cluster, TopicSpec};
 use ferry_connectors::postgres::pgtext::to_text;
 use ferry_connectors::postgres::{quote_ident, PgConfig, Session};
+use ferry_connectors::registry::{subject, SchemaRegistry};
 use ferry_schemas::manifest::{self, Manifest};
-use ferry_schemas::{ChangeEvent, ColumnType, EncodedSchema, Op, TableId, TableSchema};
+use ferry_schemas::{
+    ChangeEvent, ColumnType, EncodedSchema, Header as WireHeader, Op, TableId, TableSchema,
+};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -624,6 +627,8 @@ async fn run_once(
         _ => None,
     };
     let mut registry = Registry::new(dest.clone(), &cfg.capture.topic_prefix);
+    // Confluent format: the replicated topics carry the destination registry's ids.
+    let dest_registry = cfg.destination_registry()?;
     let mut cc = dest.client_config();
     cc.set("group.id", &cfg.apply.group_id)
         .set("enable.auto.commit", "false")
@@ -740,7 +745,15 @@ async fn run_once(
                     None => false,
                 };
                 if cfg.apply.topics && !before {
-                    replicate(&dest, &producer, cfg, &runs, &mut known_topics).await?;
+                    replicate(
+                        &dest,
+                        &producer,
+                        cfg,
+                        dest_registry.as_ref(),
+                        &runs,
+                        &mut known_topics,
+                    )
+                    .await?;
                 }
                 let applied = match db.as_mut() {
                     Some(db) if !before => db.apply(&m, &runs, &stats).await?,
@@ -768,11 +781,13 @@ async fn run_once(
     Ok(())
 }
 
-/// Writes a batch's changes to the replicated per-table topics, in the origin's format.
+/// Writes a batch's changes to the replicated per-table topics, in the origin's format: with a
+/// `registry`, the Confluent wire format with that (the destination's) registry's ids.
 async fn replicate(
     dest: &Cluster,
     producer: &ferry_connectors::kafka::Producer,
     cfg: &Config,
+    registry: Option<&SchemaRegistry>,
     runs: &[Run],
     known: &mut HashSet<String>,
 ) -> Result<(), ShipError> {
@@ -787,17 +802,36 @@ async fn replicate(
             }])
             .await?;
         }
+        let (key_header, value_header) = match registry {
+            // Cached after the first call; the shipper registered them before the batch.
+            Some(reg) => (
+                WireHeader::Confluent(if r.schema.has_key() {
+                    reg.register(&subject(&topic, true), &r.schema.key_json)
+                        .await?
+                } else {
+                    0
+                }),
+                WireHeader::Confluent(
+                    reg.register(&subject(&topic, false), &r.schema.value_json)
+                        .await?,
+                ),
+            ),
+            None => (
+                WireHeader::SingleObject(r.schema.key_fp),
+                WireHeader::SingleObject(r.schema.value_fp),
+            ),
+        };
         for (_, e) in &r.events {
             let mut value = Vec::new();
             r.schema
-                .encode_value(e, &mut value)
+                .encode_value_as(value_header, e, &mut value)
                 .map_err(|err| ShipError::Other(err.to_string()))?;
             let mut key = Vec::new();
             let keyed = e.op != Op::Truncate && r.schema.has_key();
             if keyed {
                 if let Some(img) = e.key_image() {
                     r.schema
-                        .encode_key(img, &mut key)
+                        .encode_key_as(key_header, img, &mut key)
                         .map_err(|err| ShipError::Other(err.to_string()))?;
                 }
             }

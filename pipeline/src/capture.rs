@@ -598,8 +598,14 @@ async fn run_once(
     let state_topic = sink::state_topic(&c.topic_prefix);
     let (mut sink, mut state) = match mode {
         SinkMode::Kafka => {
-            let sink =
-                Sink::kafka(origin.clone(), &c.topic_prefix, c.partitions, c.linger_ms).await?;
+            let sink = Sink::kafka(
+                origin.clone(),
+                &c.topic_prefix,
+                c.partitions,
+                c.linger_ms,
+                cfg.origin_registry()?,
+            )
+            .await?;
             let origin2 = origin.clone();
             let (topic, slot) = (state_topic.clone(), c.slot.clone());
             let st = tokio::task::spawn_blocking(move || state::load(&origin2, &topic, &slot))
@@ -607,6 +613,7 @@ async fn run_once(
                 .map_err(|e| CaptureError::State {
                     topic: state_topic.clone(),
                     reason: e.to_string(),
+                    transient: false,
                 })??;
             (sink, st)
         }
@@ -655,7 +662,9 @@ async fn run_once(
     let repl_cfg = ReplicationConfig::new(
         pgc.host.clone(),
         pgc.user.clone(),
-        pgc.password.expose().to_string(),
+        pgc.effective_password()
+            .map(|p| p.expose().to_string())
+            .unwrap_or_default(),
         pgc.database.clone(),
         c.slot.clone(),
         c.publication.clone(),

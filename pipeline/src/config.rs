@@ -5,6 +5,7 @@ use std::path::Path;
 
 use ferry_connectors::kafka::KafkaConfig;
 use ferry_connectors::postgres::PgConfig;
+use ferry_connectors::registry::{RegistryConfig, RegistryError, SchemaRegistry};
 use ferry_schemas::TableId;
 use serde::Deserialize;
 
@@ -134,6 +135,9 @@ pub struct Origin {
     pub postgres: PgConfig,
     /// The origin Kafka cluster.
     pub kafka: KafkaConfig,
+    /// The origin cluster's schema registry (needed for `capture.format = "confluent"`).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
 }
 
 /// The destination region.
@@ -144,6 +148,9 @@ pub struct Destination {
     pub region: String,
     /// The destination Kafka cluster.
     pub kafka: KafkaConfig,
+    /// The destination cluster's schema registry (needed for `capture.format = "confluent"`).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
     /// The destination database `ferry apply` writes to (optional).
     #[serde(default)]
     pub postgres: Option<PgConfig>,
@@ -280,6 +287,8 @@ pub struct Capture {
     pub tables: Vec<String>,
     /// Topics are named `<topic_prefix>.<schema>.<table>`.
     pub topic_prefix: String,
+    /// How keys and values in the table topics (origin and replicated) name their schema.
+    pub format: Format,
     /// Partitions of each new table topic.
     pub partitions: i32,
     /// Whether to snapshot tables' existing rows before streaming their changes.
@@ -308,6 +317,7 @@ impl Default for Capture {
             publication: "ferry".into(),
             tables: Vec::new(),
             topic_prefix: "ferry".into(),
+            format: Format::SingleObject,
             partitions: 3,
             snapshot: true,
             snapshot_chunk_rows: 10_000,
@@ -318,6 +328,20 @@ impl Default for Capture {
             max_backoff_ms: 30_000,
         }
     }
+}
+
+/// The record format of the table topics.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The Avro specification's single-object encoding (`C3 01` + 8-byte fingerprint); the
+    /// schemas are in the `<topic_prefix>._schemas` topic, keyed by fingerprint.
+    #[default]
+    SingleObject,
+    /// The Confluent wire format (`00` + 4-byte schema id), schemas in each cluster's schema
+    /// registry under `<topic>-key` and `<topic>-value`, as Kafka Connect, ksqlDB, Flink,
+    /// Spark and the confluent-kafka clients expect.
+    Confluent,
 }
 
 /// Configuration that cannot be used.
@@ -458,6 +482,26 @@ impl Config {
         if self.destination.kafka.bootstrap_servers.is_empty() {
             return invalid("destination.kafka.bootstrap_servers", "must not be empty");
         }
+        for (field, registry) in [
+            ("origin.registry", &self.origin.registry),
+            ("destination.registry", &self.destination.registry),
+        ] {
+            match registry {
+                None if c.format == Format::Confluent => {
+                    return invalid(
+                        &format!("{field}.url"),
+                        "capture.format = \"confluent\" needs a schema registry per region",
+                    )
+                }
+                Some(r) if !(r.url.starts_with("http://") || r.url.starts_with("https://")) => {
+                    return invalid(
+                        &format!("{field}.url"),
+                        "must be an http:// or https:// URL",
+                    )
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -476,6 +520,27 @@ impl Config {
             format!("{}.quarantine", self.capture.topic_prefix)
         } else {
             self.apply.quarantine_topic.clone()
+        }
+    }
+
+    /// The origin's schema registry client when the table topics use the Confluent format.
+    pub fn origin_registry(&self) -> Result<Option<SchemaRegistry>, RegistryError> {
+        self.registry("origin", &self.origin.registry)
+    }
+
+    /// The destination's schema registry client when the table topics use the Confluent format.
+    pub fn destination_registry(&self) -> Result<Option<SchemaRegistry>, RegistryError> {
+        self.registry("destination", &self.destination.registry)
+    }
+
+    fn registry(
+        &self,
+        name: &str,
+        cfg: &Option<RegistryConfig>,
+    ) -> Result<Option<SchemaRegistry>, RegistryError> {
+        match (self.capture.format, cfg) {
+            (Format::Confluent, Some(r)) => SchemaRegistry::new(name, r.clone()).map(Some),
+            _ => Ok(None),
         }
     }
 

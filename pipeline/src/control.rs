@@ -68,10 +68,12 @@ impl Gate {
     }
 }
 
+/// Reading or writing the control topic failed at the broker: retried.
 fn err(topic: &str, reason: impl std::fmt::Display) -> CaptureError {
     CaptureError::State {
         topic: topic.into(),
         reason: reason.to_string(),
+        transient: true,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use ferry_connectors::kafka::KafkaError;
 use ferry_connectors::postgres::changes::ChangeError;
+use ferry_connectors::registry::RegistryError;
 use ferry_schemas::{AvroError, Lsn};
 
 /// Why capture stopped.
@@ -39,6 +40,9 @@ pub enum CaptureError {
     /// A Kafka operation failed.
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    /// The schema registry refused or did not answer.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// The broker did not acknowledge a record.
     #[error("kafka origin: record for {topic} (lsn {lsn}) was not acknowledged: {reason}")]
     Delivery {
@@ -61,6 +65,9 @@ pub enum CaptureError {
         topic: String,
         /// What was wrong.
         reason: String,
+        /// A broker that did not answer (or moved a partition's leader) rather than a stored
+        /// value that does not decode.
+        transient: bool,
     },
 }
 
@@ -79,9 +86,10 @@ impl CaptureError {
             CaptureError::Change(e) => e.is_retryable(),
             CaptureError::Encode { .. } => false,
             CaptureError::Kafka(e) => e.is_retryable(),
+            CaptureError::Registry(e) => e.is_retryable(),
             CaptureError::Delivery { permanent, .. } => !permanent,
             CaptureError::Setup(_) => false,
-            CaptureError::State { .. } => false,
+            CaptureError::State { transient, .. } => *transient,
         }
     }
 }

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use apache_avro::{GenericSingleObjectReader, Schema};
+use apache_avro::Schema;
 use ferry_connectors::kafka::Cluster;
-use ferry_schemas::Fingerprint;
+use ferry_connectors::registry::SchemaRegistry;
+use ferry_schemas::Header;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -161,30 +162,71 @@ pub fn export_schemas(cluster: &Cluster, prefix: &str, dir: &Path) -> Result<usi
     Ok(schemas.len())
 }
 
-/// Decodes one single-object record with the schemas from the schema topic, as JSON.
-pub fn decode_record(
-    schemas: &HashMap<String, String>,
-    cache: &mut HashMap<String, GenericSingleObjectReader>,
-    bytes: &[u8],
-) -> Result<serde_json::Value, InspectError> {
-    let fp = Fingerprint::from_record(bytes).map_err(ie)?.to_string();
-    if !cache.contains_key(&fp) {
-        let json = schemas
-            .get(&fp)
-            .ok_or_else(|| InspectError(format!("schema {fp} is not in the schema topic")))?;
-        let schema = Schema::parse_str(json).map_err(ie)?;
-        let reader = GenericSingleObjectReader::builder()
-            .schema(schema)
-            .build()
-            .map_err(ie)?;
-        cache.insert(fp.clone(), reader);
+/// Decodes the records of a cluster's table topics as JSON, in either format Ferry writes:
+/// single-object records with the schemas of the schema topic (by fingerprint, as the topic keys
+/// them), Confluent records with the cluster's schema registry (by id).
+pub struct Decoder {
+    schemas: HashMap<String, String>,
+    registry: Option<SchemaRegistry>,
+    cache: HashMap<Header, Schema>,
+}
+
+impl Decoder {
+    /// A decoder with the schema topic of `prefix` in `cluster` loaded, and `registry` for
+    /// records in the Confluent wire format.
+    pub fn load(
+        cluster: &Cluster,
+        prefix: &str,
+        registry: Option<SchemaRegistry>,
+    ) -> Result<Decoder, InspectError> {
+        Ok(Decoder {
+            schemas: load_schemas(cluster, prefix)?,
+            registry,
+            cache: HashMap::new(),
+        })
     }
-    let reader = cache
-        .get(&fp)
-        .ok_or_else(|| InspectError("schema cache".into()))?;
-    let mut cursor = bytes;
-    let value = reader.read_value(&mut cursor).map_err(ie)?;
-    serde_json::Value::try_from(value).map_err(ie)
+
+    /// Decodes one record (key or value). The body is read with the schema its header names
+    /// (not with `apache-avro`'s single-object reader, which checks the header against its
+    /// own, non-standard fingerprint). Blocks on a registry lookup.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<serde_json::Value, InspectError> {
+        let (header, mut body) = Header::parse(bytes).map_err(ie)?;
+        if !self.cache.contains_key(&header) {
+            let json: String = match header {
+                Header::SingleObject(fp) => {
+                    self.schemas.get(&fp.to_string()).cloned().ok_or_else(|| {
+                        InspectError(format!("schema {fp} is not in the schema topic"))
+                    })?
+                }
+                Header::Confluent(id) => {
+                    let registry = self.registry.as_ref().ok_or_else(|| {
+                        InspectError(format!(
+                            "record names schema id {id} (Confluent wire format) but no schema \
+                             registry is configured"
+                        ))
+                    })?;
+                    registry.schema_blocking(id).map_err(ie)?.to_string()
+                }
+            };
+            let schema = Schema::parse_str(&json).map_err(ie)?;
+            self.cache.insert(header, schema);
+        }
+        let schema = self
+            .cache
+            .get(&header)
+            .ok_or_else(|| InspectError("schema cache".into()))?;
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .and_then(|r| r.read_value(&mut body))
+            .map_err(ie)?;
+        if !body.is_empty() {
+            return Err(InspectError(format!(
+                "record with {header} has {} bytes after its body",
+                body.len()
+            )));
+        }
+        serde_json::Value::try_from(value).map_err(ie)
+    }
 }
 
 /// Per topic with the prefix: partitions and record counts.

@@ -606,12 +606,13 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         Command::Tail { table, limit } => {
             let id = parse_table(&table).context("table must be schema.table")?;
             let topic = sink::table_topic(&prefix, &id);
+            let registry = cfg.origin_registry()?;
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                let schemas = inspect::load_schemas(&origin, &prefix)?;
-                let mut cache = std::collections::HashMap::new();
+                let mut decoder = inspect::Decoder::load(&origin, &prefix, registry)?;
                 for (p, off, _key, value) in inspect::read_all(&origin, &topic, limit)? {
                     let Some(value) = value else { continue };
-                    let json = inspect::decode_record(&schemas, &mut cache, &value)
+                    let json = decoder
+                        .decode(&value)
                         .with_context(|| format!("{topic} partition {p} offset {off}"))?;
                     println!("{json}");
                 }

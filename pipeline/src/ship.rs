@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
+use ferry_connectors::registry::{subject, SchemaRegistry};
 use ferry_schemas::manifest::{self, Manifest};
-use ferry_schemas::{EncodedSchema, Fingerprint};
+use ferry_schemas::{EncodedSchema, Header};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -68,6 +69,9 @@ pub enum ShipError {
     /// A service Ferry depends on is unreachable for now (retried).
     #[error("{0}")]
     Unavailable(String),
+    /// A schema registry refused or did not answer.
+    #[error(transparent)]
+    Registry(#[from] ferry_connectors::registry::RegistryError),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -81,6 +85,7 @@ impl ShipError {
             ShipError::Client { .. } => true,
             ShipError::Data { .. } => false,
             ShipError::Unavailable(_) => true,
+            ShipError::Registry(e) => e.is_retryable(),
             ShipError::Other(_) => false,
         }
     }
@@ -187,11 +192,14 @@ impl ConsumerContext for ShipContext {
     }
 }
 
-/// Schemas from the origin schema topic, by value fingerprint.
+/// Schemas from a cluster's schema topic, by value fingerprint, and (for records in the
+/// Confluent wire format) from its schema registry, by id.
 pub struct Registry {
     cluster: Cluster,
     prefix: String,
     schemas: HashMap<String, Arc<EncodedSchema>>,
+    ids: Option<SchemaRegistry>,
+    by_id: HashMap<u32, Arc<EncodedSchema>>,
 }
 
 impl Registry {
@@ -201,12 +209,47 @@ impl Registry {
             cluster,
             prefix: prefix.to_string(),
             schemas: HashMap::new(),
+            ids: None,
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// Also resolves Confluent schema ids through `registry` (the same cluster's).
+    pub fn with_ids(mut self, registry: Option<SchemaRegistry>) -> Self {
+        self.ids = registry;
+        self
+    }
+
+    /// The value schema a record's header names (blocking I/O on a miss).
+    pub fn for_header(&mut self, header: Header) -> Result<Option<Arc<EncodedSchema>>, ShipError> {
+        match header {
+            Header::SingleObject(fp) => self.get(&fp.to_string()),
+            Header::Confluent(id) => {
+                if let Some(s) = self.by_id.get(&id) {
+                    return Ok(Some(s.clone()));
+                }
+                let Some(registry) = &self.ids else {
+                    return Err(ShipError::Other(format!(
+                        "a record names schema id {id} (Confluent wire format) but no schema \
+                         registry is configured for this cluster (origin.registry)"
+                    )));
+                };
+                let json = registry.schema_blocking(id)?;
+                let schema = EncodedSchema::from_json(&json).map_err(|e| {
+                    ShipError::Other(format!("schema id {id} in {}: {e}", registry.url()))
+                })?;
+                let schema = Arc::new(schema);
+                self.by_id.insert(id, schema.clone());
+                Ok(Some(schema))
+            }
         }
     }
 
     fn reload(&mut self) -> Result<(), ShipError> {
         let all = inspect::load_schemas(&self.cluster, &self.prefix)
-            .map_err(|e| ShipError::Other(format!("reading the schema topic: {e}")))?;
+            // A broker failing over (NotLeaderForPartition while leadership moves after a
+            // restart) or out of reach: retried, like any other broker trouble.
+            .map_err(|e| ShipError::Unavailable(format!("reading the schema topic: {e}")))?;
         for (fp, json) in all {
             if self.schemas.contains_key(&fp) {
                 continue;
@@ -269,7 +312,7 @@ pub fn shipped_end(
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if Instant::now() > deadline {
-                return Err(ShipError::Other(format!(
+                return Err(ShipError::Unavailable(format!(
                     "timed out reading {batch_topic}[{d}]"
                 )));
             }
@@ -375,6 +418,9 @@ struct Shipper<'a> {
     uncompacted: HashSet<String>,
     /// Fingerprints already published to the destination's schema topic.
     published: HashSet<[u8; 8]>,
+    /// The destination's schema registry (Confluent format): every schema a batch uses is
+    /// registered there before the batch is produced.
+    dest_registry: Option<SchemaRegistry>,
 }
 
 impl Shipper<'_> {
@@ -400,11 +446,13 @@ impl Shipper<'_> {
         let mut table = String::new();
         for r in records {
             raw_bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
-            let fp = Fingerprint::from_record(&r.value)
-                .map_err(|e| data_err(r.offset, e.to_string()))?
-                .to_string();
-            let schema = self.registry.get(&fp)?.ok_or_else(|| {
-                data_err(r.offset, format!("schema {fp} is not in the schema topic"))
+            let (header, _) =
+                Header::parse(&r.value).map_err(|e| data_err(r.offset, e.to_string()))?;
+            let schema = self.registry.for_header(header)?.ok_or_else(|| {
+                data_err(
+                    r.offset,
+                    format!("schema ({header}) is not in the schema topic"),
+                )
             })?;
             let event = schema
                 .decode_value(&r.value)
@@ -553,8 +601,24 @@ impl Shipper<'_> {
         }
     }
 
-    /// Publishes a schema version (value and key) to the destination's schema topic once.
+    /// Publishes a schema version (value and key) to the destination's schema topic once, and
+    /// registers it in the destination's schema registry (Confluent format) under the
+    /// replicated topic's subjects.
     async fn publish_schema(&mut self, schema: &EncodedSchema) -> Result<(), ShipError> {
+        if let Some(registry) = &self.dest_registry {
+            if !self.published.contains(&schema.value_fp.0) {
+                let topic =
+                    crate::sink::table_topic(&self.cfg.capture.topic_prefix, &schema.table().id);
+                if schema.has_key() {
+                    registry
+                        .register(&subject(&topic, true), &schema.key_json)
+                        .await?;
+                }
+                registry
+                    .register(&subject(&topic, false), &schema.value_json)
+                    .await?;
+            }
+        }
         let topic = crate::sink::schema_topic(&self.cfg.capture.topic_prefix);
         for (fp, json) in [
             (schema.value_fp, &schema.value_json),
@@ -749,11 +813,13 @@ async fn run_once(
         cfg,
         producer,
         wire,
-        registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix),
+        registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
+            .with_ids(cfg.origin_registry()?),
         batch_topic: batch_topic.clone(),
         stats: stats.clone(),
         uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
         published: HashSet::new(),
+        dest_registry: cfg.destination_registry()?,
     };
     let mut buffers: HashMap<(String, i32), Buffer> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -981,7 +1047,7 @@ fn read_range(
     let deadline = Instant::now() + Duration::from_secs(120);
     while out.last().is_none_or(|r: &Record| r.offset < last) {
         if Instant::now() > deadline {
-            return Err(ShipError::Other(format!(
+            return Err(ShipError::Unavailable(format!(
                 "timed out reading {t}[{partition}]"
             )));
         }
@@ -1017,11 +1083,13 @@ impl<'a> RangeShipper<'a> {
                 cfg,
                 producer,
                 wire,
-                registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix),
+                registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
+                    .with_ids(cfg.origin_registry()?),
                 batch_topic: cfg.batch_topic(),
                 stats: Arc::new(ShipStats::default()),
                 uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
                 published: HashSet::new(),
+                dest_registry: cfg.destination_registry()?,
             },
             origin,
         })

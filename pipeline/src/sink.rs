@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
-use ferry_schemas::{ChangeEvent, EncodedSchema, Lsn, Op, TableId};
+use ferry_connectors::registry::{subject, SchemaRegistry};
+use ferry_schemas::{ChangeEvent, EncodedSchema, Header, Lsn, Op, TableId};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
@@ -130,6 +131,10 @@ pub struct KafkaSink {
     partitions: i32,
     topics: HashMap<TableId, (String, i32)>,
     schemas: HashSet<[u8; 8]>,
+    /// `capture.format = "confluent"`: the origin registry, and the ids it gave each schema
+    /// version (by value fingerprint): (key id, value id).
+    registry: Option<SchemaRegistry>,
+    ids: HashMap<[u8; 8], (Option<u32>, u32)>,
     key: Vec<u8>,
     value: Vec<u8>,
 }
@@ -154,12 +159,14 @@ fn compacted(name: String) -> TopicSpec {
 }
 
 impl Sink {
-    /// A Kafka sink; creates the schema and state topics when missing.
+    /// A Kafka sink; creates the schema and state topics when missing. With a `registry`,
+    /// records are written in the Confluent wire format with that registry's ids.
     pub async fn kafka(
         cluster: Cluster,
         prefix: &str,
         partitions: i32,
         linger_ms: u64,
+        registry: Option<SchemaRegistry>,
     ) -> Result<Sink, KafkaError> {
         cluster
             .ensure_topics(&[
@@ -175,6 +182,8 @@ impl Sink {
             partitions,
             topics: HashMap::new(),
             schemas: HashSet::new(),
+            registry,
+            ids: HashMap::new(),
             key: Vec::new(),
             value: Vec::new(),
         })))
@@ -201,7 +210,28 @@ impl Sink {
                 .partition_count(&topic, Duration::from_secs(10))?
                 .max(1);
             tracing::info!(table = %id, topic, partitions = count, "table topic ready");
-            k.topics.insert(id, (topic, count));
+            k.topics.insert(id.clone(), (topic, count));
+        }
+        if let Some(registry) = &k.registry {
+            if !k.ids.contains_key(&schema.value_fp.0) {
+                // Before any record that names them: a record is only written once its ids
+                // are known, so a registry that is down delays capture and loses nothing.
+                let (topic, _) = &k.topics[&id];
+                let key_id = if schema.has_key() {
+                    Some(
+                        registry
+                            .register(&subject(topic, true), &schema.key_json)
+                            .await?,
+                    )
+                } else {
+                    None
+                };
+                let value_id = registry
+                    .register(&subject(topic, false), &schema.value_json)
+                    .await?;
+                tracing::info!(table = %id, subject = subject(topic, false), value_id, ?key_id, "schema registered");
+                k.ids.insert(schema.value_fp.0, (key_id, value_id));
+            }
         }
         let topic = schema_topic(&k.prefix);
         if k.schemas.contains(&schema.key_fp.0) && k.schemas.contains(&schema.value_fp.0) {
@@ -262,15 +292,33 @@ impl Sink {
                             schema.table().id
                         ))
                     })?;
+                let (key_header, value_header) = match k.ids.get(&schema.value_fp.0) {
+                    Some(&(key_id, value_id)) => (
+                        key_id.map_or(Header::SingleObject(schema.key_fp), Header::Confluent),
+                        Header::Confluent(value_id),
+                    ),
+                    None if k.registry.is_some() => {
+                        return Err(CaptureError::Setup(format!(
+                            "internal: no schema registry id for {}",
+                            schema.table().id
+                        )))
+                    }
+                    None => (
+                        Header::SingleObject(schema.key_fp),
+                        Header::SingleObject(schema.value_fp),
+                    ),
+                };
                 k.value.clear();
                 schema
-                    .encode_value(event, &mut k.value)
+                    .encode_value_as(value_header, event, &mut k.value)
                     .map_err(encode_err)?;
                 k.key.clear();
                 let keyed = event.op != Op::Truncate && schema.has_key();
                 if keyed {
                     if let Some(image) = event.key_image() {
-                        schema.encode_key(image, &mut k.key).map_err(encode_err)?;
+                        schema
+                            .encode_key_as(key_header, image, &mut k.key)
+                            .map_err(encode_err)?;
                     }
                 }
                 // A truncate is a barrier for every key, so it goes to every partition.

@@ -163,10 +163,12 @@ pub fn missing_topic(e: &RdError) -> bool {
     )
 }
 
+/// Reading the state topic failed at the broker: retried.
 fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {
     CaptureError::State {
         topic: topic.into(),
         reason: reason.into(),
+        transient: true,
     }
 }
 
@@ -237,7 +239,11 @@ pub fn load_all<T: serde::de::DeserializeOwned>(
         .map(|(k, (offset, body))| {
             serde_json::from_slice(&body)
                 .map(|v| (k, v))
-                .map_err(|e| state_err(topic, format!("record at offset {offset}: {e}")))
+                .map_err(|e| CaptureError::State {
+                    topic: topic.into(),
+                    reason: format!("record at offset {offset}: {e}"),
+                    transient: false,
+                })
         })
         .collect()
 }

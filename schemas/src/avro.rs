@@ -22,18 +22,82 @@ use apache_avro::Schema;
 use serde_json::{json, Value as Json};
 
 use crate::event::{ChangeEvent, Datum, Op};
+use crate::pcf::{canonical_form, crc64_avro, PcfError};
 use crate::table::{ColumnType, TableSchema};
 
 /// The two bytes that open every single-object encoded record.
 pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
+
+/// The byte that opens every record in the Confluent wire format.
+pub const CONFLUENT_MAGIC: u8 = 0;
+
+/// How a record names its writer schema: the first bytes of every key and value Ferry writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Header {
+    /// The Avro specification's single-object encoding: `C3 01` and the schema's 8-byte
+    /// CRC-64-AVRO fingerprint.
+    SingleObject(Fingerprint),
+    /// The Confluent wire format: `00` and the schema's 4-byte big-endian id in the schema
+    /// registry of the cluster the record is in.
+    Confluent(u32),
+}
+
+impl Header {
+    /// Appends the header to `out`.
+    pub fn write(self, out: &mut Vec<u8>) {
+        match self {
+            Header::SingleObject(fp) => {
+                out.extend_from_slice(&SINGLE_OBJECT_MARKER);
+                out.extend_from_slice(&fp.0);
+            }
+            Header::Confluent(id) => {
+                out.push(CONFLUENT_MAGIC);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+    }
+
+    /// Reads the header of a record; returns it and the Avro body after it.
+    pub fn parse(record: &[u8]) -> Result<(Header, &[u8]), AvroError> {
+        match record {
+            [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
+                let mut fp = [0u8; 8];
+                fp.copy_from_slice(&rest[..8]);
+                Ok((Header::SingleObject(Fingerprint(fp)), &rest[8..]))
+            }
+            [CONFLUENT_MAGIC, a, b, c, d, body @ ..] => Ok((
+                Header::Confluent(u32::from_be_bytes([*a, *b, *c, *d])),
+                body,
+            )),
+            _ => Err(AvroError::NotSingleObject { len: record.len() }),
+        }
+    }
+}
+
+impl fmt::Display for Header {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Header::SingleObject(fp) => write!(f, "fingerprint {fp}"),
+            Header::Confluent(id) => write!(f, "schema id {id}"),
+        }
+    }
+}
 
 /// A schema's CRC-64-AVRO fingerprint, in the byte order single-object encoding writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint(pub [u8; 8]);
 
 impl Fingerprint {
-    /// The fingerprint of an Avro schema's Parsing Canonical Form.
-    pub fn of(schema: &Schema) -> Fingerprint {
+    /// The CRC-64-AVRO fingerprint of a schema's Parsing Canonical Form, as the specification
+    /// defines both (see [`crate::pcf`]): what Java, fastavro and every other reader compute.
+    pub fn of_json(schema: &Json) -> Result<Fingerprint, PcfError> {
+        Ok(Fingerprint(crc64_avro(canonical_form(schema)?.as_bytes())))
+    }
+
+    /// The fingerprint Ferry wrote before it computed the canonical form itself: the
+    /// `apache-avro` crate's, which keeps `logicalType` (AVRO-4004). Records written by those
+    /// versions carry it; Ferry still reads them.
+    pub fn legacy_of(schema: &Schema) -> Fingerprint {
         let fp = schema.fingerprint::<Rabin>();
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(&fp.bytes[..8]);
@@ -116,7 +180,7 @@ pub enum AvroError {
         got: usize,
     },
     /// Bytes that are not a single-object encoded record.
-    #[error("not a single-object encoded Avro record ({len} bytes, expected C3 01 + 8-byte fingerprint)")]
+    #[error("not an Avro record Ferry can read ({len} bytes; expected C3 01 + an 8-byte fingerprint, or 00 + a 4-byte schema id)")]
     NotSingleObject {
         /// Length of what was given.
         len: usize,
@@ -135,6 +199,9 @@ pub struct EncodedSchema {
     pub value_fp: Fingerprint,
     /// Fingerprint of the key schema.
     pub key_fp: Fingerprint,
+    /// The value schema's fingerprint as Ferry versions before the specification-exact
+    /// canonical form wrote it (equal to `value_fp` for schemas without logical types).
+    pub legacy_value_fp: Fingerprint,
     key_indexes: Vec<usize>,
     field_names: Vec<String>,
 }
@@ -278,14 +345,21 @@ impl EncodedSchema {
                 reason: e.to_string(),
             })
         };
-        let value_fp = Fingerprint::of(&parse(&value)?);
-        let key_fp = Fingerprint::of(&parse(&key)?);
+        let fingerprint = |j: &Json| {
+            Fingerprint::of_json(j).map_err(|e| AvroError::InvalidSchema {
+                table: table.id.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let legacy_value_fp = Fingerprint::legacy_of(&parse(&value)?);
+        parse(&key)?;
         Ok(EncodedSchema {
             table: table.clone(),
             value_json: serde_json::to_string_pretty(&value).unwrap_or_default(),
             key_json: serde_json::to_string_pretty(&key).unwrap_or_default(),
-            value_fp,
-            key_fp,
+            value_fp: fingerprint(&value)?,
+            key_fp: fingerprint(&key)?,
+            legacy_value_fp,
             key_indexes,
             field_names,
         })
@@ -308,9 +382,18 @@ impl EncodedSchema {
 
     /// Appends the single-object encoded key of `image` to `out`.
     pub fn encode_key(&self, image: &[Datum], out: &mut Vec<u8>) -> Result<(), AvroError> {
+        self.encode_key_as(Header::SingleObject(self.key_fp), image, out)
+    }
+
+    /// Appends the key of `image` to `out` behind `header` (which must name the key schema).
+    pub fn encode_key_as(
+        &self,
+        header: Header,
+        image: &[Datum],
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroError> {
         self.check_arity(image)?;
-        out.extend_from_slice(&SINGLE_OBJECT_MARKER);
-        out.extend_from_slice(&self.key_fp.0);
+        header.write(out);
         for &i in &self.key_indexes {
             let column = &self.table.columns[i];
             match &image[i] {
@@ -328,8 +411,18 @@ impl EncodedSchema {
 
     /// Appends the single-object encoded envelope of `event` to `out`.
     pub fn encode_value(&self, event: &ChangeEvent, out: &mut Vec<u8>) -> Result<(), AvroError> {
-        out.extend_from_slice(&SINGLE_OBJECT_MARKER);
-        out.extend_from_slice(&self.value_fp.0);
+        self.encode_value_as(Header::SingleObject(self.value_fp), event, out)
+    }
+
+    /// Appends the envelope of `event` to `out` behind `header` (which must name the value
+    /// schema).
+    pub fn encode_value_as(
+        &self,
+        header: Header,
+        event: &ChangeEvent,
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroError> {
+        header.write(out);
         write_long(out, event.op.avro_index() as i64);
         let mut toasted: Vec<&str> = Vec::new();
         for image in [&event.before, &event.after] {
@@ -489,22 +582,25 @@ impl EncodedSchema {
         EncodedSchema::new(&table)
     }
 
-    /// Decodes a single-object encoded envelope written with this schema (the inverse of
-    /// [`EncodedSchema::encode_value`]). Unchanged TOAST columns come back as
-    /// [`Datum::UnchangedToast`].
+    /// Decodes an envelope written with this schema (the inverse of
+    /// [`EncodedSchema::encode_value_as`]). A single-object header must carry this schema's
+    /// fingerprint; a Confluent header's id is the caller's to have resolved to this schema.
+    /// Unchanged TOAST columns come back as [`Datum::UnchangedToast`].
     pub fn decode_value(&self, record: &[u8]) -> Result<ChangeEvent, AvroError> {
-        let fp = Fingerprint::from_record(record)?;
+        let (header, body) = Header::parse(record)?;
         let table = self.table.id.to_string();
-        if fp != self.value_fp {
-            return Err(AvroError::Decode {
-                table,
-                offset: 2,
-                reason: format!("fingerprint {fp} is not this schema's {}", self.value_fp),
-            });
+        if let Header::SingleObject(fp) = header {
+            if fp != self.value_fp && fp != self.legacy_value_fp {
+                return Err(AvroError::Decode {
+                    table,
+                    offset: 2,
+                    reason: format!("fingerprint {fp} is not this schema's {}", self.value_fp),
+                });
+            }
         }
         let mut r = AvroReader {
             buf: record,
-            pos: 10,
+            pos: record.len() - body.len(),
             table: &table,
         };
         let op = Op::from_avro_index(r.long()? as usize).ok_or_else(|| r.err("op out of range"))?;
@@ -712,7 +808,6 @@ mod tests {
     use crate::event::{Op, Source};
     use crate::table::{Column, TableId};
     use apache_avro::types::Value;
-    use apache_avro::GenericSingleObjectReader;
 
     fn col(name: &str, pg_type: &str, ty: ColumnType, key: bool) -> Column {
         Column {
@@ -781,14 +876,21 @@ mod tests {
         ]
     }
 
+    /// Decodes with `apache-avro`: the header must carry the specification's fingerprint of
+    /// the published schema, the body must be exactly one datum of it.
     fn decode(schema_json: &str, bytes: &[u8]) -> Value {
         let schema = Schema::parse_str(schema_json).expect("schema parses");
-        let reader = GenericSingleObjectReader::builder()
-            .schema(schema)
+        let published: Json = serde_json::from_str(schema_json).expect("json");
+        assert_eq!(
+            Fingerprint::from_record(bytes).expect("header"),
+            Fingerprint::of_json(&published).expect("fingerprint"),
+            "header fingerprint is not the spec fingerprint of the published schema"
+        );
+        let mut cursor = &bytes[10..];
+        let v = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
             .build()
-            .expect("reader");
-        let mut cursor = bytes;
-        let v = reader.read_value(&mut cursor).expect("decodes");
+            .and_then(|r| r.read_value(&mut cursor))
+            .expect("decodes");
         assert!(cursor.is_empty(), "trailing bytes after the record");
         v
     }

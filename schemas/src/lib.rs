@@ -11,16 +11,19 @@
 //! - **single-object encoding** ([`avro`]): the Avro specification's framing of one datum —
 //!   marker `C3 01`, the writer schema's 8-byte CRC-64-AVRO fingerprint, then the binary body —
 //!   so any Avro library that can look the fingerprint up decodes a record without Ferry.
+//! - **Parsing Canonical Form** ([`pcf`]): the specification's normal form of a schema, whose
+//!   CRC-64-AVRO is the fingerprint; computed here, not by the `apache-avro` crate.
 //!
 //! This crate does no I/O.
 
 pub mod avro;
 pub mod event;
 pub mod manifest;
+pub mod pcf;
 pub mod position;
 pub mod table;
 
-pub use avro::{AvroError, EncodedSchema, Fingerprint};
+pub use avro::{AvroError, EncodedSchema, Fingerprint, Header};
 pub use event::{ChangeEvent, Datum, Op, Source};
 pub use position::Lsn;
 pub use table::{Column, ColumnType, TableId, TableSchema};

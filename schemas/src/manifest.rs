@@ -76,6 +76,13 @@ fn schema() -> Result<Schema, BatchError> {
     Schema::parse_str(MANIFEST_SCHEMA).map_err(|e| BatchError::Manifest(e.to_string()))
 }
 
+/// The manifest schema's fingerprint per the specification.
+fn fingerprint() -> Result<Fingerprint, BatchError> {
+    serde_json::from_str(MANIFEST_SCHEMA)
+        .map_err(|e| BatchError::Manifest(e.to_string()))
+        .and_then(|j| Fingerprint::of_json(&j).map_err(|e| BatchError::Manifest(e.to_string())))
+}
+
 impl Manifest {
     /// Single-object encoding of the manifest.
     pub fn encode(&self) -> Result<Vec<u8>, BatchError> {
@@ -86,7 +93,7 @@ impl Manifest {
             .map_err(|e| BatchError::Manifest(e.to_string()))?;
         let mut out = Vec::with_capacity(body.len() + 10);
         out.extend_from_slice(&SINGLE_OBJECT_MARKER);
-        out.extend_from_slice(&Fingerprint::of(&schema).0);
+        out.extend_from_slice(&fingerprint()?.0);
         out.extend_from_slice(&body);
         Ok(out)
     }
@@ -96,7 +103,8 @@ impl Manifest {
         let schema = schema()?;
         let fp =
             Fingerprint::from_record(bytes).map_err(|e| BatchError::Manifest(e.to_string()))?;
-        if fp != Fingerprint::of(&schema) {
+        // Batches framed before the specification-exact fingerprint carry the legacy one.
+        if fp != fingerprint()? && fp != Fingerprint::legacy_of(&schema) {
             return Err(BatchError::Manifest(format!(
                 "unknown manifest schema {fp}"
             )));

@@ -22,7 +22,8 @@ pub struct PgConfig {
     pub port: u16,
     /// User; capture needs the REPLICATION attribute (or superuser).
     pub user: String,
-    /// Password (empty for trust authentication).
+    /// Password. Empty: the `PGPASSWORD` environment variable, as libpq does (and nothing, for
+    /// trust or peer authentication, when that is unset too).
     #[serde(default)]
     pub password: Secret,
     /// Database name.
@@ -34,6 +35,17 @@ fn default_port() -> u16 {
 }
 
 impl PgConfig {
+    /// The password to log in with: `password`, else `PGPASSWORD`, else none.
+    pub fn effective_password(&self) -> Option<Secret> {
+        if !self.password.expose().is_empty() {
+            return Some(self.password.clone());
+        }
+        std::env::var("PGPASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Secret::new)
+    }
+
     /// Settings for an ordinary (non-replication) session with Ferry's pinned text formats.
     pub fn tokio_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
@@ -44,8 +56,8 @@ impl PgConfig {
             .application_name("ferry")
             .options(values::SESSION_OPTIONS)
             .connect_timeout(std::time::Duration::from_secs(10));
-        if !self.password.expose().is_empty() {
-            c.password(self.password.expose());
+        if let Some(p) = self.effective_password() {
+            c.password(p.expose());
         }
         c
     }

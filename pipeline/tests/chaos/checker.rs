@@ -109,15 +109,15 @@ impl Figures {
 /// offset order.
 pub fn topic_versions(cluster: &Cluster, prefix: &str) -> Vec<(i64, i64)> {
     let topic = sink::table_topic(prefix, &TableId::new("public", crate::workload::TABLE));
-    let schemas = inspect::load_schemas(cluster, prefix).expect("schema topic");
-    let mut cache = HashMap::new();
+    let mut decoder = inspect::Decoder::load(cluster, prefix, None).expect("schema topic");
     let mut records = inspect::read_all(cluster, &topic, usize::MAX).expect("read topic");
     records.sort_by_key(|r| (r.0, r.1));
     records
         .into_iter()
         .filter_map(|(p, off, _, value)| {
             let value = value?;
-            let v = inspect::decode_record(&schemas, &mut cache, &value)
+            let v = decoder
+                .decode(&value)
                 .unwrap_or_else(|e| panic!("{topic}[{p}]@{off}: {e}"));
             let after = &v["after"];
             Some((after["id"].as_i64()?, after["version"].as_i64()?))

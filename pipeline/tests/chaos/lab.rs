@@ -709,15 +709,17 @@ impl Offsets {
             let mut rs = ranges.remove(&p).unwrap_or_default();
             rs.sort_unstable();
             let mut next = 0;
-            for (first, last) in rs {
+            for &(first, last) in &rs {
                 if first <= next {
                     next = next.max(last + 1);
                 }
             }
             if c > next {
                 ahead += 1;
+                let near: Vec<_> = rs.iter().filter(|r| r.1 + 5 >= next).take(4).collect();
                 notes.push(format!(
-                    "shipper committed {table_topic}[{p}] offset {c}, batches cover only up to {next}"
+                    "shipper committed {table_topic}[{p}] offset {c}, batches cover only up to \
+                     {next} (shipped ranges from there: {near:?})"
                 ));
             }
         }

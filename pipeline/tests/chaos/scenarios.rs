@@ -527,7 +527,7 @@ pub async fn slot_budget(f: &mut Figures, iterations: u32) {
         let pg = PgConfig {
             host: "127.0.0.1".into(),
             port,
-            user: "postgres".into(),
+            user: crate::support::TestDb::new_config().origin.postgres.user,
             password: Default::default(),
             database: "postgres".into(),
         };

@@ -176,32 +176,34 @@ snapshot_chunk_rows = {chunk}
     /// Every record of a table's topic, decoded with the published schemas, as JSON, in
     /// (partition, offset) order.
     pub async fn events(&self, table: &str) -> Vec<Value> {
+        let registry = self.cfg.origin_registry().expect("origin registry");
         let cluster = Cluster::new("origin", self.cfg.origin.kafka.clone());
         let prefix = self.cfg.capture.topic_prefix.clone();
         let (schema, name) = table.split_once('.').expect("schema.table");
         let topic = sink::table_topic(&prefix, &TableId::new(schema, name));
         tokio::task::spawn_blocking(move || {
-            let schemas = inspect::load_schemas(&cluster, &prefix).expect("schemas");
-            let mut cache = std::collections::HashMap::new();
+            let mut decoder = inspect::Decoder::load(&cluster, &prefix, registry).expect("schemas");
             let mut records = inspect::read_all(&cluster, &topic, usize::MAX).expect("read topic");
             records.sort_by_key(|r| (r.0, r.1));
             records
                 .into_iter()
                 .map(|(p, off, key, value)| {
                     let value = value.expect("record has a value");
-                    let mut v = inspect::decode_record(&schemas, &mut cache, &value)
+                    let mut v = decoder
+                        .decode(&value)
                         .unwrap_or_else(|e| panic!("{topic}[{p}]@{off}: {e}"));
                     v["_partition"] = p.into();
                     v["_key"] = match key {
-                        Some(k) => inspect::decode_record(&schemas, &mut cache, &k)
+                        Some(k) => decoder
+                            .decode(&k)
                             .unwrap_or_else(|e| panic!("key {topic}[{p}]@{off}: {e}")),
                         None => Value::Null,
                     };
-                    v["_fingerprint"] = value[2..10]
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>()
-                        .into();
+                    v["_fingerprint"] = match ferry_schemas::Header::parse(&value) {
+                        Ok((ferry_schemas::Header::SingleObject(fp), _)) => fp.to_string().into(),
+                        Ok((h, _)) => h.to_string().into(),
+                        Err(e) => panic!("{topic}[{p}]@{off}: {e}"),
+                    };
                     v
                 })
                 .collect()
