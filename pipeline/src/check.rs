@@ -47,6 +47,29 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         });
     }
 
+    // capture.format = "confluent": both schema registries must answer.
+    for (name, registry) in [
+        ("origin schema registry", cfg.origin_registry()),
+        ("destination schema registry", cfg.destination_registry()),
+    ] {
+        out.push(match registry {
+            Ok(None) => continue,
+            Ok(Some(r)) => match r.subjects().await {
+                Ok(subjects) => finding(
+                    name,
+                    true,
+                    format!("reachable: {} ({} subjects)", r.url(), subjects.len()),
+                ),
+                Err(e) => finding(
+                    name,
+                    false,
+                    format!("{e}. Is it running? `ops/stack up` starts the local registries"),
+                ),
+            },
+            Err(e) => finding(name, false, e.to_string()),
+        });
+    }
+
     let pgc = &cfg.origin.postgres;
     let target = pgc.display();
     let session = match pgc.connect().await {

@@ -1041,4 +1041,58 @@ mod tests {
         assert!(Fingerprint::from_record(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Fingerprint::from_record(&[0xC3, 0x01, 1]).is_err());
     }
+
+    #[test]
+    fn confluent_header_frames_the_same_body_and_decodes_back() {
+        let s = EncodedSchema::new(&table()).expect("schema");
+        let event = ChangeEvent {
+            op: Op::Create,
+            before: None,
+            after: Some(row()),
+            source: source(),
+        };
+        let mut single = Vec::new();
+        s.encode_value(&event, &mut single).expect("encodes");
+        let mut confluent = Vec::new();
+        s.encode_value_as(Header::Confluent(0x0102_0304), &event, &mut confluent)
+            .expect("encodes");
+        assert_eq!(&confluent[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(
+            &confluent[5..],
+            &single[10..],
+            "same Avro body behind either header"
+        );
+        let (h, body) = Header::parse(&confluent).expect("header");
+        assert_eq!(h, Header::Confluent(0x0102_0304));
+        assert_eq!(body, &single[10..]);
+        let back = s.decode_value(&confluent).expect("decodes");
+        assert_eq!(back.after, event.after);
+        let mut key = Vec::new();
+        s.encode_key_as(
+            Header::Confluent(9),
+            event.key_image().expect("key"),
+            &mut key,
+        )
+        .expect("key");
+        assert_eq!(&key[..5], &[0, 0, 0, 0, 9]);
+    }
+
+    #[test]
+    fn headers_of_every_truncated_or_foreign_record_are_errors() {
+        for bad in [
+            &[][..],
+            &[0][..],
+            &[0, 0, 0, 0][..],
+            &[0xC3][..],
+            &[0xC3, 0x01, 1, 2, 3][..],
+            &[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0x7B, 0x22][..],
+        ] {
+            assert!(Header::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            Header::parse(&[0, 0, 0, 0, 1]).expect("empty body").0,
+            Header::Confluent(1)
+        );
+    }
 }
