@@ -236,6 +236,23 @@ impl SchemaRegistry {
         Err(self.error(action, reason, Some(status)))
     }
 
+    /// [`SchemaRegistry::call`], the answer parsed as `T`.
+    fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        action: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<T, RegistryError> {
+        let text = self.call(action, path, body)?;
+        serde_json::from_str(&text).map_err(|e| {
+            self.error(
+                action,
+                format!("unexpected answer {text:?}: {e}"),
+                Some(200),
+            )
+        })
+    }
+
     /// Registers `schema` (Avro JSON text) under `subject` and returns its id; the registry
     /// returns the existing id when the subject already has that schema. Blocks: call it from
     /// blocking code, or use [`SchemaRegistry::register`].
@@ -244,22 +261,14 @@ impl SchemaRegistry {
         if let Some(id) = self.ids.lock().ok().and_then(|m| m.get(&key).copied()) {
             return Ok(id);
         }
-        let action = format!("registering a schema under subject {subject}");
         let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" }).to_string();
-        let text = self.call(
-            &action,
-            &format!("/subjects/{}/versions", path_segment(subject)),
-            Some(body),
-        )?;
-        let id = serde_json::from_str::<IdAnswer>(&text)
-            .map(|a| a.id)
-            .map_err(|e| {
-                self.error(
-                    &action,
-                    format!("unexpected answer {text:?}: {e}"),
-                    Some(200),
-                )
-            })?;
+        let id = self
+            .answer::<IdAnswer>(
+                &format!("registering a schema under subject {subject}"),
+                &format!("/subjects/{}/versions", path_segment(subject)),
+                Some(body),
+            )?
+            .id;
         if let Ok(mut m) = self.ids.lock() {
             m.insert(key, id);
         }
@@ -282,17 +291,14 @@ impl SchemaRegistry {
         if let Some(s) = self.schemas.lock().ok().and_then(|m| m.get(&id).cloned()) {
             return Ok(s);
         }
-        let action = format!("fetching schema id {id}");
-        let text = self.call(&action, &format!("/schemas/ids/{id}"), None)?;
-        let schema: Arc<str> = serde_json::from_str::<SchemaAnswer>(&text)
-            .map(|a| Arc::from(a.schema))
-            .map_err(|e| {
-                self.error(
-                    &action,
-                    format!("unexpected answer {text:?}: {e}"),
-                    Some(200),
-                )
-            })?;
+        let schema: Arc<str> = Arc::from(
+            self.answer::<SchemaAnswer>(
+                &format!("fetching schema id {id}"),
+                &format!("/schemas/ids/{id}"),
+                None,
+            )?
+            .schema,
+        );
         if let Ok(mut m) = self.schemas.lock() {
             m.insert(id, schema.clone());
         }
@@ -302,18 +308,9 @@ impl SchemaRegistry {
     /// The subjects the registry knows (for `ferry check`).
     pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let text = this.call("listing subjects", "/subjects", None)?;
-            serde_json::from_str::<Vec<String>>(&text).map_err(|e| {
-                this.error(
-                    "listing subjects",
-                    format!("unexpected answer {text:?}: {e}"),
-                    Some(200),
-                )
-            })
-        })
-        .await
-        .map_err(|e| self.error("listing subjects", e.to_string(), None))?
+        tokio::task::spawn_blocking(move || this.answer("listing subjects", "/subjects", None))
+            .await
+            .map_err(|e| self.error("listing subjects", e.to_string(), None))?
     }
 }
 
