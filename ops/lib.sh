@@ -255,10 +255,10 @@ maven_fetch() {
     log "fetching $what from Maven Central ($pom); the first time takes a minute"
     out=$(mktemp)
     if ! JAVA_HOME="$(dirname "$(dirname "$(readlink -f "$JAVA_BIN")")")" \
-        mvn -B -q -f "$pom" package >"$out" 2>&1; then
+        mvn -B -q -Dstyle.color=never -f "$pom" package >"$out" 2>&1; then
         local why
-        why=$(grep -m1 -E 'Could not (transfer|resolve)|UnknownHost|Unknown host|Connection (refused|timed out)|Network is unreachable|PKIX' "$out" || true)
-        tail -n 20 "$out" >&2
+        why=$(sed 's/\x1b\[[0-9;]*m//g' "$out" | grep -m1 -E 'Could not (transfer|resolve)|UnknownHost|Unknown host|Connection (refused|timed out)|Network is unreachable|PKIX' || true)
+        tail -n 20 "$out" | sed 's/\x1b\[[0-9;]*m//g' >&2
         rm -f "$out"
         if [[ -n $why ]]; then
             die "could not fetch $what from Maven Central: ${why:0:300} (check the network, a proxy in ~/.m2/settings.xml, or run 'mvn -f $pom package' to see more)"
