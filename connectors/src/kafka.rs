@@ -168,6 +168,9 @@ pub struct Cluster {
     pub config: KafkaConfig,
 }
 
+/// How long [`Cluster::ensure_topics`] waits for new topics' partition leaders.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
 impl Cluster {
     /// A cluster handle.
     pub fn new(name: impl Into<String>, config: KafkaConfig) -> Self {
@@ -269,12 +272,51 @@ impl Cluster {
             .create_topics(&new, &opts)
             .await
             .map_err(|e| self.err("creating topics", e))?;
+        let mut created = Vec::new();
         for r in results {
             match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Ok(name) => created.push(name),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
                     return Err(self.err(format!("creating topic {name}"), RdError::AdminOp(code)))
                 }
+            }
+        }
+        if created.is_empty() {
+            return Ok(());
+        }
+        // A topic Kafka has just created has no partition leader for a moment; reads and
+        // writes in that moment fail with NotLeaderForPartition. Wait for the leaders here, so
+        // a stage's first use of a new topic does not start with an error and a retry.
+        let cluster = self.clone();
+        tokio::task::spawn_blocking(move || cluster.await_leaders(&created, LEADER_WAIT))
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    /// Waits until every partition of `topics` has a leader, for at most `timeout`. Running out
+    /// of time is not an error: the caller's first read or write reports what is wrong.
+    fn await_leaders(&self, topics: &[String], timeout: Duration) -> Result<(), KafkaError> {
+        let reader = self.reader()?;
+        let deadline = std::time::Instant::now() + timeout;
+        let led = |topic: &str| -> bool {
+            reader
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .ok()
+                .and_then(|md| {
+                    md.topics().iter().find(|t| t.name() == topic).map(|t| {
+                        t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions()
+                                .iter()
+                                .all(|p| p.error().is_none() && p.leader() >= 0)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        for topic in topics {
+            while !led(topic) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         Ok(())

@@ -365,7 +365,46 @@ struct Buffer {
     opened: Option<Instant>,
     /// Offsets below this were shipped already (`None`: not yet recovered).
     next: Option<i64>,
+    /// The offset the next record must have (`None`: whatever comes first).
+    expect: Option<i64>,
+    /// Where this buffer last sought back to, to fill a gap (sought once per gap).
+    sought: Option<i64>,
     stopped: bool,
+}
+
+/// Applies the rebalances the consumer reported: a revoked or newly assigned partition starts
+/// from a fresh buffer (its unshipped records are re-read from the committed offset).
+fn rebalanced(
+    rx: &std_mpsc::Receiver<Assignment>,
+    consumer: &StreamConsumer<ShipContext>,
+    buffers: &mut HashMap<(String, i32), Buffer>,
+    paused: bool,
+    group: &str,
+) -> Result<(), ShipError> {
+    while let Ok(a) = rx.try_recv() {
+        match a {
+            Assignment::Revoked(ps) => {
+                tracing::info!(group, partitions = ps.len(), "partitions revoked");
+                for p in ps {
+                    buffers.remove(&p);
+                }
+            }
+            Assignment::Assigned(ps) => {
+                tracing::info!(group, partitions = ps.len(), "partitions assigned");
+                let mut tpl = TopicPartitionList::new();
+                for p in ps {
+                    tpl.add_partition(&p.0, p.1);
+                    buffers.remove(&p);
+                }
+                if paused {
+                    consumer
+                        .pause(&tpl)
+                        .map_err(client("origin", "pausing partitions"))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A failpoint for the crash tests: `FERRY_FAILPOINT=<name>[:<n>]` aborts the process the
@@ -826,38 +865,7 @@ async fn run_once(
     let linger = Duration::from_millis(cfg.ship.linger_ms);
 
     loop {
-        while let Ok(a) = rx.try_recv() {
-            match a {
-                Assignment::Revoked(ps) => {
-                    tracing::info!(
-                        group = cfg.ship.group_id,
-                        partitions = ps.len(),
-                        "partitions revoked"
-                    );
-                    for p in ps {
-                        // Unshipped records are re-read by the next owner from the committed offset.
-                        buffers.remove(&p);
-                    }
-                }
-                Assignment::Assigned(ps) => {
-                    tracing::info!(
-                        group = cfg.ship.group_id,
-                        partitions = ps.len(),
-                        "partitions assigned"
-                    );
-                    let mut tpl = TopicPartitionList::new();
-                    for p in ps {
-                        tpl.add_partition(&p.0, p.1);
-                        buffers.remove(&p);
-                    }
-                    if paused {
-                        consumer
-                            .pause(&tpl)
-                            .map_err(client("origin", "pausing partitions"))?;
-                    }
-                }
-            }
-        }
+        rebalanced(&rx, &consumer, &mut buffers, paused, &cfg.ship.group_id)?;
         let mut due: Vec<(String, i32)> = Vec::new();
         tokio::select! {
             _ = stop.changed() => break,
@@ -884,6 +892,10 @@ async fn run_once(
             }
             m = consumer.recv() => {
                 let m = m.map_err(client("origin", "consuming"))?;
+                // The rebalance that handed us this record's partition ran inside this very
+                // poll: apply it before buffering, or the record would go with the buffer that
+                // the assignment resets.
+                rebalanced(&rx, &consumer, &mut buffers, paused, &cfg.ship.group_id)?;
                 let _ = stats.first_record_at.set(Instant::now());
                 let tp = (m.topic().to_string(), m.partition());
                 let offset = m.offset();
@@ -906,10 +918,32 @@ async fn run_once(
                         }
                     }
                     buf.next = Some(next);
+                    buf.expect = end;
                 }
                 if offset < buf.next.unwrap_or(0) {
                     continue;
                 }
+                // Offsets must follow on from what was shipped. A gap means records were
+                // dropped on the way here (a buffer reset under a rebalance): read them again.
+                // Still a gap after that, and they are gone from the origin topic.
+                if let Some(want) = buf.expect {
+                    if offset < want {
+                        continue;
+                    }
+                    if offset > want {
+                        if buf.sought != Some(want) {
+                            tracing::info!(topic = tp.0, partition = tp.1, from = want, got = offset, "records missing before this one; reading them again");
+                            consumer
+                                .seek(&tp.0, tp.1, Offset::Offset(want), Duration::from_secs(10))
+                                .map_err(client("origin", format!("seeking {}[{}] to {want}", tp.0, tp.1)))?;
+                            buf.sought = Some(want);
+                            continue;
+                        }
+                        tracing::error!(topic = tp.0, partition = tp.1, from = want, to = offset - 1,
+                            "offsets are gone from the origin topic before they were shipped (retention shorter than the shipping lag?); shipping on from the next record");
+                    }
+                }
+                buf.expect = Some(offset + 1);
                 let key = m.key().map(<[u8]>::to_vec);
                 let value = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
                 let size = value.len() + key.as_ref().map_or(0, Vec::len);

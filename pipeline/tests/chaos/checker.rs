@@ -132,35 +132,47 @@ pub fn topic_versions(cluster: &Cluster, prefix: &str) -> Vec<(i64, i64)> {
         .collect()
 }
 
-/// Versions per key in first-seen order, copies per (key, version), order violations.
-type Sequences = (BTreeMap<i64, Vec<i64>>, HashMap<(i64, i64), u32>, u64);
+/// Versions per key in first-seen order, copies per (key, version), order violations (with
+/// a description of the first few).
+type Sequences = (
+    BTreeMap<i64, Vec<i64>>,
+    HashMap<(i64, i64), u32>,
+    (u64, Vec<String>),
+);
 
 /// Per key, versions in the order first seen; and copies per (key, version). A version first
 /// seen after a higher one of its key is an order violation.
 fn sequences(records: &[(i64, i64)]) -> Sequences {
     let mut seen: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut copies: HashMap<(i64, i64), u32> = HashMap::new();
-    let mut violations = 0;
-    for &(k, v) in records {
+    let (mut violations, mut notes) = (0, Vec::new());
+    for (i, &(k, v)) in records.iter().enumerate() {
         let n = copies.entry((k, v)).or_default();
         *n += 1;
         if *n > 1 {
             continue;
         }
         let versions = seen.entry(k).or_default();
-        if versions.last().is_some_and(|&last| last > v) {
+        if let Some(&last) = versions.last().filter(|&&last| last > v) {
             violations += 1;
+            if notes.len() < 5 {
+                notes.push(format!(
+                    "key {k}: version {v} first seen (record {i} in read order) after version {last}"
+                ));
+            }
         }
         versions.push(v);
     }
-    (seen, copies, violations)
+    (seen, copies, (violations, notes))
 }
 
 /// The origin topic holds every committed version from each key's first captured one (the
 /// snapshot may start a key past version 1); every key committed appears.
 pub fn check_origin_topic(f: &mut Figures, history: &History, records: &[(i64, i64)]) {
-    let (seen, copies, violations) = sequences(records);
+    let (seen, copies, (violations, notes)) = sequences(records);
     f.order_violations += violations;
+    f.notes
+        .extend(notes.into_iter().map(|n| format!("origin topic: {n}")));
     Figures::add_copies(&mut f.origin_copies, &copies);
     for (k, committed) in &history.keys {
         let Some(first) = seen.get(k).and_then(|v| v.iter().min()) else {
@@ -185,8 +197,10 @@ pub fn check_origin_topic(f: &mut Figures, history: &History, records: &[(i64, i
 /// The destination topic (compacted batches: intermediate versions may be folded) ends every
 /// key at its last committed version.
 pub fn check_dest_topic(f: &mut Figures, history: &History, records: &[(i64, i64)]) {
-    let (seen, copies, violations) = sequences(records);
+    let (seen, copies, (violations, notes)) = sequences(records);
     f.order_violations += violations;
+    f.notes
+        .extend(notes.into_iter().map(|n| format!("destination topic: {n}")));
     Figures::add_copies(&mut f.dest_copies, &copies);
     for (k, last) in history.last() {
         let top = seen.get(&k).and_then(|v| v.iter().max()).copied();

@@ -409,6 +409,27 @@ instance_id = "chaos-apply"
         format!("{}; its last lines:\n{tail}", path.display())
     }
 
+    /// Waits until `role`'s log holds `needle` at least `times` times; whether it did in time.
+    pub async fn await_log(
+        &self,
+        role: Role,
+        needle: &str,
+        times: usize,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(self.log_path(role)).unwrap_or_default();
+            if text.matches(needle).count() >= times {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// [`Lab::log`] of every process.
     pub fn logs(&self) -> String {
         Role::ALL.map(|r| self.log(r)).join("\n")

@@ -792,6 +792,20 @@ pub async fn poison(f: &mut Figures, iterations: u32) {
         lab.start_all();
         lab.start_workload();
         tokio::time::sleep(secs(3)).await;
+        // Rows committed before the replication slot existed reach Kafka through the initial
+        // snapshot, which runs beside the stream and stops with it: a poison that halts capture
+        // mid-snapshot postpones them until the operator fixes the cause and restarts. This
+        // lab tests the stream (what was committed before the poison arrives, nothing after),
+        // so it waits for both tables' snapshots first.
+        if !lab
+            .await_log(Role::Capture, "snapshot complete", 2, secs(60))
+            .await
+        {
+            lab.figures.notes.push(format!(
+                "oversized row: snapshots not complete in 60 s; {}",
+                lab.log(Role::Capture)
+            ));
+        }
         lab.stop_workload().await;
         let before = lab.history.lock().expect("history").clone();
         lab.db
