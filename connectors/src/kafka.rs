@@ -348,3 +348,92 @@ impl Cluster {
             .collect())
     }
 }
+
+/// One topic's position for a consumer group, summed over its partitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicLag {
+    /// The topic.
+    pub topic: String,
+    /// Offsets the group committed (a partition without a commit counts from its low
+    /// watermark).
+    pub committed: i64,
+    /// End offsets.
+    pub end: i64,
+    /// Whether the group committed anything in this topic, i.e. a member consumes it.
+    pub claimed: bool,
+}
+
+impl TopicLag {
+    /// Records not consumed yet.
+    pub fn lag(&self) -> i64 {
+        (self.end - self.committed).max(0)
+    }
+}
+
+/// Reads a consumer group's committed offsets against end offsets, with one client kept open.
+/// It does not join the group.
+pub struct LagReader {
+    cluster: Cluster,
+    consumer: Reader,
+}
+
+impl LagReader {
+    /// A reader for `group`.
+    pub fn new(cluster: &Cluster, group: &str) -> Result<LagReader, KafkaError> {
+        let mut c = cluster.client_config();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        Ok(LagReader {
+            cluster: cluster.clone(),
+            consumer: c
+                .create_with_context(ReaderContext)
+                .map_err(|e| cluster.err("creating consumer", e))?,
+        })
+    }
+
+    /// The group's position in every topic `wanted` picks, sorted by topic.
+    pub fn read(&self, wanted: impl Fn(&str) -> bool) -> Result<Vec<TopicLag>, KafkaError> {
+        let timeout = Duration::from_secs(10);
+        let consumer = &self.consumer;
+        let md = consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| self.cluster.err("fetching metadata", e))?;
+        let mut topics: Vec<_> = md.topics().iter().filter(|t| wanted(t.name())).collect();
+        topics.sort_by_key(|t| t.name());
+        let mut rows = Vec::with_capacity(topics.len());
+        for mt in topics {
+            let t = mt.name().to_string();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for p in mt.partitions() {
+                tpl.add_partition(&t, p.id());
+            }
+            let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| {
+                self.cluster
+                    .err(format!("reading committed offsets of {t}"), e)
+            })?;
+            let (mut done, mut end, mut claimed) = (0, 0, false);
+            for e in committed.elements() {
+                let (lo, hi) = consumer
+                    .fetch_watermarks(&t, e.partition(), timeout)
+                    .map_err(|err| {
+                        self.cluster
+                            .err(format!("reading watermarks of {t}[{}]", e.partition()), err)
+                    })?;
+                end += hi;
+                done += match e.offset() {
+                    rdkafka::Offset::Offset(o) => {
+                        claimed = true;
+                        o
+                    }
+                    _ => lo,
+                };
+            }
+            rows.push(TopicLag {
+                topic: t,
+                committed: done,
+                end,
+                claimed,
+            });
+        }
+        Ok(rows)
+    }
+}

@@ -38,11 +38,10 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_postgres::types::Type;
 
-use crate::compact::Run;
+use crate::batch::payload;
+use crate::batch::Run;
 use crate::config::{Config, OnCorrupt};
-use crate::payload;
 use crate::ship::{client, Registry, ShipError};
-use crate::sink;
 
 /// Live counters of an applier.
 #[derive(Debug, Default)]
@@ -593,10 +592,16 @@ pub async fn run(
     stop: watch::Receiver<bool>,
     stats: Arc<ApplyStats>,
 ) -> Result<(), ShipError> {
-    crate::ship::retrying(cfg, stop, "applying", |stop| {
-        let stats = stats.clone();
-        async move { run_once(cfg, stop, stats).await }
-    })
+    crate::runtime::retry::retrying(
+        cfg.capture.max_backoff_ms,
+        stop,
+        "applying",
+        || {},
+        |stop| {
+            let stats = stats.clone();
+            async move { run_once(cfg, stop, stats).await }
+        },
+    )
     .await
 }
 
@@ -793,7 +798,7 @@ async fn replicate(
 ) -> Result<(), ShipError> {
     let mut pending = Vec::new();
     for r in runs {
-        let topic = sink::table_topic(&cfg.capture.topic_prefix, &r.schema.table().id);
+        let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, &r.schema.table().id);
         if known.insert(topic.clone()) {
             dest.ensure_topics(&[TopicSpec {
                 name: topic.clone(),

@@ -32,399 +32,10 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::error::{pg, CaptureError};
 use crate::sink::{self, AckBatch, Sink};
-use crate::snapshot::{Snapshotter, WATERMARK_PREFIX};
-use crate::state::{self, CaptureState, TableProgress};
-
-/// Prefix of job control messages (`ferry pause|resume|cancel <job>`) in the WAL.
-pub const JOB_CONTROL_PREFIX: &str = "ferry.job";
-
-/// Pause, resume or cancel a job; carried through the WAL so it takes effect in stream order
-/// and survives restarts through the capture state.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct JobControl {
-    /// The capture pipeline (slot).
-    pub slot: String,
-    /// Job name.
-    pub job: String,
-    /// `pause`, `resume` or `cancel`.
-    pub action: String,
-}
-
-/// Sends a job control message.
-pub async fn control_job(cfg: &Config, job: &str, action: &str) -> Result<(), CaptureError> {
-    let pgc = &cfg.origin.postgres;
-    let target = pgc.display();
-    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
-    let body = serde_json::to_string(&JobControl {
-        slot: cfg.capture.slot.clone(),
-        job: job.to_string(),
-        action: action.to_string(),
-    })
-    .map_err(|e| CaptureError::Setup(e.to_string()))?;
-    session
-        .execute(
-            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
-            &[&JOB_CONTROL_PREFIX, &body],
-        )
-        .await
-        .map_err(pg(&target, "writing the job control message"))?;
-    Ok(())
-}
-
-/// Prefix of backfill requests (`ferry backfill`) in the WAL.
-pub const BACKFILL_PREFIX: &str = "ferry.backfill";
-
-/// A request to backfill a table, written into the WAL with `pg_logical_emit_message`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct BackfillRequest {
-    /// The capture pipeline (slot) that should run it.
-    pub slot: String,
-    /// Job name.
-    pub job: String,
-    /// `schema.table`.
-    pub table: String,
-    /// Optional SQL predicate.
-    pub predicate: Option<String>,
-    /// Rows per chunk.
-    pub chunk_rows: usize,
-    /// Rows matching at request time.
-    pub total: u64,
-    /// Tier in a plan (lower tiers first).
-    #[serde(default)]
-    pub tier: u32,
-    /// Jobs this one comes after.
-    #[serde(default)]
-    pub after: Vec<String>,
-    /// Hold after this many rows until the sample is verified.
-    #[serde(default)]
-    pub sample: Option<u64>,
-}
-
-/// One backfill job to request: a table with its options, and its place in a plan.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackfillSpec {
-    /// Job name (default: derived from the table and the time).
-    #[serde(default, rename = "name")]
-    pub job: Option<String>,
-    /// `schema.table`.
-    pub table: String,
-    /// Only rows matching this SQL predicate.
-    #[serde(default, rename = "where")]
-    pub predicate: Option<String>,
-    /// Rows per chunk (default `backfill.chunk_rows`).
-    #[serde(default)]
-    pub chunk_rows: Option<usize>,
-    /// Tier: lower tiers run first (core tables at 0).
-    #[serde(default)]
-    pub tier: u32,
-    /// Jobs that must be done first.
-    #[serde(default)]
-    pub after: Vec<String>,
-    /// Hold after this many rows until they verify at the destination.
-    #[serde(default)]
-    pub sample: Option<u64>,
-}
-
-/// Asks the capture pipeline to backfill a table (through a message in the origin's WAL, so the
-/// job starts at a definite point of the change stream). Returns the job name and the number of
-/// rows matching now.
-pub async fn request_backfill(
-    cfg: &Config,
-    table: &TableId,
-    predicate: Option<String>,
-    chunk_rows: Option<usize>,
-    job: Option<String>,
-) -> Result<(String, u64), CaptureError> {
-    request(
-        cfg,
-        &BackfillSpec {
-            job,
-            table: table.to_string(),
-            predicate,
-            chunk_rows,
-            ..BackfillSpec::default()
-        },
-    )
-    .await
-}
-
-/// Requests one backfill job of a plan; see [`request_backfill`].
-pub async fn request(cfg: &Config, spec: &BackfillSpec) -> Result<(String, u64), CaptureError> {
-    let table = crate::config::parse_table(&spec.table).ok_or_else(|| {
-        CaptureError::Setup(format!(
-            "backfill table {:?} is not schema.table",
-            spec.table
-        ))
-    })?;
-    let pgc = &cfg.origin.postgres;
-    let target = pgc.display();
-    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
-    let q = format!(
-        "{}.{}",
-        ferry_connectors::postgres::quote_ident(&table.schema),
-        ferry_connectors::postgres::quote_ident(&table.table)
-    );
-    let count_sql = match &spec.predicate {
-        Some(p) => format!("SELECT count(*) FROM {q} WHERE ({p})"),
-        None => format!("SELECT count(*) FROM {q}"),
-    };
-    let total: i64 = session
-        .query_one(&count_sql, &[])
-        .await
-        .map_err(pg(
-            &target,
-            format!("counting the rows of {table} to backfill"),
-        ))?
-        .get(0);
-    let job = spec.job.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        format!("backfill-{table}-{now}")
-    });
-    let request = BackfillRequest {
-        slot: cfg.capture.slot.clone(),
-        job: job.clone(),
-        table: table.to_string(),
-        predicate: spec.predicate.clone(),
-        chunk_rows: spec.chunk_rows.unwrap_or(cfg.backfill.chunk_rows),
-        total: total.max(0) as u64,
-        tier: spec.tier,
-        after: spec.after.clone(),
-        sample: spec.sample,
-    };
-    let body = serde_json::to_string(&request).map_err(|e| CaptureError::Setup(e.to_string()))?;
-    session
-        .execute(
-            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
-            &[&BACKFILL_PREFIX, &body],
-        )
-        .await
-        .map_err(pg(&target, "writing the backfill request"))?;
-    Ok((job, total.max(0) as u64))
-}
-
-/// Throttles backfill chunks from the origin's health: the canary's p99 against its baseline,
-/// the WAL the slot retains, the live lane's lag and the destination's acknowledgement time,
-/// fed into the AIMD controller once a second (see `signals` for how they are read).
-struct BackfillThrottle {
-    aimd: crate::throttle::Aimd,
-    pacer: crate::throttle::Pacer,
-    last_limit: crate::throttle::Limit,
-    probes: crate::signals::Probes,
-    sampler: Option<crate::signals::Sampler>,
-    warmup: u32,
-    window: u32,
-    max_bytes_per_sec: f64,
-    /// The live-throughput probe (`None` when `live_harm_budget` is 0).
-    live: Option<crate::throttle::LiveProbe>,
-    /// A quiet period's verdict not yet fed to the controller.
-    harm: Option<f64>,
-    clock: Instant,
-    /// When the next once-a-second control step is due.
-    next_step: f64,
-}
-
-/// How often the throttle looks at the clock (quiet periods, waking a paced chunk); the
-/// controller itself steps once a second.
-const THROTTLE_TICK: Duration = Duration::from_millis(100);
-
-/// The smallest chunk the throttle asks for (each chunk costs a few round trips and a
-/// watermark commit).
-const MIN_CHUNK_ROWS: usize = 100;
-
-impl BackfillThrottle {
-    fn new(cfg: &Config) -> Self {
-        let b = &cfg.backfill;
-        let budget = |v: f64| if v > 0.0 { v } else { f64::INFINITY };
-        BackfillThrottle {
-            aimd: crate::throttle::Aimd::new(crate::throttle::Settings {
-                canary_baseline_ms: f64::INFINITY,
-                canary_tolerance: b.canary_tolerance,
-                canary_slack_ms: b.canary_slack_ms,
-                live_harm_budget: budget(b.live_harm_budget),
-                wal_budget_bytes: b.wal_budget_bytes,
-                live_lag_budget: if b.live_lag_budget == 0 {
-                    u64::MAX
-                } else {
-                    b.live_lag_budget
-                },
-                produce_latency_budget_ms: budget(b.produce_latency_budget_ms),
-                floor: b.min_rows_per_sec,
-                ceiling: b.max_rows_per_sec,
-                increase: b.increase_rows_per_sec,
-                decrease: b.decrease,
-                max_events_per_sec: Some(b.max_rows_per_sec),
-                max_bytes_per_sec: (b.max_bytes_per_sec > 0.0).then_some(b.max_bytes_per_sec),
-                bytes_per_event: 0.0,
-            }),
-            pacer: crate::throttle::Pacer::default(),
-            last_limit: crate::throttle::Limit::None,
-            probes: crate::signals::Probes {
-                canary: Some((cfg.origin.postgres.clone(), b.canary_sql.clone())),
-                slot: Some(cfg.capture.slot.clone()),
-                window: Duration::from_secs(b.canary_window_secs.max(1)),
-                ..crate::signals::Probes::lanes(cfg)
-            },
-            sampler: None,
-            warmup: 0,
-            window: b.canary_window_secs.max(1) as u32,
-            max_bytes_per_sec: b.max_bytes_per_sec,
-            live: (b.live_harm_budget > 0.0).then(|| {
-                crate::throttle::LiveProbe::new(
-                    b.live_probe_every_secs,
-                    b.live_probe_quiet_secs,
-                    0.0,
-                )
-            }),
-            harm: None,
-            clock: Instant::now(),
-            next_step: 0.0,
-        }
-    }
-
-    fn now(&self) -> f64 {
-        self.clock.elapsed().as_secs_f64()
-    }
-
-    /// Whether a backfill chunk may be read: the baseline is known, no quiet period is on and
-    /// the pacer has room.
-    fn allows(&mut self, rows: usize) -> bool {
-        self.aimd.canary_baseline().is_some()
-            && !self.live.as_ref().is_some_and(|l| l.is_quiet())
-            && self.pacer.try_acquire(rows as f64, self.aimd.rate())
-    }
-
-    /// The most rows a backfill chunk should read at the current rate: half a second's worth
-    /// (at least `MIN_CHUNK_ROWS`), so a slow backfill reads small chunks often rather than a
-    /// big one now and then.
-    fn chunk_rows(&self) -> usize {
-        let half_second = (self.aimd.rate() / 2.0).min(usize::MAX as f64 / 2.0) as usize;
-        half_second.max(MIN_CHUNK_ROWS)
-    }
-
-    /// Notes a live transaction's commit (only while a backfill is being throttled).
-    fn live_commit(&mut self) {
-        if self.sampler.is_some() {
-            let now = self.now();
-            if let Some(l) = self.live.as_mut() {
-                l.record(now);
-            }
-        }
-    }
-
-    /// Called every `THROTTLE_TICK` while a backfill is queued: runs the quiet periods and,
-    /// once a second or when a quiet period ends, a control step.
-    fn tick(&mut self, bytes_per_event: f64) {
-        if self.sampler.is_none() {
-            self.sampler = Some(crate::signals::Sampler::start(self.probes.clone()));
-            return;
-        }
-        let now = self.now();
-        let mut step = false;
-        if self.aimd.canary_baseline().is_some() {
-            if let Some(harm) = self.live.as_mut().and_then(|l| l.poll(now)) {
-                tracing::debug!(
-                    harm = format!("{harm:.3}"),
-                    rate = self.aimd.rate().round(),
-                    "backfill quiet period measured"
-                );
-                self.harm = Some(harm);
-                step = true;
-            }
-        }
-        if now >= self.next_step {
-            self.next_step = now + 1.0;
-            step = true;
-        }
-        if step {
-            self.step(bytes_per_event);
-        }
-    }
-
-    /// One control step: read the signals, decide, log decisions that change the limiting
-    /// signal. `bytes_per_event` (from what capture encoded so far) applies the byte cap.
-    fn step(&mut self, bytes_per_event: f64) {
-        let Some(sampler) = &self.sampler else {
-            return;
-        };
-        let r = sampler.read();
-        let Some(p99) = r.canary_p99_ms else {
-            return;
-        };
-        // One window of samples, taken before any backfill chunk is read, sets the baseline;
-        // the rate starts at the floor once it is known.
-        if self.aimd.canary_baseline().is_none() {
-            self.warmup += 1;
-            if self.warmup > self.window {
-                self.aimd.set_canary_baseline(p99.max(0.2));
-                self.aimd.reset();
-                let now = self.now();
-                if let Some(l) = self.live.as_mut() {
-                    l.restart(now);
-                }
-                tracing::info!(
-                    canary_p99_ms = format!("{p99:.2}"),
-                    samples = r.canary_samples,
-                    "backfill throttle baseline measured"
-                );
-            }
-            return;
-        }
-        if self.max_bytes_per_sec > 0.0 {
-            self.aimd.set_bytes_per_event(bytes_per_event);
-        }
-        let now = self.now();
-        let signals = crate::throttle::Signals {
-            canary_p99_ms: p99,
-            retained_wal_bytes: r.retained_wal_bytes.unwrap_or(0),
-            live_lag_events: r.live_lag_events.unwrap_or(0),
-            produce_latency_ms: r.produce_latency_ms.unwrap_or(0.0),
-            live_harm: self.harm.take(),
-            live_gated: self.live.as_ref().is_some_and(|l| l.loaded(now)),
-        };
-        let (rate, limit) = self.aimd.step(&signals);
-        if limit != self.last_limit {
-            tracing::info!(
-                rate = rate.round(),
-                limit = %limit,
-                canary_p99_ms = format!("{p99:.2}"),
-                baseline_ms = format!("{:.2}", self.aimd.canary_baseline().unwrap_or(f64::NAN)),
-                retained_wal_bytes = signals.retained_wal_bytes,
-                live_lag = signals.live_lag_events,
-                produce_latency_ms = format!("{:.1}", signals.produce_latency_ms),
-                live_harm = signals.live_harm.map(|h| format!("{h:.3}")),
-                live_gated = signals.live_gated,
-                "backfill throttle"
-            );
-            self.last_limit = limit;
-        }
-    }
-
-    /// Stops measuring (no backfill left); the next job starts from the floor.
-    fn idle(&mut self) {
-        self.sampler = None;
-        self.aimd.set_canary_baseline(f64::INFINITY);
-        self.warmup = 0;
-        self.harm = None;
-        self.aimd.reset();
-    }
-}
-
-/// Prefix of repair requests (`ferry verify --repair`) in the WAL.
-pub const REPAIR_PREFIX: &str = "ferry.repair";
-
-/// A request to re-capture rows, written into the WAL with `pg_logical_emit_message`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct RepairRequest {
-    /// The capture pipeline (slot) that should act on it.
-    pub slot: String,
-    /// `schema.table`.
-    pub table: String,
-    /// Keys, each the text of every key column.
-    pub keys: Vec<Vec<String>>,
-}
+use crate::snapshot::Snapshotter;
+use crate::store::state::{self, CaptureState, TableProgress};
+use crate::throttle::backfill::{BackfillThrottle, THROTTLE_TICK};
+use crate::wal::{self, BackfillRequest, JobControl, RepairRequest};
 
 /// Where capture sends events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -469,32 +80,22 @@ const RECENT_XIDS: usize = 1_024;
 pub async fn run(
     cfg: &Config,
     mode: SinkMode,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
 ) -> Result<(), CaptureError> {
-    let mut attempt: u32 = 0;
-    loop {
-        let started = Instant::now();
-        match run_once(cfg, mode, &mut stop, &stats).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    attempt = 0;
-                }
-                attempt += 1;
-                stats.retries_total.fetch_add(1, Ordering::Relaxed);
-                let cap = cfg.capture.max_backoff_ms.max(100);
-                let base = (250u64 << attempt.min(16)).min(cap);
-                let delay = base / 2 + rand::random_range(0..=base / 2);
-                tracing::warn!(error = %e, attempt, delay_ms = delay, "capture interrupted; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                    _ = stop.changed() => return Ok(()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    crate::runtime::retry::retrying(
+        cfg.capture.max_backoff_ms,
+        stop,
+        "capture",
+        || {
+            stats.retries_total.fetch_add(1, Ordering::Relaxed);
+        },
+        |mut stop| {
+            let stats = stats.clone();
+            async move { run_once(cfg, mode, &mut stop, &stats).await }
+        },
+    )
+    .await
 }
 
 /// Owns the acker task: aborts it when dropped.
@@ -595,7 +196,7 @@ async fn run_once(
         ))?;
 
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let state_topic = sink::state_topic(&c.topic_prefix);
+    let state_topic = crate::topics::state_topic(&c.topic_prefix);
     let (mut sink, mut state) = match mode {
         SinkMode::Kafka => {
             let sink = Sink::kafka(
@@ -802,17 +403,18 @@ async fn run_once(
                         }
                     }
                     ReplicationEvent::Message { prefix, content, lsn, .. } => {
-                        if prefix == WATERMARK_PREFIX {
+                        let kind = wal::Kind::of(&prefix);
+                        if kind == Some(wal::Kind::Watermark) {
                             if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
                                 snapshot_progress |= finish_chunk(&mut sink, done, (throttle.aimd.rate().round(), throttle.aimd.limit().to_string()), &mut pending, &mut state, stats).await?;
                                 sync_backfills(&mut snap, &state);
                             }
-                        } else if prefix == BACKFILL_PREFIX {
+                        } else if kind == Some(wal::Kind::Backfill) {
                             match serde_json::from_slice::<BackfillRequest>(&content) {
                                 Ok(r) if r.slot == c.slot => {
                                     if !state.backfills.contains_key(&r.job) {
                                         tracing::info!(job = r.job, table = r.table, total = r.total, tier = r.tier, after = ?r.after, sample = r.sample, "backfill requested");
-                                        let mut b = crate::state::Backfill::new(r.table, r.predicate, r.chunk_rows, r.total);
+                                        let mut b = crate::store::state::Backfill::new(r.table, r.predicate, r.chunk_rows, r.total);
                                         b.tier = r.tier;
                                         b.after = r.after;
                                         b.sample = r.sample;
@@ -825,7 +427,7 @@ async fn run_once(
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "unreadable backfill request; ignored"),
                             }
-                        } else if prefix == JOB_CONTROL_PREFIX {
+                        } else if kind == Some(wal::Kind::JobControl) {
                             match serde_json::from_slice::<JobControl>(&content) {
                                 Ok(r) if r.slot == c.slot => match state.backfills.get_mut(&r.job) {
                                     Some(b) => {
@@ -852,7 +454,7 @@ async fn run_once(
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!(error = %e, "unreadable job control; ignored"),
                             }
-                        } else if prefix == REPAIR_PREFIX {
+                        } else if kind == Some(wal::Kind::Repair) {
                             match serde_json::from_slice::<RepairRequest>(&content) {
                                 Ok(r) if r.slot == c.slot => match crate::config::parse_table(&r.table) {
                                     Some(t) => {
@@ -896,10 +498,7 @@ async fn run_once(
                 }
             }
             _ = heartbeat.tick() => {
-                session
-                    .batch_execute("SELECT pg_logical_emit_message(false, 'ferry.heartbeat', '')")
-                    .await
-                    .map_err(pg(&target, "writing a heartbeat"))?;
+                wal::emit(&session, &target, wal::Kind::Heartbeat, "").await?;
             }
             _ = poll.tick() => {
                 let now = catalog::publication_tables(&session, &c.publication)

@@ -22,29 +22,9 @@ use std::sync::Arc;
 use arrow::array::{BinaryArray, Int64Array, RecordBatch, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::prelude::SessionContext;
-use ferry_schemas::{ChangeEvent, Datum, EncodedSchema, Op};
+use ferry_schemas::{ChangeEvent, Datum, Op};
 
-/// One change as consumed from the origin topic.
-#[derive(Clone, Debug)]
-pub struct Entry {
-    /// Origin offset.
-    pub offset: i64,
-    /// The Kafka key (Avro-encoded primary key), if any.
-    pub key: Option<Vec<u8>>,
-    /// The schema version the value was written with.
-    pub schema: Arc<EncodedSchema>,
-    /// The change.
-    pub event: ChangeEvent,
-}
-
-/// A run of changes of one table version, in order.
-#[derive(Clone, Debug)]
-pub struct Run {
-    /// The table version.
-    pub schema: Arc<EncodedSchema>,
-    /// Changes with their origin offsets.
-    pub events: Vec<(i64, ChangeEvent)>,
-}
+use crate::batch::{Entry, Run};
 
 /// Compaction failed (DataFusion refused the plan: a bug, reported as such).
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +204,7 @@ pub async fn compact(mut entries: Vec<Entry>, enabled: bool) -> Result<Vec<Run>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_schemas::EncodedSchema;
     use ferry_schemas::{Column, ColumnType, Source, TableId, TableSchema};
 
     fn schema() -> Arc<EncodedSchema> {

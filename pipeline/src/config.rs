@@ -507,20 +507,12 @@ impl Config {
 
     /// The destination topic batches are shipped to.
     pub fn batch_topic(&self) -> String {
-        if self.ship.batch_topic.is_empty() {
-            format!("{}.batches", self.capture.topic_prefix)
-        } else {
-            self.ship.batch_topic.clone()
-        }
+        crate::topics::batch_topic(&self.capture.topic_prefix, &self.ship.batch_topic)
     }
 
     /// The dead-letter topic for corrupt batches.
     pub fn quarantine_topic(&self) -> String {
-        if self.apply.quarantine_topic.is_empty() {
-            format!("{}.quarantine", self.capture.topic_prefix)
-        } else {
-            self.apply.quarantine_topic.clone()
-        }
+        crate::topics::quarantine_topic(&self.capture.topic_prefix, &self.apply.quarantine_topic)
     }
 
     /// The origin's schema registry client when the table topics use the Confluent format.

@@ -117,6 +117,32 @@ pub fn pg(
     }
 }
 
+/// A record the broker did not take; one it will never take (too large, say) stops capture
+/// with what to change, instead of being retried for ever.
+pub(crate) fn undelivered(
+    topic: String,
+    lsn: String,
+    e: &rdkafka::error::KafkaError,
+    size: usize,
+) -> CaptureError {
+    let permanent = refused_for_good(e);
+    let reason = if permanent {
+        format!(
+            "{e}; the record is {size} bytes and the broker will never take it: capture stops \
+             here and skips nothing (for large rows, raise the broker's max.message.bytes and \
+             origin.kafka.properties message.max.bytes, then restart)"
+        )
+    } else {
+        e.to_string()
+    };
+    CaptureError::Delivery {
+        topic,
+        lsn,
+        reason,
+        permanent,
+    }
+}
+
 /// Whether the broker will refuse a record however often it is sent.
 pub fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;

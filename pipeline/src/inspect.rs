@@ -137,7 +137,7 @@ pub fn load_schemas(
     cluster: &Cluster,
     prefix: &str,
 ) -> Result<HashMap<String, String>, InspectError> {
-    let topic = crate::sink::schema_topic(prefix);
+    let topic = crate::topics::schema_topic(prefix);
     let mut map = HashMap::new();
     for (_, _, key, value) in read_all(cluster, &topic, usize::MAX)? {
         if let (Some(k), Some(v)) = (key, value) {

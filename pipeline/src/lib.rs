@@ -10,24 +10,24 @@
 //!   Kafka.
 
 pub mod apply;
+pub mod batch;
 pub mod capture;
 pub mod check;
-pub mod columnar;
 pub mod compact;
 pub mod config;
-pub mod control;
 pub mod error;
 pub mod inspect;
 pub mod jobs;
+pub mod layers;
 pub mod metrics;
-pub mod payload;
-pub mod replay;
+pub mod runtime;
 pub mod ship;
-pub mod signals;
 pub mod sink;
 pub mod snapshot;
-pub mod state;
 pub mod status;
+pub mod store;
 pub mod throttle;
+pub mod topics;
 pub mod transform;
 pub mod verify;
+pub mod wal;

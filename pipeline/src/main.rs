@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::{parse_table, Config};
-use ferry_pipeline::{check, inspect, jobs, metrics, sink, status};
+use ferry_pipeline::{check, inspect, jobs, metrics, status, topics};
 
 #[derive(Parser)]
 #[command(
@@ -185,11 +185,13 @@ fn destination_pg(cfg: &Config) -> anyhow::Result<ferry_connectors::postgres::Pg
 
 /// Reads a backfill plan: `[[job]]` tables with name, table, where, chunk_rows, tier, after,
 /// sample.
-fn read_plan(path: &std::path::Path) -> anyhow::Result<Vec<capture::BackfillSpec>> {
+fn read_plan(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<ferry_pipeline::jobs::backfill::BackfillSpec>> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Plan {
-        job: Vec<capture::BackfillSpec>,
+        job: Vec<ferry_pipeline::jobs::backfill::BackfillSpec>,
     }
     let plan: Plan = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -228,13 +230,13 @@ fn read_plan(path: &std::path::Path) -> anyhow::Result<Vec<capture::BackfillSpec
 
 /// Pauses, resumes or cancels a job or the live pipeline, saying which way the request went.
 async fn control(cfg: &Config, job: &str, action: &str) -> anyhow::Result<()> {
-    let route = ferry_pipeline::control::request(cfg, job, action).await?;
+    let route = ferry_pipeline::jobs::control::request(cfg, job, action).await?;
     println!(
         "{action} of {job} requested ({})",
         match route {
-            ferry_pipeline::control::Route::Wal =>
+            ferry_pipeline::jobs::control::Route::Wal =>
                 "through the origin's WAL: capture applies it in stream order",
-            ferry_pipeline::control::Route::Topic =>
+            ferry_pipeline::jobs::control::Route::Topic =>
                 "through the control topic: it holds across restarts",
         }
     );
@@ -415,11 +417,11 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             job,
             wait,
         } => {
-            let specs: Vec<capture::BackfillSpec> = match (plan, table) {
+            let specs: Vec<ferry_pipeline::jobs::backfill::BackfillSpec> = match (plan, table) {
                 (Some(path), _) => read_plan(&path)?,
                 (None, Some(table)) => {
                     parse_table(&table).context("table must be schema.table")?;
-                    vec![capture::BackfillSpec {
+                    vec![ferry_pipeline::jobs::backfill::BackfillSpec {
                         job,
                         table,
                         predicate,
@@ -433,7 +435,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             };
             let mut names = Vec::new();
             for spec in &specs {
-                let (name, total) = capture::request(&cfg, spec).await?;
+                let (name, total) = ferry_pipeline::jobs::backfill::request(&cfg, spec).await?;
                 println!(
                     "backfill {name} requested: {total} rows of {} (tier {}{}{}); capture runs it between live changes",
                     spec.table,
@@ -507,7 +509,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             max_events_per_sec,
             max_bytes_per_sec,
         } => {
-            use ferry_pipeline::replay::{self, Bound};
+            use ferry_pipeline::jobs::replay::{self, Bound};
             let from = match (from_offset, from_time) {
                 (Some(o), _) => Bound::Offset(o),
                 (None, Some(t)) => Bound::TimeMs(parse_time_ms(&t)?),
@@ -605,7 +607,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Tail { table, limit } => {
             let id = parse_table(&table).context("table must be schema.table")?;
-            let topic = sink::table_topic(&prefix, &id);
+            let topic = topics::table_topic(&prefix, &id);
             let registry = cfg.origin_registry()?;
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let mut decoder = inspect::Decoder::load(&origin, &prefix, registry)?;

@@ -67,7 +67,11 @@ pub fn render_ship(stats: &ShipStats, cfg: &Config, out: &mut String) {
     let pair = format!("{}->{}", cfg.origin.region, cfg.destination.region);
     let price = cfg.ship.prices_per_gb.get(&pair).copied();
     let tables = stats.tables.lock().map(|t| t.clone()).unwrap_or_default();
-    type Series = (&'static str, &'static str, fn(&crate::ship::Egress) -> f64);
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&crate::batch::egress::Egress) -> f64,
+    );
     let series: [Series; 5] = [
         ("ferry_ship_batches_total", "batches shipped", |e| {
             e.batches as f64
@@ -234,7 +238,7 @@ async fn route(
                     serde_json::json!({ "error": "missing or wrong bearer token" }),
                 );
             }
-            match crate::control::request(cfg, job, action).await {
+            match crate::jobs::control::request(cfg, job, action).await {
                 Ok(_) => json(
                     "202 Accepted",
                     serde_json::json!({ "job": job, "action": action }),

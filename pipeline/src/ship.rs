@@ -34,9 +34,11 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::compact::{self, Entry};
+use crate::batch::payload;
+use crate::batch::Entry;
+use crate::compact;
 use crate::config::{parse_table, Config};
-use crate::{inspect, payload, transform};
+use crate::{inspect, transform};
 
 /// Why shipping stopped.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,12 @@ impl ShipError {
     }
 }
 
+impl crate::runtime::retry::Retryable for ShipError {
+    fn is_retryable(&self) -> bool {
+        ShipError::is_retryable(self)
+    }
+}
+
 pub(crate) fn client(
     cluster: &'static str,
     action: impl Into<String>,
@@ -103,31 +111,7 @@ pub(crate) fn client(
     }
 }
 
-/// Egress figures of one table.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Egress {
-    /// Batches shipped.
-    pub batches: u64,
-    /// Changes consumed.
-    pub events_in: u64,
-    /// Rows shipped after compaction.
-    pub events_out: u64,
-    /// Bytes of origin records consumed.
-    pub raw_bytes: u64,
-    /// Bytes produced to the destination (framed batches and their keys).
-    pub shipped_bytes: u64,
-}
-
-impl Egress {
-    /// Adds one batch's figures.
-    pub fn add(&mut self, m: &Manifest, shipped: u64) {
-        self.batches += 1;
-        self.events_in += m.events_in as u64;
-        self.events_out += m.events_out as u64;
-        self.raw_bytes += m.raw_bytes as u64;
-        self.shipped_bytes += shipped;
-    }
-}
+use crate::batch::egress::Egress;
 
 /// Live counters of a shipper, per table.
 #[derive(Debug, Default)]
@@ -407,33 +391,6 @@ fn rebalanced(
     Ok(())
 }
 
-/// A failpoint for the crash tests: `FERRY_FAILPOINT=<name>[:<n>]` aborts the process the
-/// n-th time (default 1st) execution passes `name`.
-pub fn failpoint(name: &str) {
-    static HITS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
-    let Ok(spec) = std::env::var("FERRY_FAILPOINT") else {
-        return;
-    };
-    let (want, n) = match spec.split_once(':') {
-        Some((w, n)) => (w.to_string(), n.parse().unwrap_or(1)),
-        None => (spec.clone(), 1),
-    };
-    if want != name {
-        return;
-    }
-    if let Ok(mut hits) = HITS.lock() {
-        let count = hits
-            .get_or_insert_with(HashMap::new)
-            .entry(want)
-            .or_insert(0);
-        *count += 1;
-        if *count >= n {
-            eprintln!("failpoint {name} hit: aborting");
-            std::process::abort();
-        }
-    }
-}
-
 /// The origin range a batch covers and what was consumed for it.
 struct Covered<'a> {
     topic: &'a str,
@@ -532,7 +489,7 @@ impl Shipper<'_> {
             let out = transform::run(t, &entries)
                 .await
                 .map_err(|e| data_err(first_offset, format!("transform {}: {e}", t.name)))?;
-            let agg_topic = format!("{}.agg.{}", self.cfg.capture.topic_prefix, t.name);
+            let agg_topic = crate::topics::aggregate_topic(&self.cfg.capture.topic_prefix, &t.name);
             let bytes = zstd::bulk::compress(&out, self.cfg.ship.zstd_level)
                 .map_err(|e| ShipError::Other(e.to_string()))?;
             let m = self.manifest(
@@ -553,7 +510,7 @@ impl Shipper<'_> {
                 .await
                 .map_err(|e| ShipError::Other(e.to_string()))?
         };
-        failpoint("ship.after_compaction");
+        crate::runtime::failpoint::hit("ship.after_compaction");
         // The destination decodes with the writer schemas, so they travel first.
         for run in &runs {
             self.publish_schema(&run.schema).await?;
@@ -573,7 +530,7 @@ impl Shipper<'_> {
         let shipped = self
             .produce(&batch_topic, Some(d), &m, &encoded.bytes)
             .await?;
-        failpoint("ship.after_produce");
+        crate::runtime::failpoint::hit("ship.after_produce");
         if let Ok(mut t) = self.stats.tables.lock() {
             t.entry(table.clone()).or_default().add(&m, shipped as u64);
         }
@@ -647,7 +604,7 @@ impl Shipper<'_> {
         if let Some(registry) = &self.dest_registry {
             if !self.published.contains(&schema.value_fp.0) {
                 let topic =
-                    crate::sink::table_topic(&self.cfg.capture.topic_prefix, &schema.table().id);
+                    crate::topics::table_topic(&self.cfg.capture.topic_prefix, &schema.table().id);
                 if schema.has_key() {
                     registry
                         .register(&subject(&topic, true), &schema.key_json)
@@ -658,7 +615,7 @@ impl Shipper<'_> {
                     .await?;
             }
         }
-        let topic = crate::sink::schema_topic(&self.cfg.capture.topic_prefix);
+        let topic = crate::topics::schema_topic(&self.cfg.capture.topic_prefix);
         for (fp, json) in [
             (schema.value_fp, &schema.value_json),
             (schema.key_fp, &schema.key_json),
@@ -697,7 +654,7 @@ impl Shipper<'_> {
             .await
             .map_err(failed)?;
         // The record sits in the producer's queue (perhaps on the wire), not yet acknowledged.
-        failpoint("ship.mid_produce");
+        crate::runtime::failpoint::hit("ship.mid_produce");
         match tokio::time::timeout(Duration::from_secs(60), delivery).await {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err((e, _)))) => return Err(failed(e)),
@@ -712,67 +669,33 @@ impl Shipper<'_> {
     }
 }
 
+/// Every origin table topic's shipping position for the shipper group `group`.
+pub fn lag(
+    origin: &Cluster,
+    prefix: &str,
+    group: &str,
+) -> Result<Vec<ferry_connectors::kafka::TopicLag>, ferry_connectors::kafka::KafkaError> {
+    ferry_connectors::kafka::LagReader::new(origin, group)?
+        .read(|t| crate::topics::is_table_topic(prefix, t))
+}
+
 /// Runs the shipper until `stop` turns true, retrying transient failures.
 pub async fn run(
     cfg: &Config,
     stop: watch::Receiver<bool>,
     stats: Arc<ShipStats>,
 ) -> Result<(), ShipError> {
-    retrying(cfg, stop, "shipping", |mut stop| {
-        let stats = stats.clone();
-        async move { run_once(cfg, &mut stop, &stats).await }
-    })
+    crate::runtime::retry::retrying(
+        cfg.capture.max_backoff_ms,
+        stop,
+        "shipping",
+        || {},
+        |mut stop| {
+            let stats = stats.clone();
+            async move { run_once(cfg, &mut stop, &stats).await }
+        },
+    )
     .await
-}
-
-/// Runs `once` until it succeeds, fails for good, or `stop` turns true; a retryable failure
-/// is logged and retried after a jittered exponential backoff (capped by
-/// `capture.max_backoff_ms`, reset after a minute of running).
-pub async fn retrying<F, Fut>(
-    cfg: &Config,
-    mut stop: watch::Receiver<bool>,
-    what: &str,
-    mut once: F,
-) -> Result<(), ShipError>
-where
-    F: FnMut(watch::Receiver<bool>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), ShipError>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        let started = Instant::now();
-        match once(stop.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    attempt = 0;
-                }
-                attempt += 1;
-                let base = (250u64 << attempt.min(16)).min(cfg.capture.max_backoff_ms.max(100));
-                let delay = base / 2 + rand::random_range(0..=base / 2);
-                tracing::warn!(error = %e, attempt, delay_ms = delay, "{what} interrupted; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
-                    _ = stop.changed() => return Ok(()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn topic_regex(prefix: &str) -> String {
-    let escaped: String = prefix
-        .chars()
-        .flat_map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                vec![c]
-            } else {
-                vec!['\\', c]
-            }
-        })
-        .collect();
-    format!("^{escaped}\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$")
 }
 
 async fn run_once(
@@ -790,14 +713,14 @@ async fn run_once(
             config: vec![],
         },
         TopicSpec {
-            name: crate::sink::schema_topic(&cfg.capture.topic_prefix),
+            name: crate::topics::schema_topic(&cfg.capture.topic_prefix),
             partitions: 1,
             config: vec![("cleanup.policy".into(), "compact".into())],
         },
     ];
     for t in &cfg.ship.transforms {
         topics.push(TopicSpec {
-            name: format!("{}.agg.{}", cfg.capture.topic_prefix, t.name),
+            name: crate::topics::aggregate_topic(&cfg.capture.topic_prefix, &t.name),
             partitions: 1,
             config: vec![],
         });
@@ -827,17 +750,17 @@ async fn run_once(
     let consumer: StreamConsumer<ShipContext> = cc
         .create_with_context(ShipContext { tx: Mutex::new(tx) })
         .map_err(client("origin", "creating the consumer"))?;
-    let pattern = topic_regex(&cfg.capture.topic_prefix);
+    let pattern = crate::topics::table_topic_regex(&cfg.capture.topic_prefix);
     consumer
         .subscribe(&[&pattern])
         .map_err(client("origin", format!("subscribing to {pattern}")))?;
     tracing::info!(group = cfg.ship.group_id, pattern, batch_topic, "shipping");
     // The live pipeline's pause switch: while paused, every assigned partition is paused (no
     // fetches) and nothing is shipped; buffered records wait, and every offset stays put.
-    let mut live = crate::control::follow(cfg, crate::control::live_key(cfg))
+    let mut live = crate::store::control::follow(cfg, crate::store::control::live_key(cfg))
         .await
         .map_err(|e| ShipError::Unavailable(e.to_string()))?;
-    let mut paused = *live.borrow_and_update() == crate::control::Gate::Paused;
+    let mut paused = *live.borrow_and_update() == crate::store::control::Gate::Paused;
     stats
         .paused
         .store(paused, std::sync::atomic::Ordering::Relaxed);
@@ -870,7 +793,7 @@ async fn run_once(
         tokio::select! {
             _ = stop.changed() => break,
             Ok(()) = live.changed() => {
-                let now = *live.borrow_and_update() == crate::control::Gate::Paused;
+                let now = *live.borrow_and_update() == crate::store::control::Gate::Paused;
                 if now != paused {
                     paused = now;
                     stats.paused.store(paused, std::sync::atomic::Ordering::Relaxed);

@@ -18,6 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::CaptureError;
+use crate::topics::{schema_topic, state_topic, table_topic};
 
 /// Records of one transaction (or one slice of a large one) and the LSN that becomes safe once
 /// they are all acknowledged (`None` for a slice in the middle of a transaction).
@@ -26,32 +27,6 @@ pub struct AckBatch {
     pub lsn: Option<Lsn>,
     /// Delivery futures, in production order.
     pub deliveries: Vec<(String, DeliveryFuture)>,
-}
-
-/// A record the broker did not take; one it will never take (too large, say) stops capture
-/// with what to change, instead of being retried for ever.
-pub(crate) fn undelivered(
-    topic: String,
-    lsn: String,
-    e: &rdkafka::error::KafkaError,
-    size: usize,
-) -> CaptureError {
-    let permanent = crate::error::refused_for_good(e);
-    let reason = if permanent {
-        format!(
-            "{e}; the record is {size} bytes and the broker will never take it: capture stops \
-             here and skips nothing (for large rows, raise the broker's max.message.bytes and \
-             origin.kafka.properties message.max.bytes, then restart)"
-        )
-    } else {
-        e.to_string()
-    };
-    CaptureError::Delivery {
-        topic,
-        lsn,
-        reason,
-        permanent,
-    }
 }
 
 /// Awaits deliveries in order and publishes each batch's LSN once everything up to it is
@@ -71,7 +46,7 @@ pub async fn acker(
                 Ok(Err((e, msg))) => {
                     let size =
                         msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
-                    return Err(undelivered(topic, lsn, &e, size));
+                    return Err(crate::error::undelivered(topic, lsn, &e, size));
                 }
                 Err(_) => {
                     return Err(CaptureError::Delivery {
@@ -94,33 +69,6 @@ pub async fn acker(
         }
     }
     Ok(())
-}
-
-/// The Kafka topic of a table: `<prefix>.<schema>.<table>`, with characters Kafka does not allow
-/// replaced by `_`.
-pub fn table_topic(prefix: &str, table: &TableId) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
-    format!("{prefix}.{}.{}", clean(&table.schema), clean(&table.table))
-}
-
-/// The compacted topic holding every writer schema, keyed by fingerprint.
-pub fn schema_topic(prefix: &str) -> String {
-    format!("{prefix}._schemas")
-}
-
-/// The compacted topic holding capture state (snapshot progress), keyed by slot.
-pub fn state_topic(prefix: &str) -> String {
-    format!("{prefix}._state")
 }
 
 /// Sends events to the origin cluster.
@@ -252,7 +200,12 @@ impl Sink {
                 )
                 .await
                 .map_err(|(e, _)| {
-                    undelivered(topic.clone(), "schema".into(), &e, key.len() + json.len())
+                    crate::error::undelivered(
+                        topic.clone(),
+                        "schema".into(),
+                        &e,
+                        key.len() + json.len(),
+                    )
                 })?;
             k.schemas.insert(fp.0);
         }
@@ -338,7 +291,7 @@ impl Sink {
                     let d = ferry_connectors::kafka::enqueue(&k.producer, record)
                         .await
                         .map_err(|e| {
-                            undelivered(
+                            crate::error::undelivered(
                                 topic.clone(),
                                 lsn.to_string(),
                                 &e,

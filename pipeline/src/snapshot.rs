@@ -23,7 +23,7 @@
 //! read by `ctid` and cannot be de-duplicated against the stream (a row inserted while its chunk
 //! is read may appear twice).
 //!
-//! Progress: a chunk's position is recorded (in [`crate::state`]) only once the rows emitted at
+//! Progress: a chunk's position is recorded (in [`crate::store::state`]) only once the rows emitted at
 //! its watermark are acknowledged; after a crash the same chunk is read again (duplicates from
 //! the unacknowledged tail only). Watermarks from earlier runs are ignored by id.
 
@@ -36,10 +36,7 @@ use ferry_schemas::{ChangeEvent, Datum, EncodedSchema, Op, Source, TableId};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::error::{pg, CaptureError};
-use crate::state::{CaptureState, TableProgress};
-
-/// Prefix of Ferry's watermark messages in the WAL.
-pub const WATERMARK_PREFIX: &str = "ferry.watermark";
+use crate::store::state::{CaptureState, TableProgress};
 
 struct Chunk {
     id: String,
@@ -238,7 +235,7 @@ impl Snapshotter {
         backfill_cap: usize,
     ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
         let repair = self.repairs.pop_front();
-        let mut backfill: Option<(String, crate::state::Backfill)> = None;
+        let mut backfill: Option<(String, crate::store::state::Backfill)> = None;
         let table = match (&repair, self.queue.front()) {
             (Some((t, _)), _) => t.clone(),
             (None, Some(t)) => t.clone(),
@@ -491,15 +488,13 @@ impl Snapshotter {
         kind: &str,
         id: &str,
     ) -> Result<(), CaptureError> {
-        let sql = format!(
-            "SELECT pg_logical_emit_message(true, {}, {})",
-            quote_literal(WATERMARK_PREFIX),
-            quote_literal(&format!("{kind} {id}"))
-        );
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(pg(&self.target, "writing a snapshot watermark"))
+        crate::wal::emit(
+            client,
+            &self.target,
+            crate::wal::Kind::Watermark,
+            &format!("{kind} {id}"),
+        )
+        .await
     }
 
     /// Notes a streamed change: a change to one of the chunk's keys by a transaction the

@@ -3,17 +3,14 @@
 //! the destination (which carry the egress figures).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use ferry_connectors::kafka::Cluster;
 use ferry_connectors::postgres::catalog;
 use ferry_schemas::manifest;
-use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
 
+use crate::batch::egress::Egress;
 use crate::config::Config;
 use crate::inspect;
-use crate::ship::Egress;
 
 /// Formats bytes for people.
 pub fn human_bytes(b: u64) -> String {
@@ -58,100 +55,6 @@ pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
     }
 }
 
-/// One origin table topic's shipping position, summed over its partitions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lag {
-    /// The topic.
-    pub topic: String,
-    /// Offsets the shipper group committed (a partition without a commit counts from its low
-    /// watermark).
-    pub committed: i64,
-    /// End offsets.
-    pub end: i64,
-    /// Whether the group committed anything in this topic, i.e. a shipper runs for it. An
-    /// unclaimed topic has no live lane to protect.
-    pub claimed: bool,
-}
-
-impl Lag {
-    /// Changes not shipped yet.
-    pub fn lag(&self) -> i64 {
-        (self.end - self.committed).max(0)
-    }
-}
-
-/// Every origin table topic's shipping position for `group`.
-pub fn shipping_lag(origin: &Cluster, prefix: &str, group: &str) -> Result<Vec<Lag>, String> {
-    LagReader::new(origin, group)?.read(prefix)
-}
-
-/// Reads a consumer group's lag on the origin table topics, with one client kept open.
-pub struct LagReader {
-    consumer: rdkafka::consumer::BaseConsumer,
-}
-
-impl LagReader {
-    /// A reader for `group` (it does not join the group).
-    pub fn new(origin: &Cluster, group: &str) -> Result<LagReader, String> {
-        let mut c = origin.client_config();
-        c.set("group.id", group).set("enable.auto.commit", "false");
-        Ok(LagReader {
-            consumer: c.create().map_err(|e| e.to_string())?,
-        })
-    }
-
-    /// Per table topic of `prefix`, offsets committed by the group against end offsets.
-    pub fn read(&self, prefix: &str) -> Result<Vec<Lag>, String> {
-        let consumer = &self.consumer;
-        let md = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        let mut rows = Vec::new();
-        let mut tables: Vec<_> = md
-            .topics()
-            .iter()
-            .filter(|t| {
-                t.name()
-                    .strip_prefix(prefix)
-                    .and_then(|rest| rest.strip_prefix('.'))
-                    .is_some_and(|rest| rest.matches('.').count() == 1 && !rest.starts_with('_'))
-            })
-            .collect();
-        tables.sort_by_key(|t| t.name());
-        for mt in tables {
-            let t = mt.name().to_string();
-            let mut tpl = TopicPartitionList::new();
-            for p in mt.partitions() {
-                tpl.add_partition(&t, p.id());
-            }
-            let committed = consumer
-                .committed_offsets(tpl, Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
-            let (mut done, mut end, mut claimed) = (0, 0, false);
-            for e in committed.elements() {
-                let (lo, hi) = consumer
-                    .fetch_watermarks(&t, e.partition(), Duration::from_secs(10))
-                    .map_err(|e| e.to_string())?;
-                end += hi;
-                done += match e.offset() {
-                    Offset::Offset(o) => {
-                        claimed = true;
-                        o
-                    }
-                    _ => lo,
-                };
-            }
-            rows.push(Lag {
-                topic: t,
-                committed: done,
-                end,
-                claimed,
-            });
-        }
-        Ok(rows)
-    }
-}
-
 /// Prints the status report.
 pub async fn print(cfg: &Config) -> Result<(), String> {
     println!("capture");
@@ -181,9 +84,10 @@ pub async fn print(cfg: &Config) -> Result<(), String> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let prefix = cfg.capture.topic_prefix.clone();
     let group = cfg.ship.group_id.clone();
-    let lag = tokio::task::spawn_blocking(move || shipping_lag(&origin, &prefix, &group))
+    let lag = tokio::task::spawn_blocking(move || crate::ship::lag(&origin, &prefix, &group))
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     for l in &lag {
         println!(
             "  {:<48} shipped to offset {:>10} of {:>10}  lag {:>8}",

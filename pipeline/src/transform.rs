@@ -13,8 +13,8 @@ use arrow::ipc::writer::StreamWriter;
 use datafusion::prelude::SessionContext;
 use ferry_schemas::Datum;
 
-use crate::columnar;
-use crate::compact::Entry;
+use crate::batch::columnar;
+use crate::batch::Entry;
 use crate::config::Transform;
 
 /// Builds the `changes` table of a batch (columns of the newest schema version, by name).

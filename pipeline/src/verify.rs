@@ -355,22 +355,15 @@ pub async fn request_repair(
     table: &TableId,
     mismatches: &[Mismatch],
 ) -> Result<(), String> {
-    let request = crate::capture::RepairRequest {
-        slot: cfg.capture.slot.clone(),
-        table: table.to_string(),
-        keys: mismatches.iter().map(|m| m.key.clone()).collect(),
-    };
-    let body = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+    let request = crate::wal::RepairRequest::new(
+        &cfg.capture.slot,
+        table,
+        mismatches.iter().map(|m| m.key.clone()).collect(),
+    );
     let pg = &cfg.origin.postgres;
-    let s = pg
-        .connect()
+    let target = pg.display();
+    let s = pg.connect().await.map_err(|e| format!("{target}: {e}"))?;
+    crate::wal::emit_json(&s, &target, crate::wal::Kind::Repair, &request)
         .await
-        .map_err(|e| format!("{}: {e}", pg.display()))?;
-    s.execute(
-        "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
-        &[&crate::capture::REPAIR_PREFIX, &body],
-    )
-    .await
-    .map_err(|e| format!("{}: writing the repair request: {e}", pg.display()))?;
-    Ok(())
+        .map_err(|e| e.to_string())
 }

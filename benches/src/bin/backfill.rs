@@ -19,7 +19,9 @@ use ferry_connectors::kafka::Cluster;
 use ferry_connectors::postgres::PgConfig;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::Config;
-use ferry_pipeline::{sink, state};
+use ferry_pipeline::jobs::backfill;
+use ferry_pipeline::store::state;
+use ferry_pipeline::topics;
 use ferry_schemas::TableId;
 
 #[derive(Parser)]
@@ -139,7 +141,7 @@ async fn rows_done(cfg: &Config, job: &str) -> Result<u64> {
         let origin = Cluster::new("origin", cfg.origin.kafka.clone());
         state::load(
             &origin,
-            &sink::state_topic(&cfg.capture.topic_prefix),
+            &topics::state_topic(&cfg.capture.topic_prefix),
             &cfg.capture.slot,
         )
         .ok()
@@ -171,7 +173,7 @@ async fn backfill_rate(
         let (pg, args, dir) = (pg.clone(), args.clone(), dir.to_path_buf());
         tokio::task::spawn_blocking(move || pgbench(&pg, &args, &dir, warmup))
     });
-    capture::request_backfill(cfg, &table, None, Some(args.chunk_rows), Some(job.into())).await?;
+    backfill::request_backfill(cfg, &table, None, Some(args.chunk_rows), Some(job.into())).await?;
     tokio::time::sleep(Duration::from_secs(u64::from(warmup))).await;
     let r0 = rows_done(cfg, job).await?;
     let t0 = Instant::now();
@@ -184,7 +186,7 @@ async fn backfill_rate(
     };
     let secs = t0.elapsed().as_secs_f64();
     let r1 = rows_done(cfg, job).await?;
-    capture::control_job(cfg, job, "cancel").await?;
+    backfill::control_job(cfg, job, "cancel").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(((r1 - r0) as f64 / secs, load))
 }

@@ -21,11 +21,12 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_benches::thousands;
 use ferry_connectors::kafka::{Cluster, TopicSpec};
-use ferry_pipeline::compact::{self, Entry};
+use ferry_pipeline::batch::payload;
+use ferry_pipeline::batch::Entry;
+use ferry_pipeline::compact;
 use ferry_pipeline::config::Config;
-use ferry_pipeline::payload;
 use ferry_pipeline::ship::{self, ShipStats};
-use ferry_pipeline::sink;
+use ferry_pipeline::topics;
 use ferry_schemas::{
     ChangeEvent, Column, ColumnType, Datum, EncodedSchema, Op, Source, TableId, TableSchema,
 };
@@ -187,7 +188,7 @@ async fn produce_origin(
 ) -> Result<(String, u64)> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let prefix = &cfg.capture.topic_prefix;
-    let topic = sink::table_topic(prefix, &schema.table().id);
+    let topic = topics::table_topic(prefix, &schema.table().id);
     origin
         .ensure_topics(&[
             TopicSpec {
@@ -196,7 +197,7 @@ async fn produce_origin(
                 config: vec![],
             },
             TopicSpec {
-                name: sink::schema_topic(prefix),
+                name: topics::schema_topic(prefix),
                 partitions: 1,
                 config: vec![],
             },
@@ -210,7 +211,7 @@ async fn produce_origin(
         let key = fp.to_string();
         producer
             .send(
-                FutureRecord::to(&sink::schema_topic(prefix))
+                FutureRecord::to(&topics::schema_topic(prefix))
                     .key(&key)
                     .payload(json.as_bytes()),
                 Duration::from_secs(30),

@@ -106,5 +106,24 @@ pub fn quote_ident(s: &str) -> String {
 
 /// Quotes a string literal for SQL (`'it''s'`), for the simple-query protocol.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    // Like the server's quote_literal(): a backslash makes it an E'' string with backslashes
+    // doubled, which reads the same whatever standard_conforming_strings says.
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_read_the_same_under_either_string_setting() {
+        assert_eq!(quote_literal("plain"), "'plain'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'c"), r"E'a\\b''c'");
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+    }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ferry_connectors::kafka::Cluster;
-use ferry_pipeline::{inspect, sink};
+use ferry_pipeline::{inspect, topics};
 use ferry_schemas::TableId;
 use serde::Serialize;
 
@@ -109,7 +109,7 @@ impl Figures {
 /// offset order; none while the topic does not exist yet (capture killed before it made it:
 /// Kafka creates no topic on a read, and the checker then compares against an empty topic).
 pub fn topic_versions(cluster: &Cluster, prefix: &str) -> Vec<(i64, i64)> {
-    let topic = sink::table_topic(prefix, &TableId::new("public", crate::workload::TABLE));
+    let topic = topics::table_topic(prefix, &TableId::new("public", crate::workload::TABLE));
     let partitions = cluster
         .partition_count(&topic, std::time::Duration::from_secs(10))
         .expect("topic metadata");

@@ -683,7 +683,7 @@ struct Offsets {
 }
 
 fn table_topic(cfg: &Config) -> String {
-    ferry_pipeline::sink::table_topic(
+    ferry_pipeline::topics::table_topic(
         &cfg.capture.topic_prefix,
         &ferry_schemas::TableId::new("public", workload::TABLE),
     )

@@ -268,13 +268,9 @@ pub async fn stalled_destination(f: &mut Figures, iterations: u32, stall: u64) {
         let mut rss_peak = rss_before;
         let lag_at = |lab: &Lab| {
             let o = Cluster::new("origin", lab.cfg.origin.kafka.clone());
-            ferry_pipeline::status::shipping_lag(
-                &o,
-                &lab.cfg.capture.topic_prefix,
-                &lab.cfg.ship.group_id,
-            )
-            .map(|l| l.iter().map(|x| x.lag()).sum::<i64>())
-            .unwrap_or(0)
+            ferry_pipeline::ship::lag(&o, &lab.cfg.capture.topic_prefix, &lab.cfg.ship.group_id)
+                .map(|l| l.iter().map(|x| x.lag()).sum::<i64>())
+                .unwrap_or(0)
         };
         let lag_start = lag_at(&lab);
         while t.elapsed() < secs(stall) {

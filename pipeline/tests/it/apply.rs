@@ -485,17 +485,17 @@ async fn verify_finds_drift_and_repair_fixes_it() {
 
     // Replaying the whole topic (from time 0) re-ships every range under its old id: the
     // destination skips them all, and a second run of the same job has nothing left to do.
-    let spec = ferry_pipeline::replay::Spec {
+    let spec = ferry_pipeline::jobs::replay::Spec {
         topic: format!("{}.public.acct", db.cfg.capture.topic_prefix),
         partition: None,
-        from: ferry_pipeline::replay::Bound::TimeMs(0),
+        from: ferry_pipeline::jobs::replay::Bound::TimeMs(0),
         to: None,
         job: "replay-all".into(),
         max_events_per_sec: 1e6,
         max_bytes_per_sec: None,
     };
     let never = watch::channel(false).1;
-    let r = ferry_pipeline::replay::run(&db.cfg, &spec, never.clone(), |_| {})
+    let r = ferry_pipeline::jobs::replay::run(&db.cfg, &spec, never.clone(), |_| {})
         .await
         .expect("replay");
     assert!(r.batches > 0 && r.events > 0, "{r:?}");
@@ -503,7 +503,7 @@ async fn verify_finds_drift_and_repair_fixes_it() {
         r.reused_ids, r.batches,
         "every replayed range keeps its batch id"
     );
-    let again = ferry_pipeline::replay::run(&db.cfg, &spec, never, |_| {})
+    let again = ferry_pipeline::jobs::replay::run(&db.cfg, &spec, never, |_| {})
         .await
         .expect("replay again");
     assert_eq!(again.batches, 0, "the job resumes at its checkpoint: done");
@@ -568,7 +568,7 @@ async fn backfill_under_live_updates_ends_equal() {
         }
     });
     let table = ferry_schemas::TableId::new("public", "acct");
-    let (job, total) = ferry_pipeline::capture::request_backfill(
+    let (job, total) = ferry_pipeline::jobs::backfill::request_backfill(
         &db.cfg,
         &table,
         None,

@@ -191,7 +191,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     let cap = start_capture(&db.cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let table = ferry_schemas::TableId::new("public", "big");
-    let (job, _) = ferry_pipeline::capture::request_backfill(
+    let (job, _) = ferry_pipeline::jobs::backfill::request_backfill(
         &db.cfg,
         &table,
         None,
@@ -201,7 +201,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     .await
     .expect("backfill");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ferry_pipeline::capture::control_job(&db.cfg, &job, "pause")
+    ferry_pipeline::jobs::backfill::control_job(&db.cfg, &job, "pause")
         .await
         .expect("pause");
     // Wait until the pause is in the state, then nothing more may be read.
@@ -247,7 +247,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     );
 
     // Resume: it runs to the end.
-    ferry_pipeline::capture::control_job(&db.cfg, &job, "resume")
+    ferry_pipeline::jobs::backfill::control_job(&db.cfg, &job, "resume")
         .await
         .expect("resume");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);

@@ -123,7 +123,7 @@ async fn kill_9_during_a_backfill_resumes_from_its_checkpoint() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut cfg = db.cfg.clone();
     cfg.capture.snapshot = false;
-    let (job, _) = ferry_pipeline::capture::request_backfill(
+    let (job, _) = ferry_pipeline::jobs::backfill::request_backfill(
         &cfg,
         &ferry_schemas::TableId::new("public", "big"),
         None,

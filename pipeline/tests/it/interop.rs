@@ -314,7 +314,7 @@ async fn confluent_avro_deserializer_reads_the_replicated_topic() {
         .expect("registry")
         .url
         .clone();
-    let topic = ferry_pipeline::sink::table_topic(
+    let topic = ferry_pipeline::topics::table_topic(
         &db.cfg.capture.topic_prefix,
         &TableId::new("public", "items"),
     );
@@ -342,13 +342,13 @@ async fn fastavro_decodes_single_object_records_by_its_own_fingerprint() {
     let dest = replicate(&mut db).await;
     let expected = destination_rows(&dest).await;
     let prefix = db.cfg.capture.topic_prefix.clone();
-    let topic = ferry_pipeline::sink::table_topic(&prefix, &TableId::new("public", "items"));
+    let topic = ferry_pipeline::topics::table_topic(&prefix, &TableId::new("public", "items"));
     let got = tokio::task::spawn_blocking(move || {
         read_with_python(&[
             "single-object",
             &ferry_pipeline_dest_bootstrap(),
             &topic,
-            &ferry_pipeline::sink::schema_topic(&prefix),
+            &ferry_pipeline::topics::schema_topic(&prefix),
         ])
     })
     .await

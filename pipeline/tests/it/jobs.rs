@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::apply::{self, ApplyStats};
-use ferry_pipeline::capture::{self, BackfillSpec};
 use ferry_pipeline::config::Config;
+use ferry_pipeline::jobs::backfill::{self, BackfillSpec};
+use ferry_pipeline::jobs::{control, replay};
 use ferry_pipeline::ship::{self, ShipStats};
-use ferry_pipeline::{control, inspect, jobs, replay, status};
+use ferry_pipeline::store::control as gate;
+use ferry_pipeline::{inspect, jobs};
 use ferry_schemas::TableId;
 use tokio::sync::watch;
 
@@ -120,7 +122,7 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
             ..BackfillSpec::default()
         },
     ] {
-        capture::request(&db.cfg, &spec).await.expect("requested");
+        backfill::request(&db.cfg, &spec).await.expect("requested");
     }
     // While core runs, orders reads nothing.
     let mut core_done = false;
@@ -174,7 +176,7 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
 
     // A sample that does not verify stops its job and says what differed.
     db.cfg.backfill.sample_timeout_secs = 4;
-    capture::request(
+    backfill::request(
         &db.cfg,
         &BackfillSpec {
             job: Some("notes".into()),
@@ -263,7 +265,7 @@ async fn committed(cfg: &Config) -> i64 {
         cfg.capture.topic_prefix.clone(),
         cfg.ship.group_id.clone(),
     );
-    tokio::task::spawn_blocking(move || status::shipping_lag(&o, &p, &g))
+    tokio::task::spawn_blocking(move || ship::lag(&o, &p, &g))
         .await
         .expect("task")
         .expect("lag")
@@ -296,7 +298,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     .await;
 
     // Pause the live pipeline, then restart the shipper: it comes back paused.
-    control::request(&db.cfg, control::LIVE, "pause")
+    control::request(&db.cfg, gate::LIVE, "pause")
         .await
         .expect("pause live");
     let stats = down.ship_stats.clone();
@@ -322,7 +324,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     assert_eq!(live.state, "paused");
 
     // Resume: everything held back is shipped.
-    control::request(&db.cfg, control::LIVE, "resume")
+    control::request(&db.cfg, gate::LIVE, "resume")
         .await
         .expect("resume live");
     let cfg = db.cfg.clone();
@@ -343,7 +345,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         max_events_per_sec: 100_000.0,
         max_bytes_per_sec: None,
     };
-    control::send(&db.cfg, &control::job_key("rp1"), "pause")
+    gate::send(&db.cfg, &gate::job_key("rp1"), "pause")
         .await
         .expect("pause replay");
     let batches_before = count_batches(&db.cfg).await;
@@ -509,7 +511,7 @@ async fn backfill_reads_chunks_from_a_hot_standby_and_ends_equal() {
         }
     });
     let table = TableId::new("public", "acct");
-    capture::request_backfill(&cfg, &table, None, Some(250), Some("standby".into()))
+    backfill::request_backfill(&cfg, &table, None, Some(250), Some("standby".into()))
         .await
         .expect("backfill");
     writer.await.expect("writer");

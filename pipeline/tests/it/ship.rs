@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_connectors::kafka::Cluster;
-use ferry_pipeline::compact::{self, Entry};
+use ferry_pipeline::batch::payload;
+use ferry_pipeline::batch::{Entry, Run};
+use ferry_pipeline::compact;
 use ferry_pipeline::config::Config;
+use ferry_pipeline::inspect;
 use ferry_pipeline::ship::{self, Registry, ShipStats};
-use ferry_pipeline::{inspect, payload};
 use ferry_schemas::manifest::{self, Manifest};
 use ferry_schemas::Fingerprint;
 use tokio::sync::watch;
@@ -220,7 +222,7 @@ async fn batches_cover_every_offset_once_and_decode_to_the_compacted_changes() {
             |fp| registry.cached(fp),
         )
         .expect("payload decodes");
-        let flat = |runs: &[compact::Run]| -> Vec<_> {
+        let flat = |runs: &[Run]| -> Vec<_> {
             runs.iter().flat_map(|r| r.events.iter().cloned()).collect()
         };
         assert_eq!(flat(&shipped), flat(&expected), "{}", m.batch_id);

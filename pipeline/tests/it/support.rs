@@ -8,7 +8,7 @@ use ferry_connectors::kafka::Cluster;
 use ferry_connectors::postgres::{PgConfig, Session};
 use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::config::Config;
-use ferry_pipeline::{inspect, sink};
+use ferry_pipeline::{inspect, topics};
 use ferry_schemas::TableId;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -180,7 +180,7 @@ snapshot_chunk_rows = {chunk}
         let cluster = Cluster::new("origin", self.cfg.origin.kafka.clone());
         let prefix = self.cfg.capture.topic_prefix.clone();
         let (schema, name) = table.split_once('.').expect("schema.table");
-        let topic = sink::table_topic(&prefix, &TableId::new(schema, name));
+        let topic = topics::table_topic(&prefix, &TableId::new(schema, name));
         tokio::task::spawn_blocking(move || {
             let mut decoder = inspect::Decoder::load(&cluster, &prefix, registry).expect("schemas");
             let mut records = inspect::read_all(&cluster, &topic, usize::MAX).expect("read topic");
@@ -308,13 +308,13 @@ pub fn ops(events: &[Value]) -> Vec<String> {
 }
 
 /// The capture state (snapshot and backfill progress) as stored in the origin cluster.
-pub async fn capture_state(cfg: &Config) -> ferry_pipeline::state::CaptureState {
+pub async fn capture_state(cfg: &Config) -> ferry_pipeline::store::state::CaptureState {
     let (o, t, slot) = (
         Cluster::new("origin", cfg.origin.kafka.clone()),
-        sink::state_topic(&cfg.capture.topic_prefix),
+        topics::state_topic(&cfg.capture.topic_prefix),
         cfg.capture.slot.clone(),
     );
-    tokio::task::spawn_blocking(move || ferry_pipeline::state::load(&o, &t, &slot))
+    tokio::task::spawn_blocking(move || ferry_pipeline::store::state::load(&o, &t, &slot))
         .await
         .expect("task")
         .expect("state")

@@ -237,7 +237,7 @@ async fn kafka_signals(
     stop: Arc<AtomicBool>,
 ) {
     let lag_reader = live_lag.as_ref().and_then(|(origin, _, group)| {
-        crate::status::LagReader::new(origin, group)
+        ferry_connectors::kafka::LagReader::new(origin, group)
             .map_err(|e| tracing::warn!(error = %e, "live lag cannot be read"))
             .ok()
     });
@@ -261,18 +261,20 @@ async fn kafka_signals(
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let lag = match (&lag_reader, &live_lag) {
-            (Some(reader), Some((_, prefix, _))) => match reader.read(prefix) {
-                Ok(rows) => Some(
-                    rows.iter()
-                        .filter(|l| l.claimed)
-                        .map(|l| l.lag() as u64)
-                        .sum::<u64>(),
-                ),
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading live lag");
-                    None
+            (Some(reader), Some((_, prefix, _))) => {
+                match reader.read(|t| crate::topics::is_table_topic(prefix, t)) {
+                    Ok(rows) => Some(
+                        rows.iter()
+                            .filter(|l| l.claimed)
+                            .map(|l| l.lag() as u64)
+                            .sum::<u64>(),
+                    ),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading live lag");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let produce_ms = match &probe {

@@ -273,7 +273,7 @@ pub async fn save_value<T: Serialize>(
         )
         .await
         .map_err(|(e, _)| {
-            crate::sink::undelivered(topic.into(), "state".into(), &e, key.len() + body.len())
+            crate::error::undelivered(topic.into(), "state".into(), &e, key.len() + body.len())
         })?;
     Ok(())
 }

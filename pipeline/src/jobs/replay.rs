@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::inspect;
 use crate::ship::{batch_partition, RangeShipper, ShipError};
+use crate::store::state;
 use crate::throttle::Pacer;
-use crate::{inspect, sink, state};
 
 /// Where a replay starts or ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +189,10 @@ pub fn plan(from: i64, to: i64, shipped: &[(i64, i64)], max: i64) -> Vec<((i64, 
 
 /// The replay lane's throttle: AIMD on the live lane's lag (replay yields at half the lag a
 /// backfill tolerates) and the destination's acknowledgement time, under the job's cap.
-fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals::Sampler) {
+fn throttle(
+    cfg: &Config,
+    spec: &Spec,
+) -> (crate::throttle::Aimd, crate::throttle::signals::Sampler) {
     let b = &cfg.backfill;
     let ceiling = spec.max_events_per_sec.max(1.0);
     let aimd = crate::throttle::Aimd::new(crate::throttle::Settings {
@@ -215,7 +219,8 @@ fn throttle(cfg: &Config, spec: &Spec) -> (crate::throttle::Aimd, crate::signals
         max_bytes_per_sec: spec.max_bytes_per_sec,
         bytes_per_event: 0.0,
     });
-    let sampler = crate::signals::Sampler::start(crate::signals::Probes::lanes(cfg));
+    let sampler =
+        crate::throttle::signals::Sampler::start(crate::throttle::signals::Probes::lanes(cfg));
     (aimd, sampler)
 }
 
@@ -228,8 +233,8 @@ pub async fn run(
     mut progress: impl FnMut(&Progress),
 ) -> Result<Report, ShipError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let state_topic = sink::state_topic(&cfg.capture.topic_prefix);
-    let key = crate::control::job_key(&spec.job);
+    let state_topic = crate::topics::state_topic(&cfg.capture.topic_prefix);
+    let key = crate::store::control::job_key(&spec.job);
     let saver = origin.producer(5)?;
     let partitions: Vec<i32> = match spec.partition {
         Some(p) => vec![p],
@@ -278,7 +283,7 @@ pub async fn run(
     state::save_value(&saver, &state_topic, &key, &cp)
         .await
         .map_err(other)?;
-    let mut gate = crate::control::follow(cfg, key.clone())
+    let mut gate = crate::store::control::follow(cfg, key.clone())
         .await
         .map_err(|e| ShipError::Unavailable(e.to_string()))?;
     let total = cp.total.max(1);
@@ -305,8 +310,8 @@ pub async fn run(
             loop {
                 let g = *gate.borrow_and_update();
                 match g {
-                    crate::control::Gate::Open => break,
-                    crate::control::Gate::Cancelled => {
+                    crate::store::control::Gate::Open => break,
+                    crate::store::control::Gate::Cancelled => {
                         cp.status = "cancelled".into();
                         state::save_value(&saver, &state_topic, &key, &cp)
                             .await
@@ -317,7 +322,7 @@ pub async fn run(
                         });
                         return Ok(report);
                     }
-                    crate::control::Gate::Paused => {
+                    crate::store::control::Gate::Paused => {
                         if cp.status != "paused" {
                             cp.status = "paused".into();
                             state::save_value(&saver, &state_topic, &key, &cp)
@@ -366,7 +371,7 @@ pub async fn run(
             pacer.acquire((last - first + 1) as f64, aimd.rate()).await;
             let (events, _, bytes) = shipper.ship_range(&spec.topic, p, first, last).await?;
             shipped_bytes += bytes;
-            crate::ship::failpoint("replay.before_checkpoint");
+            crate::runtime::failpoint::hit("replay.before_checkpoint");
             cp.next.insert(p, last + 1);
             cp.rate = aimd.rate().round();
             cp.limit = aimd.limit().to_string();

@@ -1,6 +1,14 @@
 //! Every job in one place: the live pipeline, backfills and replays, with their state,
 //! progress, throttle rate and the signal limiting it (`ferry jobs`, `GET /jobs`); progress
 //! bars for following jobs; and the staged check of a backfill's sample (`--sample`).
+//!
+//! - [`backfill`]: requesting backfills and steering them through the WAL.
+//! - [`replay`]: re-shipping a range of the origin topics beside live traffic.
+//! - [`control`]: pause/resume/cancel by job name, routed to the right channel.
+
+pub mod backfill;
+pub mod control;
+pub mod replay;
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -10,9 +18,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::replay::Checkpoint;
-use crate::state::TableProgress;
-use crate::{control, sink, state, status};
+use crate::jobs::replay::Checkpoint;
+use crate::store::control as gate;
+use crate::store::state::{self, TableProgress};
 
 /// One line of `ferry jobs`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -52,17 +60,18 @@ impl JobRow {
 pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let prefix = &cfg.capture.topic_prefix;
-    let state_topic = sink::state_topic(prefix);
-    let controls = control::load(&origin, &control::topic(prefix)).map_err(|e| e.to_string())?;
+    let state_topic = crate::topics::state_topic(prefix);
+    let controls =
+        gate::load(&origin, &crate::topics::control_topic(prefix)).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
 
-    let lag = status::shipping_lag(&origin, prefix, &cfg.ship.group_id).unwrap_or_default();
-    let paused = controls.get(&control::live_key(cfg)).map(String::as_str) == Some("pause");
+    let lag = crate::ship::lag(&origin, prefix, &cfg.ship.group_id).unwrap_or_default();
+    let paused = controls.get(&gate::live_key(cfg)).map(String::as_str) == Some("pause");
     let (done, end): (i64, i64) = lag
         .iter()
         .fold((0, 0), |(d, e), l| (d + l.committed, e + l.end));
     rows.push(JobRow {
-        job: control::LIVE.into(),
+        job: gate::LIVE.into(),
         kind: "live",
         target: format!("group {}", cfg.ship.group_id),
         state: if paused { "paused" } else { "running" }.into(),
@@ -283,7 +292,7 @@ pub async fn check_sample(
         .clone()
         .ok_or("--sample needs destination.postgres to verify the sample")?;
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let topic = sink::state_topic(&cfg.capture.topic_prefix);
+    let topic = crate::topics::state_topic(&cfg.capture.topic_prefix);
     let mut announced = false;
     let b = loop {
         let (o, t, slot) = (origin.clone(), topic.clone(), cfg.capture.slot.clone());
@@ -328,7 +337,7 @@ pub async fn check_sample(
             match crate::verify::verify_scope(&cfg.origin.postgres, &dest, &table, &scope).await {
                 Ok(r) => r,
                 Err(e) if Instant::now() > deadline => {
-                    crate::capture::control_job(cfg, job, "sample-failed")
+                    backfill::control_job(cfg, job, "sample-failed")
                         .await
                         .map_err(|e| e.to_string())?;
                     return Err(format!("the sample could not be verified: {e}"));
@@ -339,7 +348,7 @@ pub async fn check_sample(
                 }
             };
         if report.mismatches.is_empty() {
-            crate::capture::control_job(cfg, job, "sample-passed")
+            backfill::control_job(cfg, job, "sample-passed")
                 .await
                 .map_err(|e| e.to_string())?;
             return Ok(Sample::Passed {
@@ -347,7 +356,7 @@ pub async fn check_sample(
             });
         }
         if Instant::now() > deadline {
-            crate::capture::control_job(cfg, job, "sample-failed")
+            backfill::control_job(cfg, job, "sample-failed")
                 .await
                 .map_err(|e| e.to_string())?;
             return Ok(Sample::Failed { report });

@@ -1,11 +1,12 @@
-//! Operator control of the live pipeline and of replay jobs: pause, resume, cancel.
+//! The pause gate: operator control of the live pipeline and of replay jobs (pause, resume,
+//! cancel), kept in the origin cluster.
 //!
 //! A request is a record in the origin cluster's compacted `<prefix>._control` topic, keyed
 //! `live/<ship group>` or `job/<name>`, whose value is the newest action. Because it is kept in
 //! the cluster, a pause survives restarts and reaches a process that is not running when it is
-//! made. Backfill jobs are controlled through the origin's WAL instead
-//! (`capture::control_job`), so that a pause takes effect at a definite point of the change
-//! stream; [`request`] picks the right channel for a job name.
+//! made. A running stage [`follow`]s its key as a [`Gate`]. Backfill jobs are controlled through
+//! the origin's WAL instead (`jobs::backfill::control_job`), so that a pause takes effect at a
+//! definite point of the change stream; `jobs::control::request` picks the channel.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,11 +23,6 @@ use crate::error::CaptureError;
 
 /// The name under which the live pipeline (capture → ship → apply) is paused and resumed.
 pub const LIVE: &str = "live";
-
-/// The control topic of a topic prefix.
-pub fn topic(prefix: &str) -> String {
-    format!("{prefix}._control")
-}
 
 /// The control key of the live pipeline (one per shipper group).
 pub fn live_key(cfg: &Config) -> String {
@@ -96,13 +92,13 @@ pub async fn send(cfg: &Config, key: &str, action: &str) -> Result<(), CaptureEr
         )));
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let topic = topic(&cfg.capture.topic_prefix);
+    let topic = crate::topics::control_topic(&cfg.capture.topic_prefix);
     ensure(&origin, &topic).await?;
     let producer = origin.producer(0)?;
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    crate::state::save_value(
+    crate::store::state::save_value(
         &producer,
         &topic,
         key,
@@ -112,55 +108,6 @@ pub async fn send(cfg: &Config, key: &str, action: &str) -> Result<(), CaptureEr
         },
     )
     .await
-}
-
-/// What [`request`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// Through the origin's WAL, to the capture process (a backfill job).
-    Wal,
-    /// Through the control topic (the live pipeline or a replay job).
-    Topic,
-}
-
-/// Pauses, resumes or cancels `job`: `live` (the live pipeline's shipping), a backfill job
-/// (through the WAL) or a replay job (through the control topic). An unknown name is an error.
-pub async fn request(cfg: &Config, job: &str, action: &str) -> Result<Route, CaptureError> {
-    if job == LIVE {
-        if action == "cancel" {
-            return Err(CaptureError::Setup(
-                "the live pipeline can be paused and resumed, not cancelled".into(),
-            ));
-        }
-        send(cfg, &live_key(cfg), action).await?;
-        return Ok(Route::Topic);
-    }
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let state_topic = crate::sink::state_topic(&cfg.capture.topic_prefix);
-    let (o, t, slot, k) = (
-        origin.clone(),
-        state_topic.clone(),
-        cfg.capture.slot.clone(),
-        job_key(job),
-    );
-    let (capture, replay) = tokio::task::spawn_blocking(move || {
-        let capture = crate::state::load(&o, &t, &slot)?;
-        let replay: Option<serde_json::Value> = crate::state::load_value(&o, &t, &k)?;
-        Ok::<_, CaptureError>((capture, replay))
-    })
-    .await
-    .map_err(|e| err(&state_topic, e))??;
-    if capture.backfills.contains_key(job) {
-        crate::capture::control_job(cfg, job, action).await?;
-        Ok(Route::Wal)
-    } else if replay.is_some() {
-        send(cfg, &job_key(job), action).await?;
-        Ok(Route::Topic)
-    } else {
-        Err(CaptureError::Setup(format!(
-            "no job named {job:?} (see `ferry jobs`; the live pipeline is `live`)"
-        )))
-    }
 }
 
 /// Reads the whole control topic: the newest action per key.
@@ -185,7 +132,7 @@ fn read_into(
         let (low, h) = match reader.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
             Ok(w) => w,
             // No topic: nothing was ever requested.
-            Err(e) if crate::state::missing_topic(&e) => return Ok(false),
+            Err(e) if crate::store::state::missing_topic(&e) => return Ok(false),
             Err(e) => return Err(err(topic, format!("reading watermarks: {e}"))),
         };
         let mut tpl = TopicPartitionList::new();
@@ -241,7 +188,7 @@ fn high_reached(low: i64, high: i64, offset: i64) -> bool {
 /// down holds from its first record on.
 pub async fn follow(cfg: &Config, key: String) -> Result<watch::Receiver<Gate>, CaptureError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let topic = topic(&cfg.capture.topic_prefix);
+    let topic = crate::topics::control_topic(&cfg.capture.topic_prefix);
     ensure(&origin, &topic).await?;
     let (o, t) = (origin.clone(), topic.clone());
     let (reader, map) = tokio::task::spawn_blocking(move || {

@@ -1,8 +1,8 @@
 //! The payload of a shipped batch: its runs as Arrow IPC streams, compressed with zstd.
 //!
 //! Layout before compression: for each run, its length (u32, big-endian) and an Arrow IPC
-//! stream holding the run's rows (schema: [`crate::columnar::arrow_schema`], with every `Int64`
-//! column delta-encoded: [`crate::columnar::to_wire`]). The manifest lists
+//! stream holding the run's rows (schema: [`crate::batch::columnar::arrow_schema`], with every `Int64`
+//! column delta-encoded: [`crate::batch::columnar::to_wire`]). The manifest lists
 //! each run's value-schema fingerprint in the same order. The whole buffer is then compressed
 //! with zstd at the configured level.
 //!
@@ -19,8 +19,8 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use ferry_schemas::{ChangeEvent, EncodedSchema};
 
-use crate::columnar::{self, ColumnarError};
-use crate::compact::Run;
+use crate::batch::columnar::{self, ColumnarError};
+use crate::batch::Run;
 
 /// The codec name recorded in manifests.
 pub const CODEC: &str = "arrow-ipc+zstd";

@@ -25,6 +25,9 @@
 
 use std::fmt;
 
+pub mod backfill;
+pub mod signals;
+
 /// What can hold a job back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
