@@ -19,23 +19,15 @@ pub const ORDER: &[&str] = &[
     "batch",
     "store",
     "throttle",
-    // capture
-    "snapshot",
-    "sink",
+    // the three stages, in data-flow order
     "capture",
-    // ship
-    "compact",
-    "transform",
     "ship",
-    // apply
     "apply",
     // operator work
     "verify",
     "jobs",
     // what an operator types and reads
-    "check",
-    "status",
-    "metrics",
+    "cli",
 ];
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_connectors::kafka::Cluster;
 use ferry_pipeline::capture::{self, SinkMode, Stats};
+use ferry_pipeline::cli::{check, metrics, status};
 use ferry_pipeline::config::{parse_table, Config};
-use ferry_pipeline::{check, inspect, jobs, metrics, status, topics};
+use ferry_pipeline::{inspect, jobs, topics};
 
 #[derive(Parser)]
 #[command(

@@ -155,7 +155,11 @@ mod tests {
         let mut prefix = String::new();
         let mut chars = body.chars();
         while let Some(c) = chars.next() {
-            prefix.push(if c == '\\' { chars.next().expect("escaped") } else { c });
+            prefix.push(if c == '\\' {
+                chars.next().expect("escaped")
+            } else {
+                c
+            });
         }
         move |topic: &str| {
             topic
@@ -163,7 +167,10 @@ mod tests {
                 .and_then(|r| r.strip_prefix('.'))
                 .is_some_and(|r| {
                     let parts: Vec<_> = r.split('.').collect();
-                    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(allowed))
+                    parts.len() == 2
+                        && parts
+                            .iter()
+                            .all(|p| !p.is_empty() && p.chars().all(allowed))
                 })
         }
     }

@@ -23,8 +23,8 @@ use ferry_benches::thousands;
 use ferry_connectors::kafka::{Cluster, TopicSpec};
 use ferry_pipeline::batch::payload;
 use ferry_pipeline::batch::Entry;
-use ferry_pipeline::compact;
 use ferry_pipeline::config::Config;
+use ferry_pipeline::ship::compact;
 use ferry_pipeline::ship::{self, ShipStats};
 use ferry_pipeline::topics;
 use ferry_schemas::{

@@ -17,6 +17,9 @@
 //! A malformed message or value stops capture with an error naming the LSN and relation; nothing
 //! after it is acknowledged.
 
+pub mod sink;
+pub mod snapshot;
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,11 +34,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::error::{pg, CaptureError};
-use crate::sink::{self, AckBatch, Sink};
-use crate::snapshot::Snapshotter;
 use crate::store::state::{self, CaptureState, TableProgress};
 use crate::throttle::backfill::{BackfillThrottle, THROTTLE_TICK};
 use crate::wal::{self, BackfillRequest, JobControl, RepairRequest};
+use sink::{AckBatch, Sink};
+use snapshot::Snapshotter;
 
 /// Where capture sends events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -609,7 +612,7 @@ async fn register_table(
 
 async fn finish_chunk(
     sink: &mut Sink,
-    done: crate::snapshot::ChunkDone,
+    done: snapshot::ChunkDone,
     rate_limit: (f64, String),
     pending: &mut Vec<(String, rdkafka::producer::DeliveryFuture)>,
     state: &mut CaptureState,

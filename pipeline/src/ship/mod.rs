@@ -16,6 +16,9 @@
 //! itself, so even a re-shipped range (a replay) carries the same id and the destination's
 //! dedupe makes it a no-op.
 
+pub mod compact;
+pub mod transform;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -36,9 +39,8 @@ use tokio::sync::watch;
 
 use crate::batch::payload;
 use crate::batch::Entry;
-use crate::compact;
 use crate::config::{parse_table, Config};
-use crate::{inspect, transform};
+use crate::inspect;
 
 /// Why shipping stopped.
 #[derive(Debug, thiserror::Error)]
