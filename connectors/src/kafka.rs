@@ -267,7 +267,11 @@ impl Cluster {
                 )
             })
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        // Bounded end to end: an unreachable cluster fails the call (and the caller retries,
+        // logging it) instead of holding it for librdkafka's default minute.
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(15)));
         let results = admin
             .create_topics(&new, &opts)
             .await

@@ -9,24 +9,11 @@
 /// Top-level modules, lowest first.
 pub const ORDER: &[&str] = &[
     // vocabulary
-    "error",
-    "topics",
-    "config",
-    "wal",
-    // plumbing shared by the stages
-    "runtime",
-    "inspect",
-    "batch",
-    "store",
-    "throttle",
+    "error", "topics", "config", "wal", // plumbing shared by the stages
+    "runtime", "inspect", "batch", "store", "throttle",
     // the three stages, in data-flow order
-    "capture",
-    "ship",
-    "apply",
-    // operator work
-    "verify",
-    "jobs",
-    // what an operator types and reads
+    "capture", "ship", "apply", // operator work
+    "verify", "jobs", // what an operator types and reads
     "cli",
 ];
 

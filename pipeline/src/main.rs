@@ -1,5 +1,6 @@
 //! The `ferry` binary: parse arguments, load configuration, start logging, run, map errors to
-//! exit codes (0 ok, 1 a check failed, 2 a permanent error, 3 bad configuration).
+//! exit codes (0 ok, 1 a check failed, 2 a permanent error, 3 bad configuration or arguments, 4 a
+//! transient failure of a one-shot command: run it again later).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,13 @@ use ferry_pipeline::capture::{self, SinkMode, Stats};
 use ferry_pipeline::cli::{check, metrics, status};
 use ferry_pipeline::config::{parse_table, Config};
 use ferry_pipeline::{inspect, jobs, topics};
+
+/// Returns a [`Usage`] error (exit code 3) with a formatted message.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(Usage(format!($($arg)*)).into())
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -202,7 +210,7 @@ fn read_plan(
     let names: Vec<&str> = plan.job.iter().filter_map(|j| j.job.as_deref()).collect();
     for (i, j) in plan.job.iter().enumerate() {
         if parse_table(&j.table).is_none() {
-            anyhow::bail!(
+            usage!(
                 "plan {}: job {} table {:?} is not schema.table",
                 path.display(),
                 i + 1,
@@ -210,7 +218,7 @@ fn read_plan(
             );
         }
         if j.job.is_none() && !plan.job.iter().all(|o| o.after.is_empty()) {
-            anyhow::bail!(
+            usage!(
                 "plan {}: job {} needs a name, since jobs refer to each other with `after`",
                 path.display(),
                 i + 1
@@ -218,7 +226,7 @@ fn read_plan(
         }
         for dep in &j.after {
             if !names.contains(&dep.as_str()) {
-                anyhow::bail!(
+                usage!(
                     "plan {}: job {} comes after {dep:?}, which the plan does not define",
                     path.display(),
                     i + 1
@@ -274,7 +282,7 @@ fn parse_time_ms(text: &str) -> anyhow::Result<i64> {
     match ferry_connectors::postgres::values::parse(&iso, &ferry_schemas::ColumnType::TimestampTz) {
         Ok(ferry_schemas::Datum::Long(us)) => Ok(us / 1000),
         _ => {
-            anyhow::bail!("{text:?} is not a time: use epoch milliseconds or 2026-11-25T10:00:00Z")
+            usage!("{text:?} is not a time: use epoch milliseconds or 2026-11-25T10:00:00Z")
         }
     }
 }
@@ -325,25 +333,112 @@ fn init_logging() {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Exit codes, by class of outcome (README, "Exit codes").
+mod exit {
+    /// A check found something wrong (`check`, `verify`, `backfill --sample`).
+    pub const CHECK_FAILED: u8 = 1;
+    /// A permanent error: bad data, a refused request, a setup problem. Retrying as is fails
+    /// the same way.
+    pub const PERMANENT: u8 = 2;
+    /// The configuration file or an argument is wrong.
+    pub const CONFIG: u8 = 3;
+    /// A one-shot command could not reach a broker, database or registry (or failed in a way
+    /// not known to be permanent): run it again later.
+    pub const TRANSIENT: u8 = 4;
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(3);
+            return ExitCode::from(exit::CONFIG);
         }
     };
-    match run(cli.command, cfg).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(exit::PERMANENT);
+        }
+    };
+    let code = match runtime.block_on(run(cli.command, cfg)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            eprintln!("error: {}", causes(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    };
+    // A client call blocked on an unreachable broker would hold a plain runtime drop for as
+    // long as its own timeout: the outcome is known, so end now.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
+}
+
+/// The error and its causes on one line, each cause once: errors that already print their
+/// source are not followed by it again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The exit code of a failed command: the first error in the chain that knows its class
+/// decides; an error of unknown class counts as transient.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use ferry_pipeline::error::CaptureError;
+    use ferry_pipeline::ship::ShipError;
+    let class = |retryable: bool| {
+        if retryable {
+            exit::TRANSIENT
+        } else {
+            exit::PERMANENT
+        }
+    };
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<CaptureError>() {
+            return class(e.is_retryable());
+        }
+        if let Some(e) = cause.downcast_ref::<ShipError>() {
+            return class(e.is_retryable());
+        }
+        if let Some(e) = cause.downcast_ref::<ferry_connectors::kafka::KafkaError>() {
+            return class(e.is_retryable());
+        }
+        if let Some(e) = cause.downcast_ref::<ferry_connectors::registry::RegistryError>() {
+            return class(e.is_retryable());
+        }
+        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return class(ferry_pipeline::error::passing(e));
+        }
+        if cause.is::<ferry_pipeline::config::ConfigError>() {
+            return exit::CONFIG;
+        }
+        if cause.is::<Usage>() {
+            return exit::CONFIG;
         }
     }
+    exit::TRANSIENT
 }
+
+/// A wrong argument (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
 
 async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
@@ -363,7 +458,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             }
             if failed > 0 {
                 println!("{failed} check(s) failed");
-                return Ok(ExitCode::from(1));
+                return Ok(ExitCode::from(exit::CHECK_FAILED));
             }
             println!("all checks passed");
         }
@@ -375,6 +470,16 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                 SinkMode::Kafka
             };
             let stats = Arc::new(Stats::default());
+            let (s, slot) = (stats.clone(), cfg.capture.slot.clone());
+            let _metrics = serve_metrics(
+                &cfg,
+                stop_rx.clone(),
+                Arc::new(move || {
+                    let mut out = String::new();
+                    metrics::render_capture(&s, &slot, &mut out);
+                    out
+                }),
+            );
             capture::run(&cfg, mode, stop_rx, stats).await?;
         }
         Command::Ship => {
@@ -421,7 +526,8 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let specs: Vec<ferry_pipeline::jobs::backfill::BackfillSpec> = match (plan, table) {
                 (Some(path), _) => read_plan(&path)?,
                 (None, Some(table)) => {
-                    parse_table(&table).context("table must be schema.table")?;
+                    parse_table(&table)
+                        .ok_or_else(|| Usage(format!("table {table:?} is not schema.table")))?;
                     vec![ferry_pipeline::jobs::backfill::BackfillSpec {
                         job,
                         table,
@@ -432,7 +538,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                         sample,
                     }]
                 }
-                (None, None) => anyhow::bail!("give --table or --plan"),
+                (None, None) => usage!("give --table or --plan"),
             };
             let mut names = Vec::new();
             for spec in &specs {
@@ -462,7 +568,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                         if report.mismatches.len() > 20 {
                             println!("  … and {} more", report.mismatches.len() - 20);
                         }
-                        return Ok(ExitCode::from(1));
+                        return Ok(ExitCode::from(exit::CHECK_FAILED));
                     }
                 }
             }
@@ -514,7 +620,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             let from = match (from_offset, from_time) {
                 (Some(o), _) => Bound::Offset(o),
                 (None, Some(t)) => Bound::TimeMs(parse_time_ms(&t)?),
-                (None, None) => anyhow::bail!("give --from-offset or --from-time"),
+                (None, None) => usage!("give --from-offset or --from-time"),
             };
             let to = match (to_offset, to_time) {
                 (Some(o), _) => Some(Bound::Offset(o)),
@@ -562,12 +668,14 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             println!("re-shipped {batch}: {events_in} changes, {events_out} rows after compaction");
         }
         Command::Lineage { table, key } => {
-            let id = parse_table(&table).context("table must be schema.table")?;
+            let id = parse_table(&table)
+                .ok_or_else(|| Usage(format!("table {table:?} is not schema.table")))?;
             let pg = destination_pg(&cfg)?;
             println!("{}", ferry_pipeline::apply::lineage(&pg, &id, &key).await?);
         }
         Command::Verify { table, repair } => {
-            let id = parse_table(&table).context("table must be schema.table")?;
+            let id = parse_table(&table)
+                .ok_or_else(|| Usage(format!("table {table:?} is not schema.table")))?;
             let dest = destination_pg(&cfg)?;
             let report = ferry_pipeline::verify::verify(&cfg.origin.postgres, &dest, &id)
                 .await
@@ -593,7 +701,7 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
                     .map_err(anyhow::Error::msg)?;
                 println!("repair requested: capture re-reads these rows and they travel through ship and apply; run verify again to confirm");
             }
-            return Ok(ExitCode::from(1));
+            return Ok(ExitCode::from(exit::CHECK_FAILED));
         }
         Command::Status => {
             status::print(&cfg).await.map_err(anyhow::Error::msg)?;
@@ -607,7 +715,8 @@ async fn run(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Tail { table, limit } => {
-            let id = parse_table(&table).context("table must be schema.table")?;
+            let id = parse_table(&table)
+                .ok_or_else(|| Usage(format!("table {table:?} is not schema.table")))?;
             let topic = topics::table_topic(&prefix, &id);
             let registry = cfg.origin_registry()?;
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

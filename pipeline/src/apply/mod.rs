@@ -187,7 +187,7 @@ fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> S
         if crate::error::passing(&e) {
             ShipError::Unavailable(format!("{msg}: {e}"))
         } else {
-            ShipError::Other(format!("{msg}: {e}"))
+            ShipError::Permanent(format!("{msg}: {e}"))
         }
     }
 }
@@ -223,7 +223,7 @@ impl DestDb {
     /// Creates the table when missing and adds columns it lacks.
     async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ShipError> {
         if t.key_indexes().is_empty() {
-            return Err(ShipError::Other(format!(
+            return Err(ShipError::Permanent(format!(
                 "{} has no key; it cannot be applied idempotently",
                 t.id
             )));
@@ -641,11 +641,11 @@ async fn run_once(
     if !cfg.apply.instance_id.is_empty() {
         cc.set("group.instance.id", &cfg.apply.instance_id);
     }
-    let consumer: StreamConsumer = cc
-        .create()
-        .map_err(|e| ShipError::Other(format!("kafka destination: creating the consumer: {e}")))?;
+    let consumer: StreamConsumer = cc.create().map_err(|e| {
+        ShipError::Permanent(format!("kafka destination: creating the consumer: {e}"))
+    })?;
     consumer.subscribe(&[&batch_topic]).map_err(|e| {
-        ShipError::Other(format!(
+        ShipError::Unexpected(format!(
             "kafka destination: subscribing to {batch_topic}: {e}"
         ))
     })?;
@@ -778,7 +778,7 @@ async fn run_once(
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&batch_topic, partition, Offset::Offset(offset + 1))
-            .map_err(|e| ShipError::Other(e.to_string()))?;
+            .map_err(|e| ShipError::Unexpected(e.to_string()))?;
         consumer
             .commit(&tpl, CommitMode::Sync)
             .map_err(client("destination", "committing"))?;
@@ -830,14 +830,14 @@ async fn replicate(
             let mut value = Vec::new();
             r.schema
                 .encode_value_as(value_header, e, &mut value)
-                .map_err(|err| ShipError::Other(err.to_string()))?;
+                .map_err(|err| ShipError::Permanent(err.to_string()))?;
             let mut key = Vec::new();
             let keyed = e.op != Op::Truncate && r.schema.has_key();
             if keyed {
                 if let Some(img) = e.key_image() {
                     r.schema
                         .encode_key_as(key_header, img, &mut key)
-                        .map_err(|err| ShipError::Other(err.to_string()))?;
+                        .map_err(|err| ShipError::Permanent(err.to_string()))?;
                 }
             }
             let targets: Vec<Option<i32>> = if e.op == Op::Truncate {
@@ -885,13 +885,13 @@ pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String
         .map(|r| r.get(0))
         .collect();
     if keys.is_empty() {
-        return Err(ShipError::Other(format!(
+        return Err(ShipError::Permanent(format!(
             "{table} does not exist in the destination (or has no key)"
         )));
     }
     let values: Vec<&str> = key.split(',').map(str::trim).collect();
     if values.len() != keys.len() {
-        return Err(ShipError::Other(format!(
+        return Err(ShipError::Permanent(format!(
             "{table} has key ({}); give {} value(s)",
             keys.join(", "),
             keys.len()

@@ -118,7 +118,7 @@ pub struct Report {
 }
 
 fn other(e: impl std::fmt::Display) -> ShipError {
-    ShipError::Other(e.to_string())
+    ShipError::Unexpected(e.to_string())
 }
 
 fn resolve(origin: &Cluster, topic: &str, p: i32, b: Bound) -> Result<i64, ShipError> {
@@ -244,7 +244,7 @@ pub async fn run(
             .collect(),
     };
     if partitions.is_empty() {
-        return Err(ShipError::Other(format!(
+        return Err(ShipError::Permanent(format!(
             "topic {} does not exist in the origin",
             spec.topic
         )));

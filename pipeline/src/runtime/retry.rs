@@ -77,7 +77,12 @@ where
         let started = Instant::now();
         match once(stop.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*stop.borrow() => {
+            // Asked to stop while the attempt failed for a passing reason: that is a stop.
+            Err(e) if e.is_retryable() && *stop.borrow() => {
+                tracing::info!(error = %e, "{what} stopped while interrupted");
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() => {
                 let (delay, attempt) = backoff.next(started.elapsed());
                 on_retry();
                 tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "{what} interrupted; retrying");

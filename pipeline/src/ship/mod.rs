@@ -76,13 +76,18 @@ pub enum ShipError {
     /// A schema registry refused or did not answer.
     #[error(transparent)]
     Registry(#[from] ferry_connectors::registry::RegistryError),
-    /// Anything else.
+    /// A failure retrying cannot help: a setup problem (no registry for Confluent records, a
+    /// destination table without a key), a request the database refuses, a bad argument.
     #[error("{0}")]
-    Other(String),
+    Permanent(String),
+    /// Anything else. Retried: an unknown failure is transient until known otherwise.
+    #[error("{0}")]
+    Unexpected(String),
 }
 
 impl ShipError {
-    /// Whether a retry could help (data errors are permanent; connections are not).
+    /// Whether a retry could help: data and setup errors are permanent; connections, brokers
+    /// and anything unknown are not.
     pub fn is_retryable(&self) -> bool {
         match self {
             ShipError::Kafka(e) => e.is_retryable(),
@@ -90,7 +95,8 @@ impl ShipError {
             ShipError::Data { .. } => false,
             ShipError::Unavailable(_) => true,
             ShipError::Registry(e) => e.is_retryable(),
-            ShipError::Other(_) => false,
+            ShipError::Permanent(_) => false,
+            ShipError::Unexpected(_) => true,
         }
     }
 }
@@ -215,14 +221,14 @@ impl Registry {
                     return Ok(Some(s.clone()));
                 }
                 let Some(registry) = &self.ids else {
-                    return Err(ShipError::Other(format!(
+                    return Err(ShipError::Permanent(format!(
                         "a record names schema id {id} (Confluent wire format) but no schema \
                          registry is configured for this cluster (origin.registry)"
                     )));
                 };
                 let json = registry.schema_blocking(id)?;
                 let schema = EncodedSchema::from_json(&json).map_err(|e| {
-                    ShipError::Other(format!("schema id {id} in {}: {e}", registry.url()))
+                    ShipError::Unexpected(format!("schema id {id} in {}: {e}", registry.url()))
                 })?;
                 let schema = Arc::new(schema);
                 self.by_id.insert(id, schema.clone());
@@ -430,7 +436,7 @@ impl Shipper<'_> {
         records: Vec<Record>,
     ) -> Result<i64, ShipError> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return Err(ShipError::Other("empty batch".into()));
+            return Err(ShipError::Unexpected("empty batch".into()));
         };
         let (first_offset, last_offset) = (first.offset, last.offset);
         let data_err = |offset: i64, reason: String| ShipError::Data {
@@ -493,7 +499,7 @@ impl Shipper<'_> {
                 .map_err(|e| data_err(first_offset, format!("transform {}: {e}", t.name)))?;
             let agg_topic = crate::topics::aggregate_topic(&self.cfg.capture.topic_prefix, &t.name);
             let bytes = zstd::bulk::compress(&out, self.cfg.ship.zstd_level)
-                .map_err(|e| ShipError::Other(e.to_string()))?;
+                .map_err(|e| ShipError::Unexpected(e.to_string()))?;
             let m = self.manifest(
                 &range,
                 format!("aggregate:{}", t.name),
@@ -510,7 +516,7 @@ impl Shipper<'_> {
         } else {
             compact::compact(entries, enabled)
                 .await
-                .map_err(|e| ShipError::Other(e.to_string()))?
+                .map_err(|e| ShipError::Unexpected(e.to_string()))?
         };
         crate::runtime::failpoint::hit("ship.after_compaction");
         // The destination decodes with the writer schemas, so they travel first.
@@ -646,7 +652,8 @@ impl Shipper<'_> {
         m: &Manifest,
         payload: &[u8],
     ) -> Result<usize, ShipError> {
-        let value = manifest::frame(m, payload).map_err(|e| ShipError::Other(e.to_string()))?;
+        let value =
+            manifest::frame(m, payload).map_err(|e| ShipError::Unexpected(e.to_string()))?;
         let mut record = FutureRecord::to(topic).key(&m.batch_id).payload(&value);
         if let Some(p) = partition {
             record = record.partition(p);
@@ -832,7 +839,7 @@ async fn run_once(
                     let (d, bt, n, t, p) = (dest.clone(), batch_topic.clone(), cfg.ship.batch_partitions, tp.0.clone(), tp.1);
                     let end = tokio::task::spawn_blocking(move || shipped_end(&d, &bt, n, &t, p))
                         .await
-                        .map_err(|e| ShipError::Other(e.to_string()))??;
+                        .map_err(|e| ShipError::Unexpected(e.to_string()))??;
                     let next = end.unwrap_or(0);
                     if let Some(e) = end {
                         if e > offset {
@@ -994,7 +1001,7 @@ fn read_range(
         .fetch_watermarks(t, partition, Duration::from_secs(10))
         .map_err(client("origin", format!("watermarks of {t}[{partition}]")))?;
     if first < low || last >= high || first > last {
-        return Err(ShipError::Other(format!(
+        return Err(ShipError::Permanent(format!(
             "{t}[{partition}] holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
         )));
     }
@@ -1066,7 +1073,7 @@ impl<'a> RangeShipper<'a> {
         let records =
             tokio::task::spawn_blocking(move || read_range(&o, &t, partition, first, last))
                 .await
-                .map_err(|e| ShipError::Other(e.to_string()))??;
+                .map_err(|e| ShipError::Unexpected(e.to_string()))??;
         let before = self.shipper.stats.total();
         self.shipper.ship(topic, partition, records).await?;
         let after = self.shipper.stats.total();
@@ -1081,7 +1088,7 @@ impl<'a> RangeShipper<'a> {
 /// Parses a batch id `origin/<topic>/<partition>/<first>-<last>`.
 pub fn parse_batch_id(batch_id: &str) -> Result<(String, i32, i64, i64), ShipError> {
     let bad = || {
-        ShipError::Other(format!(
+        ShipError::Permanent(format!(
             "{batch_id:?} is not a batch id (origin/<topic>/<partition>/<first>-<last>)"
         ))
     };
