@@ -60,13 +60,17 @@ pub struct RegistryError {
     pub reason: String,
     /// The HTTP status, when the registry answered.
     pub status: Option<u16>,
+    /// A failure no retry can mend although no HTTP answer came: a certificate the client does
+    /// not trust, a malformed URL, an unreadable CA file.
+    pub permanent: bool,
 }
 
 impl RegistryError {
-    /// Whether trying again later may succeed: no answer, 5xx, 408, 429.
+    /// Whether trying again later may succeed: no answer (unless the TLS handshake or the
+    /// setup refused), 5xx, 408, 429.
     pub fn is_retryable(&self) -> bool {
         match self.status {
-            None => true,
+            None => !self.permanent,
             Some(s) => s >= 500 || s == 408 || s == 429,
         }
     }
@@ -134,6 +138,7 @@ impl SchemaRegistry {
             action: "setting up the client".into(),
             reason,
             status: None,
+            permanent: true,
         };
         let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::NativeTls);
         if !cfg.ca_file.is_empty() {
@@ -177,6 +182,7 @@ impl SchemaRegistry {
             action: action.to_string(),
             reason,
             status,
+            permanent: false,
         }
     }
 
@@ -215,7 +221,20 @@ impl SchemaRegistry {
                 req.call()
             }
         };
-        let mut resp = result.map_err(|e| self.error(action, e.to_string(), None))?;
+        let mut resp = result.map_err(|e| {
+            let permanent = matches!(
+                e,
+                ureq::Error::Tls(_)
+                    | ureq::Error::NativeTls(_)
+                    | ureq::Error::Der(_)
+                    | ureq::Error::BadUri(_)
+                    | ureq::Error::RequireHttpsOnly(_)
+            );
+            RegistryError {
+                permanent,
+                ..self.error(action, e.to_string(), None)
+            }
+        })?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -378,6 +397,7 @@ mod tests {
             action: "a".into(),
             reason: "r".into(),
             status,
+            permanent: false,
         };
         assert!(e(None).is_retryable());
         assert!(e(Some(503)).is_retryable());
@@ -386,5 +406,13 @@ mod tests {
         assert!(!e(Some(409)).is_retryable());
         assert!(!e(Some(401)).is_retryable());
         assert!(!e(Some(404)).is_retryable());
+        let refused = RegistryError {
+            permanent: true,
+            ..e(None)
+        };
+        assert!(
+            !refused.is_retryable(),
+            "an untrusted certificate is not retried"
+        );
     }
 }

@@ -371,7 +371,7 @@ pub async fn run(
             pacer.acquire((last - first + 1) as f64, aimd.rate()).await;
             let (events, _, bytes) = shipper.ship_range(&spec.topic, p, first, last).await?;
             shipped_bytes += bytes;
-            crate::runtime::failpoint::hit("replay.before_checkpoint");
+            crate::runtime::failpoint::hit(crate::runtime::failpoint::REPLAY_BEFORE_CHECKPOINT);
             cp.next.insert(p, last + 1);
             cp.rate = aimd.rate().round();
             cp.limit = aimd.limit().to_string();

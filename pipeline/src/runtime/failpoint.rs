@@ -5,6 +5,23 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// The shipper compacted a batch and has produced nothing of it yet.
+pub const SHIP_AFTER_COMPACTION: &str = "ship.after_compaction";
+/// The shipper handed a batch to the producer; the broker has not acknowledged it.
+pub const SHIP_MID_PRODUCE: &str = "ship.mid_produce";
+/// The broker acknowledged a batch; its origin offset is not committed yet.
+pub const SHIP_AFTER_PRODUCE: &str = "ship.after_produce";
+/// A replay shipped a range; its checkpoint is not saved yet.
+pub const REPLAY_BEFORE_CHECKPOINT: &str = "replay.before_checkpoint";
+
+/// Every failpoint.
+pub const ALL: [&str; 4] = [
+    SHIP_AFTER_COMPACTION,
+    SHIP_MID_PRODUCE,
+    SHIP_AFTER_PRODUCE,
+    REPLAY_BEFORE_CHECKPOINT,
+];
+
 /// A failpoint for the crash tests: `FERRY_FAILPOINT=<name>[:<n>]` aborts the process the
 /// n-th time (default 1st) execution passes `name`.
 pub fn hit(name: &str) {
@@ -29,5 +46,19 @@ pub fn hit(name: &str) {
             eprintln!("failpoint {name} hit: aborting");
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_distinct_and_scoped_by_stage() {
+        let mut names = super::ALL.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), super::ALL.len());
+        assert!(names
+            .iter()
+            .all(|n| n.starts_with("ship.") || n.starts_with("replay.")));
     }
 }

@@ -518,7 +518,7 @@ impl Shipper<'_> {
                 .await
                 .map_err(|e| ShipError::Unexpected(e.to_string()))?
         };
-        crate::runtime::failpoint::hit("ship.after_compaction");
+        crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_AFTER_COMPACTION);
         // The destination decodes with the writer schemas, so they travel first.
         for run in &runs {
             self.publish_schema(&run.schema).await?;
@@ -538,7 +538,7 @@ impl Shipper<'_> {
         let shipped = self
             .produce(&batch_topic, Some(d), &m, &encoded.bytes)
             .await?;
-        crate::runtime::failpoint::hit("ship.after_produce");
+        crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_AFTER_PRODUCE);
         if let Ok(mut t) = self.stats.tables.lock() {
             t.entry(table.clone()).or_default().add(&m, shipped as u64);
         }
@@ -663,7 +663,7 @@ impl Shipper<'_> {
             .await
             .map_err(failed)?;
         // The record sits in the producer's queue (perhaps on the wire), not yet acknowledged.
-        crate::runtime::failpoint::hit("ship.mid_produce");
+        crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_MID_PRODUCE);
         match tokio::time::timeout(Duration::from_secs(60), delivery).await {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err((e, _)))) => return Err(failed(e)),

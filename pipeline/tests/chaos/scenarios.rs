@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_connectors::kafka::Cluster;
 use ferry_connectors::postgres::PgConfig;
+use ferry_pipeline::runtime::failpoint;
 use ferry_pipeline::{apply, inspect, ship};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -32,9 +33,9 @@ pub async fn ship_kill9(f: &mut Figures, iterations: u32) {
         lab.spawn(Role::Apply, None);
         lab.start_workload();
         for point in [
-            "ship.after_compaction",
-            "ship.mid_produce",
-            "ship.after_produce",
+            failpoint::SHIP_AFTER_COMPACTION,
+            failpoint::SHIP_MID_PRODUCE,
+            failpoint::SHIP_AFTER_PRODUCE,
         ] {
             let spec = format!("{point}:{}", rand::random_range(2..=5));
             lab.spawn(Role::Ship, Some(&spec));

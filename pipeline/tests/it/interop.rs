@@ -362,3 +362,167 @@ fn ferry_pipeline_dest_bootstrap() -> String {
         .kafka
         .bootstrap_servers
 }
+
+/// A private CA and a server certificate for 127.0.0.1 it signed, made with `openssl`.
+fn private_ca(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ferry test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// Ferry's registry client against a real registry behind TLS (a private CA given as
+/// `ca_file`) and basic auth, the way hosted registries are reached: registering and reading
+/// back work with the right settings; a wrong password is a permanent, named refusal; a
+/// certificate nobody vouched for is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_client_speaks_tls_with_a_private_ca_and_basic_auth() {
+    use ferry_connectors::registry::{RegistryConfig, SchemaRegistry};
+    let cfg = crate::support::TestDb::new_config();
+    let upstream = cfg
+        .destination
+        .registry
+        .as_ref()
+        .expect("ops/ferry.toml names the local registries")
+        .url
+        .clone();
+    let dir = std::env::temp_dir().join(format!("ferry_tls_{}", crate::support::tag()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (ca, cert, key) = private_ca(&dir);
+    let mut proxy = Command::new("python3")
+        .arg(repo().join("ops/interop/tls_auth_proxy.py"))
+        .args([
+            cert.to_str().expect("path"),
+            key.to_str().expect("path"),
+            "ferry-sr",
+            "s3cret/+:x",
+            &upstream,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().expect("stdout")),
+        &mut port,
+    )
+    .expect("proxy port");
+    let url = format!("https://127.0.0.1:{}/", port.trim());
+    let config = |password: &str, ca_file: &std::path::Path| -> RegistryConfig {
+        serde_json::from_value(serde_json::json!({
+            "url": url, "username": "ferry-sr", "password": password,
+            "ca_file": ca_file.to_str().expect("path"), "timeout_ms": 5000
+        }))
+        .expect("registry config")
+    };
+    let subject = format!("ferry-tls-{}-value", crate::support::tag());
+    let schema = r#"{"type":"record","name":"t","fields":[{"name":"id","type":"long"}]}"#;
+
+    let good = SchemaRegistry::new("destination", config("s3cret/+:x", &ca)).expect("client");
+    let id = good
+        .register(&subject, schema)
+        .await
+        .expect("register through TLS and basic auth");
+    let back = tokio::task::spawn_blocking(move || good.schema_blocking(id))
+        .await
+        .expect("task")
+        .expect("read back");
+    assert!(back.contains("\"id\""), "schema {id} reads back: {back}");
+
+    let wrong = SchemaRegistry::new("destination", config("nope", &ca)).expect("client");
+    let e = wrong
+        .register(&subject, schema)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(!e.is_retryable(), "401 is permanent: {e}");
+    assert!(e.to_string().contains("401"), "the refusal is named: {e}");
+
+    // A CA that did not sign the server's certificate: the handshake fails.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    let (other_ca, _, _) = private_ca(&other);
+    let untrusted =
+        SchemaRegistry::new("destination", config("s3cret/+:x", &other_ca)).expect("client");
+    let e = untrusted
+        .register(&subject, schema)
+        .await
+        .expect_err("an unknown certificate is refused");
+    assert!(
+        e.status.is_none(),
+        "no HTTP answer through a failed handshake: {e}"
+    );
+    assert!(
+        !e.is_retryable(),
+        "an untrusted certificate is permanent: {e}"
+    );
+
+    let missing = config("s3cret/+:x", &dir.join("no-such.pem"));
+    let Err(e) = SchemaRegistry::new("destination", missing) else {
+        panic!("a missing ca_file is an error");
+    };
+    assert!(e.to_string().contains("no-such.pem"), "names the file: {e}");
+
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
