@@ -548,8 +548,7 @@ impl Config {
 
 /// Parses `schema.table`.
 pub fn parse_table(s: &str) -> Option<TableId> {
-    let (schema, table) = s.split_once('.')?;
-    (!schema.is_empty() && !table.is_empty()).then(|| TableId::new(schema, table))
+    s.parse().ok()
 }
 
 #[cfg(test)]

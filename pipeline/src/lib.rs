@@ -32,7 +32,7 @@
 //! # Layout
 //! Lowest first; a module uses only modules above it in this list ([`layers`] checks it).
 //! - vocabulary: [`error`], [`topics`] (every topic name), [`config`], [`wal`] (every message
-//!   Ferry writes into the WAL);
+//!   Ferry writes into the WAL), [`record`] (a change as table-topic records);
 //! - plumbing the stages share: [`runtime`] (the retry policy, failpoints), [`inspect`]
 //!   (reading topics), [`batch`] (the shipped-batch format), [`store`] (state and the pause
 //!   gate in compacted topics), [`throttle`] (the controller and its signals);
@@ -51,6 +51,7 @@ pub mod error;
 pub mod inspect;
 pub mod jobs;
 pub mod layers;
+pub mod record;
 pub mod runtime;
 pub mod ship;
 pub mod store;

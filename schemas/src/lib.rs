@@ -26,4 +26,4 @@ pub mod table;
 pub use avro::{AvroError, EncodedSchema, Fingerprint, Header};
 pub use event::{ChangeEvent, Datum, Op, Source};
 pub use position::Lsn;
-pub use table::{Column, ColumnType, TableId, TableSchema};
+pub use table::{Column, ColumnType, NotATable, TableId, TableSchema};

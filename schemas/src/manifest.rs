@@ -50,7 +50,75 @@ pub struct Manifest {
 
 /// The deterministic id of a batch covering `first..=last` of an origin partition.
 pub fn batch_id(cluster: &str, topic: &str, partition: i32, first: i64, last: i64) -> String {
-    format!("{cluster}/{topic}/{partition}/{first}-{last}")
+    BatchId {
+        cluster: cluster.to_string(),
+        topic: topic.to_string(),
+        partition,
+        first,
+        last,
+    }
+    .to_string()
+}
+
+/// A batch's identity: the origin range it covers, `<cluster>/<topic>/<partition>/<first>-<last>`
+/// (offsets inclusive). Shipping the same range again gives the same id, which is what makes
+/// apply idempotent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    /// The origin cluster's name (`origin`).
+    pub cluster: String,
+    /// The origin topic (Kafka topic names hold no `/`).
+    pub topic: String,
+    /// The origin partition.
+    pub partition: i32,
+    /// First origin offset in the batch.
+    pub first: i64,
+    /// Last origin offset in the batch.
+    pub last: i64,
+}
+
+impl std::fmt::Display for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let BatchId {
+            cluster,
+            topic,
+            partition,
+            first,
+            last,
+        } = self;
+        write!(f, "{cluster}/{topic}/{partition}/{first}-{last}")
+    }
+}
+
+/// Text that is not a batch id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a batch id (<cluster>/<topic>/<partition>/<first>-<last>)")]
+pub struct NotABatchId(pub String);
+
+impl std::str::FromStr for BatchId {
+    type Err = NotABatchId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NotABatchId(s.to_string());
+        let parts: Vec<&str> = s.split('/').collect();
+        let [cluster, topic, partition, range] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let (first, last) = range.split_once('-').ok_or_else(bad)?;
+        let id = BatchId {
+            cluster: cluster.to_string(),
+            topic: topic.to_string(),
+            partition: partition.parse().map_err(|_| bad())?,
+            first: first.parse().map_err(|_| bad())?,
+            last: last.parse().map_err(|_| bad())?,
+        };
+        let sane = !id.cluster.is_empty()
+            && !id.topic.is_empty()
+            && id.partition >= 0
+            && id.first >= 0
+            && id.first <= id.last;
+        sane.then_some(id).ok_or_else(bad)
+    }
 }
 
 /// A batch that cannot be used.
@@ -206,6 +274,36 @@ pub fn unframe(value: &[u8]) -> Result<(Manifest, &[u8]), BatchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_ids_round_trip_and_reject_what_is_not_one() {
+        let id = BatchId {
+            cluster: "origin".into(),
+            topic: "ferry.My_Schema.t-1".into(),
+            partition: 2,
+            first: 0,
+            last: 41,
+        };
+        assert_eq!(id.to_string(), "origin/ferry.My_Schema.t-1/2/0-41");
+        assert_eq!(id.to_string().parse::<BatchId>(), Ok(id.clone()));
+        assert_eq!(
+            batch_id("origin", "ferry.My_Schema.t-1", 2, 0, 41),
+            id.to_string()
+        );
+        for bad in [
+            "",
+            "nonsense",
+            "origin/t/0/1",
+            "origin/t/x/1-2",
+            "origin/t/0/2-1",
+            "origin/t/-1/1-2",
+            "origin/t/0/-1-2",
+            "origin//0/1-2",
+            "origin/t/0/1-2/aggregate:sum",
+        ] {
+            assert!(bad.parse::<BatchId>().is_err(), "{bad:?}");
+        }
+    }
 
     fn manifest(payload: &[u8]) -> Manifest {
         Manifest {

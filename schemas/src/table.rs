@@ -27,6 +27,26 @@ impl fmt::Display for TableId {
     }
 }
 
+/// Text that is not `schema.table`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not schema.table")]
+pub struct NotATable(pub String);
+
+impl std::str::FromStr for TableId {
+    type Err = NotATable;
+
+    /// `schema.table`, split at the first dot (so a table name may hold dots; a schema name
+    /// may not). Both parts must be non-empty.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('.') {
+            Some((schema, table)) if !schema.is_empty() && !table.is_empty() => {
+                Ok(TableId::new(schema, table))
+            }
+            _ => Err(NotATable(s.to_string())),
+        }
+    }
+}
+
 /// How a column's values are represented in events and in Avro.
 ///
 /// Exact types stay exact: `numeric` is carried as its decimal text, never as a float.
@@ -162,5 +182,25 @@ impl TableSchema {
             .filter(|(_, c)| c.key)
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_ids_parse_back_from_their_text() {
+        for (schema, table) in [("public", "t"), ("My Schema", "odd.name"), ("s", "\"q\"")] {
+            let id = TableId::new(schema, table);
+            assert_eq!(id.to_string().parse::<TableId>(), Ok(id));
+        }
+        for bad in ["", "nodot", ".t", "s.", "."] {
+            assert_eq!(
+                bad.parse::<TableId>(),
+                Err(NotATable(bad.to_string())),
+                "{bad:?}"
+            );
+        }
     }
 }

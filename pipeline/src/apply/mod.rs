@@ -807,45 +807,31 @@ async fn replicate(
             }])
             .await?;
         }
-        let (key_header, value_header) = match registry {
+        let headers = match registry {
             // Cached after the first call; the shipper registered them before the batch.
             Some(reg) => (
-                WireHeader::Confluent(if r.schema.has_key() {
-                    reg.register(&subject(&topic, true), &r.schema.key_json)
-                        .await?
-                } else {
-                    0
-                }),
+                match r.schema.has_key() {
+                    true => Some(WireHeader::Confluent(
+                        reg.register(&subject(&topic, true), &r.schema.key_json)
+                            .await?,
+                    )),
+                    false => None,
+                },
                 WireHeader::Confluent(
                     reg.register(&subject(&topic, false), &r.schema.value_json)
                         .await?,
                 ),
             ),
             None => (
-                WireHeader::SingleObject(r.schema.key_fp),
+                Some(WireHeader::SingleObject(r.schema.key_fp)),
                 WireHeader::SingleObject(r.schema.value_fp),
             ),
         };
+        let (mut key, mut value) = (Vec::new(), Vec::new());
         for (_, e) in &r.events {
-            let mut value = Vec::new();
-            r.schema
-                .encode_value_as(value_header, e, &mut value)
+            let keyed = crate::record::encode(&r.schema, e, headers, &mut key, &mut value)
                 .map_err(|err| ShipError::Permanent(err.to_string()))?;
-            let mut key = Vec::new();
-            let keyed = e.op != Op::Truncate && r.schema.has_key();
-            if keyed {
-                if let Some(img) = e.key_image() {
-                    r.schema
-                        .encode_key_as(key_header, img, &mut key)
-                        .map_err(|err| ShipError::Permanent(err.to_string()))?;
-                }
-            }
-            let targets: Vec<Option<i32>> = if e.op == Op::Truncate {
-                (0..cfg.capture.partitions).map(Some).collect()
-            } else {
-                vec![None]
-            };
-            for p in targets {
+            for p in crate::record::targets(e.op, cfg.capture.partitions) {
                 let mut rec = FutureRecord::to(&topic).payload(&value);
                 if keyed {
                     rec = rec.key(&key);
@@ -995,4 +981,155 @@ fn same_key_after(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_schemas::{Column, ColumnType, Datum, Op, Source, TableId, TableSchema};
+
+    fn schema() -> Arc<EncodedSchema> {
+        let col = |name: &str, ty: ColumnType, pg: &str, key: bool| Column {
+            name: name.into(),
+            pg_type: pg.into(),
+            type_oid: 0,
+            ty,
+            key,
+        };
+        let t = TableSchema {
+            database: "db".into(),
+            id: TableId::new("public", "t"),
+            columns: vec![
+                col("id", ColumnType::Int4, "int4", true),
+                col("v", ColumnType::Text, "text", false),
+            ],
+        };
+        Arc::new(EncodedSchema::new(&t).expect("schema"))
+    }
+
+    /// A valid framed batch of rows at offsets 10.. and LSNs 100.., and its manifest.
+    fn batch(rows: i32) -> (Manifest, Vec<u8>) {
+        let s = schema();
+        let events = (0..rows)
+            .map(|i| {
+                let e = ChangeEvent {
+                    op: Op::Create,
+                    before: None,
+                    after: Some(vec![Datum::Int(i), Datum::Text(format!("v{i}"))]),
+                    source: Source {
+                        region: "eu".into(),
+                        database: "db".into(),
+                        schema: "public".into(),
+                        table: "t".into(),
+                        lsn: 100 + i as u64,
+                        seq: 0,
+                        txid: Some(7),
+                        commit_ts_us: None,
+                        snapshot: false,
+                    },
+                };
+                (10 + i64::from(i), e)
+            })
+            .collect();
+        let runs = vec![Run { schema: s, events }];
+        let enc = payload::encode(&runs, 3).expect("encode");
+        let m = Manifest {
+            batch_id: manifest::batch_id("origin", "p.public.t", 0, 10, 9 + i64::from(rows)),
+            kind: "changes".into(),
+            origin_cluster: "origin".into(),
+            origin_topic: "p.public.t".into(),
+            origin_partition: 0,
+            first_offset: 10,
+            last_offset: 9 + i64::from(rows),
+            source_region: "eu".into(),
+            destination_region: "us".into(),
+            table: "public.t".into(),
+            events_in: i64::from(rows),
+            events_out: enc.rows as i64,
+            min_lsn: 100,
+            max_lsn: 99 + i64::from(rows),
+            schema_fingerprints: enc.fingerprints.clone(),
+            codec: payload::CODEC.into(),
+            zstd_level: 3,
+            raw_bytes: 0,
+            payload_bytes: enc.bytes.len() as i64,
+            uncompressed_bytes: enc.uncompressed as i64,
+            crc32: i64::from(crc32fast::hash(&enc.bytes)),
+            producer_version: "test".into(),
+            created_at_us: 0,
+        };
+        let framed = manifest::frame(&m, &enc.bytes).expect("frame");
+        (m, framed)
+    }
+
+    fn check(value: &[u8]) -> Result<usize, String> {
+        let s = schema();
+        let fp = s.value_fp.to_string();
+        verify(value, |f| (f == fp).then(|| s.clone()))
+            .map(|(_, runs)| runs.iter().map(|r| r.events.len()).sum())
+    }
+
+    /// The manifest changed by `change`, framed again with the original payload (checksums
+    /// of the payload stay right, so only the consistency checks can catch it).
+    fn with(change: impl Fn(&mut Manifest)) -> Vec<u8> {
+        let (mut m, framed) = batch(5);
+        let (_, payload) = manifest::unframe(&framed).expect("unframe");
+        let payload = payload.to_vec();
+        change(&mut m);
+        manifest::frame(&m, &payload).expect("frame")
+    }
+
+    #[test]
+    fn a_sound_batch_verifies() {
+        assert_eq!(check(&batch(5).1), Ok(5));
+    }
+
+    #[test]
+    fn every_kind_of_damage_is_caught_and_named() {
+        let (_, good) = batch(5);
+        let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", Vec::new(), ""),
+            ("truncated frame", good[..good.len() / 2].to_vec(), ""),
+            ("one byte short", good[..good.len() - 1].to_vec(), ""),
+        ];
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        cases.push(("payload byte flipped", flipped, ""));
+        cases.push(("kind", with(|m| m.kind = "aggregate:x".into()), "kind"));
+        cases.push(("codec", with(|m| m.codec = "lz4".into()), "codec"));
+        cases.push(("row count", with(|m| m.events_out = 4), "rows"));
+        cases.push((
+            "table",
+            with(|m| m.table = "public.other".into()),
+            "manifest says public.other",
+        ));
+        let range = |first: i64, last: i64| {
+            with(move |m| {
+                m.first_offset = first;
+                m.last_offset = last;
+                m.batch_id = manifest::batch_id("origin", "p.public.t", 0, first, last);
+            })
+        };
+        cases.push(("offsets", range(10, 12), "outside 10-12"));
+        cases.push(("first offset", range(11, 14), "outside 11-14"));
+        cases.push((
+            "id against range",
+            with(|m| m.last_offset = 12),
+            "does not match its range",
+        ));
+        cases.push(("LSNs", with(|m| m.max_lsn = 101), "LSN"));
+        cases.push((
+            "unknown schema",
+            with(|m| m.schema_fingerprints = vec!["00".repeat(8)]),
+            "not in the destination schema topic",
+        ));
+        cases.push(("negative size", with(|m| m.uncompressed_bytes = -1), ""));
+        for (what, value, names) in cases {
+            match check(&value) {
+                Ok(n) => panic!("{what}: verified ({n} rows)"),
+                Err(e) => assert!(e.contains(names), "{what}: {e}"),
+            }
+        }
+    }
 }

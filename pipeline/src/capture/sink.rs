@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
 use ferry_connectors::registry::{subject, SchemaRegistry};
-use ferry_schemas::{ChangeEvent, EncodedSchema, Header, Lsn, Op, TableId};
+use ferry_schemas::{ChangeEvent, EncodedSchema, Header, Lsn, TableId};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
@@ -245,9 +245,9 @@ impl Sink {
                             schema.table().id
                         ))
                     })?;
-                let (key_header, value_header) = match k.ids.get(&schema.value_fp.0) {
+                let headers = match k.ids.get(&schema.value_fp.0) {
                     Some(&(key_id, value_id)) => (
-                        key_id.map_or(Header::SingleObject(schema.key_fp), Header::Confluent),
+                        Some(key_id.map_or(Header::SingleObject(schema.key_fp), Header::Confluent)),
                         Header::Confluent(value_id),
                     ),
                     None if k.registry.is_some() => {
@@ -257,30 +257,13 @@ impl Sink {
                         )))
                     }
                     None => (
-                        Header::SingleObject(schema.key_fp),
+                        Some(Header::SingleObject(schema.key_fp)),
                         Header::SingleObject(schema.value_fp),
                     ),
                 };
-                k.value.clear();
-                schema
-                    .encode_value_as(value_header, event, &mut k.value)
+                let keyed = crate::record::encode(schema, event, headers, &mut k.key, &mut k.value)
                     .map_err(encode_err)?;
-                k.key.clear();
-                let keyed = event.op != Op::Truncate && schema.has_key();
-                if keyed {
-                    if let Some(image) = event.key_image() {
-                        schema
-                            .encode_key_as(key_header, image, &mut k.key)
-                            .map_err(encode_err)?;
-                    }
-                }
-                // A truncate is a barrier for every key, so it goes to every partition.
-                let targets: Vec<Option<i32>> = if event.op == Op::Truncate {
-                    (0..partitions).map(Some).collect()
-                } else {
-                    vec![None]
-                };
-                for partition in targets {
+                for partition in crate::record::targets(event.op, partitions) {
                     let mut record = FutureRecord::to(&topic).payload(&k.value);
                     if keyed {
                         record = record.key(&k.key);

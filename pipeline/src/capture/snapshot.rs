@@ -305,74 +305,16 @@ impl Snapshotter {
         let key_idx = schema.table().key_indexes();
         let keyed = !key_idx.is_empty();
         let cols = &schema.table().columns;
-        let select_list = cols
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let order: Vec<String> = if keyed {
-            key_idx
-                .iter()
-                .map(|&i| quote_ident(&cols[i].name))
-                .collect()
-        } else {
-            vec!["ctid".into()]
-        };
-        let cast = |ty: &str| ty.split('.').map(quote_ident).collect::<Vec<_>>().join(".");
-        let predicate = match &after {
-            None if repair.is_some() && keyed => {
-                let tuples: Vec<String> = repair
-                    .iter()
-                    .flatten()
-                    .map(|k| {
-                        let vals: Vec<String> = key_idx
-                            .iter()
-                            .zip(k)
-                            .map(|(&i, v)| {
-                                format!("{}::{}", quote_literal(v), cast(&cols[i].pg_type))
-                            })
-                            .collect();
-                        format!("({})", vals.join(", "))
-                    })
-                    .collect();
-                format!("WHERE ({}) IN ({})", order.join(", "), tuples.join(", "))
-            }
-            None => String::new(),
-            Some(k) if keyed => format!(
-                "WHERE ({}) > ({})",
-                order.join(", "),
-                key_idx
-                    .iter()
-                    .zip(k)
-                    .map(|(&i, v)| format!("{}::{}", quote_literal(v), cast(&cols[i].pg_type)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Some(k) => format!(
-                "WHERE ctid > {}::tid",
-                quote_literal(k.first().map_or("(0,0)", String::as_str))
-            ),
-        };
-        let predicate = match (extra, predicate.is_empty()) {
-            (None, _) => predicate,
-            (Some(x), true) => format!("WHERE {x}"),
-            (Some(x), false) => format!("{predicate} AND {x}"),
-        };
-        if repair.is_some() && !keyed {
+        let Some(sql) = chunk_query(
+            schema.table(),
+            after.as_deref(),
+            repair.as_deref(),
+            extra.as_deref(),
+            chunk_rows,
+        ) else {
             tracing::warn!(table = %table, "repair needs a key; ignored");
             return Ok(None);
-        }
-        let sql = format!(
-            "SELECT ctid::text, {select_list} FROM {}.{} {predicate} ORDER BY {} LIMIT {}",
-            quote_ident(&table.schema),
-            quote_ident(&table.table),
-            order.join(", "),
-            if repair.is_some() {
-                usize::MAX >> 1
-            } else {
-                chunk_rows
-            }
-        );
+        };
         // A backfill chunk may read from a replica; its snapshot is checked against the
         // stream exactly like the primary's (a lagging replica is waited for below).
         let reader = match (&backfill, replica) {
@@ -612,9 +554,176 @@ impl Snapshotter {
     }
 }
 
+/// The SQL that reads one snapshot chunk of `table`: every column (after the row's `ctid`), in
+/// key order (`ctid` order for a keyless table), starting after the key `after`, within the
+/// backfill predicate `extra`, at most `chunk_rows` rows; or, for a repair, exactly the rows
+/// with the given keys. `None`: a repair of a keyless table (no key to address rows by).
+/// Keys are compared as typed tuples (`(k1, k2) > ('a'::text, '1'::int4)`), so composite keys
+/// and every key type order as Postgres orders them.
+pub(crate) fn chunk_query(
+    table: &ferry_schemas::TableSchema,
+    after: Option<&[String]>,
+    repair: Option<&[Vec<String>]>,
+    extra: Option<&str>,
+    chunk_rows: usize,
+) -> Option<String> {
+    let key_idx = table.key_indexes();
+    let keyed = !key_idx.is_empty();
+    if repair.is_some() && !keyed {
+        return None;
+    }
+    let cols = &table.columns;
+    let select_list = cols
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order: Vec<String> = if keyed {
+        key_idx
+            .iter()
+            .map(|&i| quote_ident(&cols[i].name))
+            .collect()
+    } else {
+        vec!["ctid".into()]
+    };
+    let cast = |ty: &str| ty.split('.').map(quote_ident).collect::<Vec<_>>().join(".");
+    let typed = |k: &[String]| -> String {
+        key_idx
+            .iter()
+            .zip(k)
+            .map(|(&i, v)| format!("{}::{}", quote_literal(v), cast(&cols[i].pg_type)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let predicate = match (after, repair) {
+        (None, Some(keys)) => {
+            let tuples: Vec<String> = keys.iter().map(|k| format!("({})", typed(k))).collect();
+            format!("WHERE ({}) IN ({})", order.join(", "), tuples.join(", "))
+        }
+        (None, None) => String::new(),
+        (Some(k), _) if keyed => format!("WHERE ({}) > ({})", order.join(", "), typed(k)),
+        (Some(k), _) => format!(
+            "WHERE ctid > {}::tid",
+            quote_literal(k.first().map_or("(0,0)", String::as_str))
+        ),
+    };
+    let predicate = match (extra, predicate.is_empty()) {
+        (None, _) => predicate,
+        (Some(x), true) => format!("WHERE {x}"),
+        (Some(x), false) => format!("{predicate} AND {x}"),
+    };
+    Some(format!(
+        "SELECT ctid::text, {select_list} FROM {}.{} {predicate} ORDER BY {} LIMIT {}",
+        quote_ident(&table.id.schema),
+        quote_ident(&table.id.table),
+        order.join(", "),
+        if repair.is_some() {
+            usize::MAX >> 1
+        } else {
+            chunk_rows
+        }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(keys: &[(&str, &str)], others: &[(&str, &str)]) -> ferry_schemas::TableSchema {
+        let col = |(name, pg): &(&str, &str), key: bool| ferry_schemas::Column {
+            name: name.to_string(),
+            pg_type: pg.to_string(),
+            type_oid: 0,
+            ty: ferry_schemas::ColumnType::Text,
+            key,
+        };
+        ferry_schemas::TableSchema {
+            database: "db".into(),
+            id: TableId::new("My Schema", "odd\"table"),
+            columns: keys
+                .iter()
+                .map(|c| col(c, true))
+                .chain(others.iter().map(|c| col(c, false)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunk_queries_for_every_shape() {
+        let keyed = table(&[("id", "int4")], &[("v", "text")]);
+        let composite = table(&[("a", "text"), ("b", "public.my type")], &[("v", "text")]);
+        let keyless = table(&[], &[("v", "text")]);
+        let from = r#"SELECT ctid::text, "#;
+        let cases: Vec<(&str, Option<String>, Option<&str>)> = vec![
+            (
+                "first chunk",
+                chunk_query(&keyed, None, None, None, 500),
+                Some(r#""id", "v" FROM "My Schema"."odd""table"  ORDER BY "id" LIMIT 500"#),
+            ),
+            (
+                "next chunk",
+                chunk_query(&keyed, Some(&["41".into()]), None, None, 500),
+                Some(
+                    r#""id", "v" FROM "My Schema"."odd""table" WHERE ("id") > ('41'::"int4") ORDER BY "id" LIMIT 500"#,
+                ),
+            ),
+            (
+                "composite key, odd values",
+                chunk_query(
+                    &composite,
+                    Some(&["it's".into(), r"a\b".into()]),
+                    None,
+                    None,
+                    10,
+                ),
+                Some(
+                    r#""a", "b", "v" FROM "My Schema"."odd""table" WHERE ("a", "b") > ('it''s'::"text", E'a\\b'::"public"."my type") ORDER BY "a", "b" LIMIT 10"#,
+                ),
+            ),
+            (
+                "keyless",
+                chunk_query(&keyless, Some(&["(3,7)".into()]), None, None, 10),
+                Some(
+                    r#""v" FROM "My Schema"."odd""table" WHERE ctid > '(3,7)'::tid ORDER BY ctid LIMIT 10"#,
+                ),
+            ),
+            (
+                "backfill predicate, first",
+                chunk_query(&keyed, None, None, Some("(v <> 'x')"), 5),
+                Some(
+                    r#""id", "v" FROM "My Schema"."odd""table" WHERE (v <> 'x') ORDER BY "id" LIMIT 5"#,
+                ),
+            ),
+            (
+                "backfill predicate, next",
+                chunk_query(&keyed, Some(&["9".into()]), None, Some("(v <> 'x')"), 5),
+                Some(
+                    r#""id", "v" FROM "My Schema"."odd""table" WHERE ("id") > ('9'::"int4") AND (v <> 'x') ORDER BY "id" LIMIT 5"#,
+                ),
+            ),
+            (
+                "repair",
+                chunk_query(
+                    &keyed,
+                    None,
+                    Some(&[vec!["1".into()], vec!["2".into()]]),
+                    None,
+                    5,
+                ),
+                Some(
+                    r#""id", "v" FROM "My Schema"."odd""table" WHERE ("id") IN (('1'::"int4"), ('2'::"int4")) ORDER BY "id" LIMIT 9223372036854775807"#,
+                ),
+            ),
+            (
+                "repair without a key",
+                chunk_query(&keyless, None, Some(&[vec!["1".into()]]), None, 5),
+                None,
+            ),
+        ];
+        for (what, got, want) in cases {
+            assert_eq!(got, want.map(|w| format!("{from}{w}")), "{what}");
+        }
+    }
 
     #[test]
     fn visibility_follows_the_snapshot() {

@@ -1085,25 +1085,13 @@ impl<'a> RangeShipper<'a> {
     }
 }
 
-/// Parses a batch id `origin/<topic>/<partition>/<first>-<last>`.
+/// Parses a batch id `origin/<topic>/<partition>/<first>-<last>` into (topic, partition,
+/// first, last).
 pub fn parse_batch_id(batch_id: &str) -> Result<(String, i32, i64, i64), ShipError> {
-    let bad = || {
-        ShipError::Permanent(format!(
-            "{batch_id:?} is not a batch id (origin/<topic>/<partition>/<first>-<last>)"
-        ))
-    };
-    let parts: Vec<&str> = batch_id.split('/').collect();
-    let [_, topic, partition, range] = parts.as_slice() else {
-        return Err(bad());
-    };
-    let partition: i32 = partition.parse().map_err(|_| bad())?;
-    let (first, last) = range.split_once('-').ok_or_else(bad)?;
-    Ok((
-        topic.to_string(),
-        partition,
-        first.parse().map_err(|_| bad())?,
-        last.parse().map_err(|_| bad())?,
-    ))
+    let id: manifest::BatchId = batch_id
+        .parse()
+        .map_err(|e: manifest::NotABatchId| ShipError::Permanent(e.to_string()))?;
+    Ok((id.topic, id.partition, id.first, id.last))
 }
 
 /// Re-ships exactly the origin range of a batch (`ferry reship --batch <id>`), under the same
@@ -1115,4 +1103,46 @@ pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipErro
         .ship_range(&topic, partition, first, last)
         .await?;
     Ok((events_in, events_out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed shipper finds what it shipped by reading the batch partition this computes,
+    /// so the mapping must never change between versions: pinned values (CRC-32 of
+    /// `<topic>/<partition>`, as Python's `zlib.crc32` computes it too).
+    #[test]
+    fn batch_partitions_are_stable_across_versions() {
+        for (topic, partition, partitions, expected) in [
+            ("ferry.public.items", 0, 3, 0),
+            ("ferry.public.items", 0, 4, 3),
+            ("ferry.public.items", 1, 4, 1),
+            ("ferry.public.items", 2, 4, 3),
+            ("ferry.public.orders", 0, 8, 6),
+            ("ferry.public.orders", 5, 8, 1),
+            ("it.x.public.t", 7, 12, 10),
+            ("it.x.public.t", 0, 1, 0),
+            ("it.x.public.t", 0, 0, 0),
+        ] {
+            assert_eq!(
+                batch_partition(topic, partition, partitions),
+                expected,
+                "{topic}/{partition} of {partitions}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_ids_from_the_command_line_are_checked() {
+        assert_eq!(
+            parse_batch_id("origin/ferry.public.t/2/10-20").expect("id"),
+            ("ferry.public.t".to_string(), 2, 10, 20)
+        );
+        let e = parse_batch_id("ferry.public.t/2/10-20").expect_err("not an id");
+        assert!(
+            !e.is_retryable() && e.to_string().contains("not a batch id"),
+            "{e}"
+        );
+    }
 }

@@ -118,7 +118,7 @@ async fn end_to_end_equal_idempotent_and_corruption_is_caught() {
     db.cfg.apply.on_corrupt = OnCorrupt::Quarantine;
 
     // A random mixed workload in transactions, some rows touched many times.
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     for _ in 0..60 {
@@ -418,7 +418,7 @@ async fn verify_finds_drift_and_repair_fixes_it() {
     db.cfg.apply.instance_id = "apply-1".into();
 
     // The whole pipeline runs: capture, ship and apply.
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     let (stop, rx) = watch::channel(false);
     let ship_task = {
         let cfg = db.cfg.clone();
@@ -537,7 +537,7 @@ async fn backfill_under_live_updates_ends_equal() {
     db.cfg.apply.group_id = format!("{}_apply", db.name);
     db.cfg.apply.instance_id = "apply-1".into();
 
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     let (stop, rx) = watch::channel(false);
     let ship_task = {
         let (cfg, rx) = (db.cfg.clone(), rx.clone());

@@ -16,7 +16,7 @@ async fn insert_update_delete_truncate_and_transactions() {
          ALTER TABLE audit REPLICA IDENTITY FULL;",
     )
     .await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     db.exec(
         "INSERT INTO acct VALUES (1, 'ann', 10), (2, 'bob', 20);
@@ -99,7 +99,7 @@ async fn unchanged_toast_is_marked_not_invented() {
          ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;",
     )
     .await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     db.exec(
         "INSERT INTO doc VALUES (1, 'a', repeat('x', 100000));
@@ -122,7 +122,7 @@ async fn unchanged_toast_is_marked_not_invented() {
 async fn idle_database_still_advances_the_slot() {
     let db = TestDb::new("idle").await;
     db.exec("CREATE TABLE quiet (id int PRIMARY KEY)").await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // No writes to captured tables at all: heartbeats alone must move the slot forward.
     let lsn = current_lsn(&db.session).await as u64;
@@ -136,7 +136,7 @@ async fn table_added_to_the_publication_is_picked_up_without_restart() {
     let mut db = TestDb::new("added").await;
     db.exec("CREATE TABLE first (id int PRIMARY KEY)").await;
     db.cfg.capture.tables = vec!["public.first".into()];
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     db.exec(
         "CREATE TABLE later (id int PRIMARY KEY, v text);
@@ -188,7 +188,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     db.cfg.capture.snapshot = false;
     db.cfg.backfill.min_rows_per_sec = 200.0;
     db.cfg.backfill.max_rows_per_sec = 400.0;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let table = ferry_schemas::TableId::new("public", "big");
     let (job, _) = ferry_pipeline::jobs::backfill::request_backfill(
@@ -228,7 +228,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     cap.stop().await;
 
     // Restart: still paused, still nothing read.
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let b = crate::support::capture_state(&db.cfg)
         .await

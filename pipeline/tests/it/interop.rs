@@ -197,7 +197,7 @@ async fn replicate(db: &mut crate::support::TestDb) -> ferry_connectors::postgre
     db.cfg.ship.linger_ms = 200;
     db.cfg.ship.max_events = 100;
     db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = crate::support::start_capture(&db.cfg);
+    let cap = crate::support::start_capture(&db.cfg).await;
     // The changes below must come after the slot, so that capture streams them.
     let deadline = Instant::now() + Duration::from_secs(60);
     while db.confirmed().await.is_none() {

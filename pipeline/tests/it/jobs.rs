@@ -100,7 +100,7 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
     db.cfg.backfill.sample_timeout_secs = 90;
     let dest_session = dest.connect().await.expect("destination");
 
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     let down = start_downstream(&db.cfg, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -279,7 +279,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     let mut db = TestDb::new("livepause").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
     pipeline_cfg(&mut db);
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     // Capture streams from its slot once it is up; rows before that are not its to capture.
     let lsn = db.sync_point().await;
     db.wait_confirmed(lsn, Duration::from_secs(60)).await;
@@ -492,7 +492,7 @@ async fn backfill_reads_chunks_from_a_hot_standby_and_ends_equal() {
     };
     let before = read_on_standby().await;
 
-    let cap = start_capture(&cfg);
+    let cap = start_capture(&cfg).await;
     let down = start_downstream(&cfg, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writer_pg = cfg.origin.postgres.clone();

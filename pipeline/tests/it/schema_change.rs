@@ -9,7 +9,7 @@ async fn add_drop_and_retype_columns_while_streaming() {
     let db = TestDb::new("ddl").await;
     db.exec("CREATE TABLE evolve (id int PRIMARY KEY, a int, b text)")
         .await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     db.exec(
         "INSERT INTO evolve VALUES (1, 1, 'one');

@@ -135,7 +135,7 @@ async fn workload(db: &TestDb) {
 async fn captured_workload(db: &TestDb) {
     db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
         .await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     workload(db).await;
     let lsn = db.sync_point().await;

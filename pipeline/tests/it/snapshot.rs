@@ -35,7 +35,7 @@ async fn snapshot_under_concurrent_updates_ends_equal() {
             }
         }));
     }
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     for w in writers {
         w.await.expect("writer");
     }

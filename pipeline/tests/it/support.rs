@@ -280,12 +280,34 @@ pub struct Running {
     pub stats: Arc<Stats>,
 }
 
-pub fn start_capture(cfg: &Config) -> Running {
+/// Starts capture in this process and waits (at most a minute, or until capture ends) for its
+/// replication slot: from then on every commit reaches the stream, so a test's changes and WAL
+/// messages are captured whatever the start-up cost (topic creation, leader election on a
+/// freshly started broker).
+pub async fn start_capture(cfg: &Config) -> Running {
     let (stop, rx) = watch::channel(false);
     let stats = Arc::new(Stats::default());
-    let cfg = cfg.clone();
+    let c = cfg.clone();
     let s = stats.clone();
-    let task = tokio::spawn(async move { capture::run(&cfg, SinkMode::Kafka, rx, s).await });
+    let task = tokio::spawn(async move { capture::run(&c, SinkMode::Kafka, rx, s).await });
+    if let Ok(session) = cfg.origin.postgres.connect().await {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !task.is_finished() && Instant::now() < deadline {
+            let exists = session
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&cfg.capture.slot],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            if exists {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Running { stop, task, stats }
 }
 

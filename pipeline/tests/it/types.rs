@@ -30,7 +30,7 @@ INSERT INTO types (id) VALUES (2);
 async fn every_type_round_trips_through_the_topic() {
     let db = TestDb::new("types").await;
     db.exec(DDL).await;
-    let cap = start_capture(&db.cfg);
+    let cap = start_capture(&db.cfg).await;
     // Rows written while streaming (not from the snapshot), so the stream decoder is tested.
     tokio::time::sleep(Duration::from_secs(2)).await;
     db.exec(ROW).await;
