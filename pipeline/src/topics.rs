@@ -25,13 +25,7 @@ use ferry_schemas::TableId;
 pub fn table_topic(prefix: &str, table: &TableId) -> String {
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if allowed(c) { c } else { '_' })
             .collect()
     };
     format!("{prefix}.{}.{}", clean(&table.schema), clean(&table.table))
@@ -52,6 +46,7 @@ pub fn is_table_topic(prefix: &str, topic: &str) -> bool {
         })
 }
 
+/// The characters a table topic keeps from a schema or table name; others become `_`.
 fn allowed(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
 }

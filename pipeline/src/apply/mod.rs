@@ -810,12 +810,13 @@ async fn replicate(
         let headers = match registry {
             // Cached after the first call; the shipper registered them before the batch.
             Some(reg) => (
-                match r.schema.has_key() {
-                    true => Some(WireHeader::Confluent(
+                if r.schema.has_key() {
+                    Some(WireHeader::Confluent(
                         reg.register(&subject(&topic, true), &r.schema.key_json)
                             .await?,
-                    )),
-                    false => None,
+                    ))
+                } else {
+                    None
                 },
                 WireHeader::Confluent(
                     reg.register(&subject(&topic, false), &r.schema.value_json)

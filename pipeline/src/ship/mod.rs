@@ -355,8 +355,8 @@ struct Buffer {
     records: Vec<Record>,
     bytes: usize,
     opened: Option<Instant>,
-    /// Offsets below this were shipped already (`None`: not yet recovered).
-    next: Option<i64>,
+    /// Whether what was shipped before is known (read from the batch topic once per buffer).
+    recovered: bool,
     /// The offset the next record must have (`None`: whatever comes first).
     expect: Option<i64>,
     /// Where this buffer last sought back to, to fill a gap (sought once per gap).
@@ -835,12 +835,11 @@ async fn run_once(
                 if buf.stopped {
                     continue;
                 }
-                if buf.next.is_none() {
+                if !buf.recovered {
                     let (d, bt, n, t, p) = (dest.clone(), batch_topic.clone(), cfg.ship.batch_partitions, tp.0.clone(), tp.1);
                     let end = tokio::task::spawn_blocking(move || shipped_end(&d, &bt, n, &t, p))
                         .await
                         .map_err(|e| ShipError::Unexpected(e.to_string()))??;
-                    let next = end.unwrap_or(0);
                     if let Some(e) = end {
                         if e > offset {
                             tracing::info!(topic = tp.0, partition = tp.1, resume = e, "skipping a range already shipped");
@@ -849,13 +848,11 @@ async fn run_once(
                             consumer.commit(&tpl, CommitMode::Sync).map_err(client("origin", "committing"))?;
                         }
                     }
-                    buf.next = Some(next);
+                    buf.recovered = true;
                     buf.expect = end;
                 }
-                if offset < buf.next.unwrap_or(0) {
-                    continue;
-                }
-                // Offsets must follow on from what was shipped. A gap means records were
+                // Offsets must follow on from what was shipped (earlier ones are skipped). A gap
+                // means records were
                 // dropped on the way here (a buffer reset under a rebalance): read them again.
                 // Still a gap after that, and they are gone from the origin topic.
                 if let Some(want) = buf.expect {
@@ -977,7 +974,7 @@ async fn flush(
                 "origin",
                 format!("committing {}[{}] at {next}", tp.0, tp.1),
             ))?;
-            buf.next = Some(next);
+            // `buf.expect` is `next` already: every buffered record moved it past itself.
             Ok(())
         }
         Err(e @ ShipError::Data { .. }) => {
