@@ -441,3 +441,231 @@ impl LagReader {
         Ok(rows)
     }
 }
+
+/// A topic and one of its partitions.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// `topic[partition]`.
+    pub fn new(topic: impl Into<String>, partition: i32) -> Self {
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// One record, as [`Cluster::read_partition`] hands it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadRecord {
+    /// Its offset.
+    pub offset: i64,
+    /// Its key (`None`: no key).
+    pub key: Option<Vec<u8>>,
+    /// Its value (`None`: a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// Its timestamp, epoch milliseconds, when it has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Which offsets a [`Cluster::read_partition`] reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    /// The first offset (`None`, or one below the log start: from the log start).
+    pub from: Option<i64>,
+    /// The offset to stop before (`None`, or one beyond it: the partition's end when the read
+    /// starts, its high watermark).
+    pub to: Option<i64>,
+}
+
+impl Span {
+    /// From the log start to the end.
+    pub const ALL: Span = Span {
+        from: None,
+        to: None,
+    };
+
+    /// From `from` to the end.
+    pub fn from(from: i64) -> Span {
+        Span {
+            from: Some(from),
+            to: None,
+        }
+    }
+
+    /// Offsets `from..to`.
+    pub fn between(from: i64, to: i64) -> Span {
+        Span {
+            from: Some(from),
+            to: Some(to),
+        }
+    }
+}
+
+/// What a [`Cluster::read_partition`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    /// The partition's log start offset when the read began.
+    pub low: i64,
+    /// Its high watermark then.
+    pub high: i64,
+    /// Whether the topic exists (a missing topic reads as empty).
+    pub exists: bool,
+}
+
+/// How long a read may go without a record before it reports the partition stalled.
+pub const READ_STALL: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    /// A partition's log start offset and high watermark; `None` when the topic (or the
+    /// partition) does not exist.
+    pub fn watermarks(&self, tp: &TopicPartition) -> Result<Option<(i64, i64)>, KafkaError> {
+        let reader = self.reader()?;
+        self.watermarks_with(&reader, tp)
+    }
+
+    fn watermarks_with(
+        &self,
+        reader: &Reader,
+        tp: &TopicPartition,
+    ) -> Result<Option<(i64, i64)>, KafkaError> {
+        match reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10)) {
+            Ok(w) => Ok(Some(w)),
+            Err(e) if unknown_topic(&e) => Ok(None),
+            Err(e) => Err(self.err(format!("reading the watermarks of {tp}"), e)),
+        }
+    }
+
+    /// Reads `span` of one partition, handing each record to `each` in offset order until it
+    /// returns false. The end is fixed when the read starts: records produced meanwhile are
+    /// not read. A partition that delivers nothing for [`READ_STALL`] before its end is an
+    /// error (retryable); a missing topic reads as empty. Blocking: see
+    /// [`Cluster::fold_partition`] for async callers.
+    pub fn read_partition(
+        &self,
+        tp: &TopicPartition,
+        span: Span,
+        mut each: impl FnMut(ReadRecord) -> bool,
+    ) -> Result<Read, KafkaError> {
+        let reader = self.reader()?;
+        let Some((low, high)) = self.watermarks_with(&reader, tp)? else {
+            return Ok(Read::default());
+        };
+        let read = Read {
+            low,
+            high,
+            exists: true,
+        };
+        let from = span.from.unwrap_or(low).max(low);
+        let to = span.to.unwrap_or(high).min(high);
+        if from >= to {
+            return Ok(read);
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&tp.topic, tp.partition, rdkafka::Offset::Offset(from))
+            .and_then(|()| reader.assign(&tpl))
+            .map_err(|e| self.err(format!("assigning {tp}"), e))?;
+        let mut last_record = std::time::Instant::now();
+        loop {
+            use rdkafka::Message;
+            match reader.poll(Duration::from_millis(200)) {
+                None => {
+                    if last_record.elapsed() > READ_STALL {
+                        return Err(self.err(
+                            format!("reading {tp}: nothing for {READ_STALL:?} before offset {to}"),
+                            RdError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                        ));
+                    }
+                }
+                // The end now: `to` lies beyond the last record (transaction markers, or
+                // records compacted away).
+                Some(Err(RdError::PartitionEOF(_))) => return Ok(read),
+                Some(Err(e)) => return Err(self.err(format!("reading {tp}"), e)),
+                Some(Ok(m)) => {
+                    last_record = std::time::Instant::now();
+                    if m.offset() >= to {
+                        return Ok(read);
+                    }
+                    let offset = m.offset();
+                    let go_on = each(ReadRecord {
+                        offset,
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                    if !go_on || offset + 1 >= to {
+                        return Ok(read);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Cluster::read_partition`] for async callers: runs on the blocking pool, folding every
+    /// record into `acc` (`each` returns whether to go on), and returns it.
+    pub async fn fold_partition<S: Send + 'static>(
+        &self,
+        tp: &TopicPartition,
+        span: Span,
+        mut acc: S,
+        mut each: impl FnMut(&mut S, ReadRecord) -> bool + Send + 'static,
+    ) -> Result<(S, Read), KafkaError> {
+        let tp = tp.clone();
+        self.blocking(format!("reading {tp}"), move |cluster| {
+            let read = cluster.read_partition(&tp, span, |r| each(&mut acc, r))?;
+            Ok((acc, read))
+        })
+        .await
+    }
+
+    /// A consumer group's position in every topic `wanted` picks ([`LagReader::read`]), for
+    /// async callers.
+    pub async fn group_lag(
+        &self,
+        group: &str,
+        wanted: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Result<Vec<TopicLag>, KafkaError> {
+        let group = group.to_string();
+        self.blocking(
+            format!("reading the position of group {group}"),
+            move |cluster| LagReader::new(cluster, &group)?.read(wanted),
+        )
+        .await
+    }
+
+    /// Runs blocking client work on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: String,
+        work: impl FnOnce(&Cluster) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, KafkaError> {
+        let cluster = self.clone();
+        tokio::task::spawn_blocking(move || work(&cluster))
+            .await
+            .map_err(|e| self.err(format!("{what}: the task ended: {e}"), RdError::Canceled))?
+    }
+}
+
+/// Whether the broker says a topic or partition does not exist.
+pub fn unknown_topic(e: &RdError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+        )
+    )
+}

@@ -4,6 +4,7 @@ use ferry_connectors::kafka::KafkaError;
 use ferry_connectors::postgres::changes::ChangeError;
 use ferry_connectors::registry::RegistryError;
 use ferry_schemas::{AvroError, Lsn};
+use rdkafka::error::KafkaError as RdError;
 
 /// Why capture stopped.
 #[derive(Debug, thiserror::Error)]
@@ -58,17 +59,9 @@ pub enum CaptureError {
     /// The source is not set up so that capture can work; the message says what to fix.
     #[error("{0}")]
     Setup(String),
-    /// Stored capture state could not be read.
-    #[error("state topic {topic}: {reason}")]
-    State {
-        /// The state topic.
-        topic: String,
-        /// What was wrong.
-        reason: String,
-        /// A broker that did not answer (or moved a partition's leader) rather than a stored
-        /// value that does not decode.
-        transient: bool,
-    },
+    /// Stored capture state or a control request could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl CaptureError {
@@ -81,7 +74,7 @@ impl CaptureError {
             // position, e.g. text that is not valid in the database's encoding. It fails the
             // same way every time; stop there rather than skip it.
             CaptureError::Replication { source, .. } => {
-                !source.to_string().contains("(SQLSTATE 22")
+                !replication_sqlstate(source).is_some_and(|code| code.starts_with("22"))
             }
             CaptureError::Change(e) => e.is_retryable(),
             CaptureError::Encode { .. } => false,
@@ -89,7 +82,62 @@ impl CaptureError {
             CaptureError::Registry(e) => e.is_retryable(),
             CaptureError::Delivery { permanent, .. } => !permanent,
             CaptureError::Setup(_) => false,
-            CaptureError::State { transient, .. } => *transient,
+            CaptureError::Store(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// The SQLSTATE of an error the server sent on the replication connection. The transport
+/// (pgwire-replication 0.5) keeps a server error as text only, which it formats as
+/// `<message> (SQLSTATE <code>)`; this reads the code back from that fixed form, so no other
+/// module looks at message text.
+pub fn replication_sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
+    let pgwire_replication::PgWireError::Server(text) = e else {
+        return None;
+    };
+    let code = text.rsplit_once("(SQLSTATE ")?.1.strip_suffix(')')?;
+    (code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(code)
+}
+
+/// Why a store (`crate::store`) could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The broker did not answer, or refused.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// A value was not acknowledged.
+    #[error("{topic}: writing {key}: {source}")]
+    Write {
+        /// The store's topic.
+        topic: String,
+        /// The key written.
+        key: String,
+        /// The client's error.
+        source: RdError,
+    },
+    /// A stored value does not decode: retrying reads the same bytes.
+    #[error("{topic} offset {offset}: {reason}")]
+    Corrupt {
+        /// The store's topic.
+        topic: String,
+        /// Where.
+        offset: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A request the store does not take (an action a key cannot have).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StoreError {
+    /// Whether a retry could help: an unreachable broker yes; corrupt values, refused requests
+    /// and records the broker will never take no.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Kafka(e) => e.is_retryable(),
+            StoreError::Write { source, .. } => !refused_for_good(source),
+            StoreError::Corrupt { .. } | StoreError::Refused(_) => false,
         }
     }
 }
@@ -157,4 +205,32 @@ pub fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
                 | C::InvalidTopic
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError;
+
+    #[test]
+    fn replication_errors_are_classified_by_their_sqlstate() {
+        let server = |t: &str| PgWireError::Server(t.into());
+        let bad_text = server("invalid byte sequence for encoding \"UTF8\": 0xff (SQLSTATE 22021)");
+        assert_eq!(replication_sqlstate(&bad_text), Some("22021"));
+        let busy = server("replication slot \"s\" is active for PID 7 (SQLSTATE 55006)");
+        assert_eq!(replication_sqlstate(&busy), Some("55006"));
+        assert_eq!(replication_sqlstate(&server("no code here")), None);
+        assert_eq!(replication_sqlstate(&server("(SQLSTATE 2202)")), None);
+        assert_eq!(
+            replication_sqlstate(&PgWireError::Protocol("(SQLSTATE 22021)".into())),
+            None
+        );
+        let err = |source| CaptureError::Replication {
+            slot: "s".into(),
+            source,
+        };
+        assert!(!err(bad_text).is_retryable());
+        assert!(err(busy).is_retryable());
+        assert!(err(PgWireError::Internal("stream ended".into())).is_retryable());
+    }
 }

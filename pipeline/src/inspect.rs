@@ -6,20 +6,37 @@ use std::path::Path;
 use std::time::Duration;
 
 use apache_avro::Schema;
-use ferry_connectors::kafka::Cluster;
+use ferry_connectors::kafka::{Cluster, KafkaError, Span, TopicPartition};
 use ferry_connectors::registry::SchemaRegistry;
 use ferry_schemas::Header;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError as RdError;
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// A failure while inspecting.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct InspectError(pub String);
+pub enum InspectError {
+    /// The cluster did not answer, or refused.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The topic does not exist.
+    #[error("topic {0} does not exist")]
+    MissingTopic(String),
+    /// A record that does not decode, a file that cannot be written, a wrong argument.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl InspectError {
+    /// Whether a retry could help (only when the cluster did not answer).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            InspectError::Kafka(e) => e.is_retryable(),
+            InspectError::MissingTopic(_) | InspectError::Other(_) => false,
+        }
+    }
+}
 
 fn ie(e: impl std::fmt::Display) -> InspectError {
-    InspectError(e.to_string())
+    InspectError::Other(e.to_string())
 }
 
 /// One record as read back: partition, offset, key, value.
@@ -43,90 +60,36 @@ pub fn read_all(
 }
 
 /// Hands every record of a topic (or of one of its partitions), up to the end it has when the
-/// call starts, to `each`, one at a time (nothing is held in memory); `each` returns whether to
-/// go on. Fails when a partition delivers nothing for a minute before reaching its end.
+/// call starts, to `each`, one at a time and partition by partition (nothing is held in
+/// memory); `each` returns whether to go on. Fails when a partition delivers nothing for a
+/// minute before reaching its end.
 pub fn scan(
     cluster: &Cluster,
     topic: &str,
     partition: Option<i32>,
     mut each: impl FnMut(RawRecord) -> bool,
 ) -> Result<(), InspectError> {
-    const STALL: Duration = Duration::from_secs(60);
-    let consumer = cluster.reader().map_err(ie)?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(ie)?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(InspectError(format!("topic {topic} does not exist")));
+    let count = cluster.partition_count(topic, Duration::from_secs(10))?;
+    if count == 0 {
+        return Err(InspectError::MissingTopic(topic.to_string()));
     }
     let partitions: Vec<i32> = match partition {
-        Some(p) if partitions.contains(&p) => vec![p],
+        Some(p) if (0..count).contains(&p) => vec![p],
         Some(p) => {
-            return Err(InspectError(format!(
-                "topic {topic} has no partition {p} (it has {})",
-                partitions.len()
+            return Err(InspectError::Other(format!(
+                "topic {topic} has no partition {p} (it has {count})"
             )))
         }
-        None => partitions,
+        None => (0..count).collect(),
     };
-    let mut tpl = TopicPartitionList::new();
-    // Per partition with records, the offset after its last record now.
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    for &p in &partitions {
-        let (lo, hi) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(ie)?;
-        if hi > lo {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(ie)?;
-            ends.insert(p, hi);
-        }
-    }
-    if ends.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&tpl).map_err(ie)?;
-    let mut last_progress = std::time::Instant::now();
-    while !ends.is_empty() {
-        if last_progress.elapsed() > STALL {
-            return Err(InspectError(format!(
-                "timed out reading {topic}: nothing for {STALL:?} from partitions {:?}, \
-                 which have not reached their end",
-                ends.keys().collect::<Vec<_>>()
-            )));
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(RdError::PartitionEOF(p))) => {
-                ends.remove(&p);
-            }
-            Some(Err(e)) => return Err(ie(e)),
-            Some(Ok(m)) => {
-                last_progress = std::time::Instant::now();
-                let p = m.partition();
-                let Some(&end) = ends.get(&p) else { continue };
-                if m.offset() + 1 >= end {
-                    ends.remove(&p);
-                }
-                if m.offset() >= end {
-                    continue;
-                }
-                let record = (
-                    p,
-                    m.offset(),
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().map(<[u8]>::to_vec),
-                );
-                if !each(record) {
-                    return Ok(());
-                }
-            }
+    let mut go_on = true;
+    for p in partitions {
+        cluster.read_partition(&TopicPartition::new(topic, p), Span::ALL, |r| {
+            go_on = each((p, r.offset, r.key, r.value));
+            go_on
+        })?;
+        if !go_on {
+            break;
         }
     }
     Ok(())
@@ -152,12 +115,13 @@ pub fn load_schemas(
 
 /// Writes every schema as `<fingerprint>.avsc` into `dir`; returns how many.
 pub fn export_schemas(cluster: &Cluster, prefix: &str, dir: &Path) -> Result<usize, InspectError> {
-    std::fs::create_dir_all(dir).map_err(|e| InspectError(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| InspectError::Other(format!("{}: {e}", dir.display())))?;
     let schemas = load_schemas(cluster, prefix)?;
     for (fp, json) in &schemas {
         let path = dir.join(format!("{fp}.avsc"));
         std::fs::write(&path, json)
-            .map_err(|e| InspectError(format!("{}: {e}", path.display())))?;
+            .map_err(|e| InspectError::Other(format!("{}: {e}", path.display())))?;
     }
     Ok(schemas.len())
 }
@@ -195,12 +159,12 @@ impl Decoder {
             let json: String = match header {
                 Header::SingleObject(fp) => {
                     self.schemas.get(&fp.to_string()).cloned().ok_or_else(|| {
-                        InspectError(format!("schema {fp} is not in the schema topic"))
+                        InspectError::Other(format!("schema {fp} is not in the schema topic"))
                     })?
                 }
                 Header::Confluent(id) => {
                     let registry = self.registry.as_ref().ok_or_else(|| {
-                        InspectError(format!(
+                        InspectError::Other(format!(
                             "record names schema id {id} (Confluent wire format) but no schema \
                              registry is configured"
                         ))
@@ -214,13 +178,13 @@ impl Decoder {
         let schema = self
             .cache
             .get(&header)
-            .ok_or_else(|| InspectError("schema cache".into()))?;
+            .ok_or_else(|| InspectError::Other("schema cache".into()))?;
         let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
             .build()
             .and_then(|r| r.read_value(&mut body))
             .map_err(ie)?;
         if !body.is_empty() {
-            return Err(InspectError(format!(
+            return Err(InspectError::Other(format!(
                 "record with {header} has {} bytes after its body",
                 body.len()
             )));
@@ -234,7 +198,7 @@ pub fn topic_counts(
     cluster: &Cluster,
     prefix: &str,
 ) -> Result<Vec<(String, usize, i64)>, InspectError> {
-    let consumer = cluster.reader().map_err(ie)?;
+    let consumer = cluster.reader()?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(ie)?;

@@ -33,14 +33,16 @@
 //! Lowest first; a module uses only modules above it in this list ([`layers`] checks it).
 //! - vocabulary: [`error`], [`topics`] (every topic name), [`config`], [`wal`] (every message
 //!   Ferry writes into the WAL), [`record`] (a change as table-topic records);
-//! - plumbing the stages share: [`runtime`] (the retry policy, failpoints), [`inspect`]
+//! - plumbing the stages share: [`runtime`] (the retry policy, failpoints, the metrics text), [`inspect`]
 //!   (reading topics), [`batch`] (the shipped-batch format), [`store`] (state and the pause
 //!   gate in compacted topics), [`throttle`] (the controller and its signals);
-//! - the stages: [`capture`] (with its sink and snapshots), [`ship`] (with compaction and SQL
+//! - the stages, each a loop struct with one handler per event, its errors, counters and
+//!   metrics: [`capture`] (with its sink and snapshots), [`ship`] (with compaction and SQL
 //!   transforms), [`apply`];
 //! - operator work: [`verify`] (comparing origin and destination), [`jobs`] (backfill, replay,
 //!   control routing, `ferry jobs`);
-//! - [`cli`]: what an operator types and reads (`check`, `status`, `/metrics`).
+//! - [`cli`]: what an operator types and reads: every command ([`cli::command`]), `check`,
+//!   `status`, the job table, `/metrics`.
 
 pub mod apply;
 pub mod batch;

@@ -9,13 +9,79 @@ use std::collections::BTreeMap;
 use ferry_connectors::postgres::{quote_ident, quote_literal, PgConfig, Session};
 use ferry_schemas::TableId;
 
+/// Why a comparison could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A query failed.
+    #[error("postgres {target}: {action}: {source}")]
+    Postgres {
+        /// `host:port/db`.
+        target: String,
+        /// What was being done.
+        action: String,
+        /// The driver's error.
+        source: tokio_postgres::Error,
+    },
+    /// The table cannot be compared as it is (missing, no key, columns missing at the
+    /// destination).
+    #[error("{0}")]
+    Table(String),
+    /// Writing the repair request failed.
+    #[error(transparent)]
+    Capture(#[from] crate::error::CaptureError),
+}
+
+impl VerifyError {
+    /// Whether a retry could help (a lost connection, a passing database condition).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            VerifyError::Postgres { source, .. } => crate::error::passing(source),
+            VerifyError::Table(_) => false,
+            VerifyError::Capture(e) => e.is_retryable(),
+        }
+    }
+}
+
+fn db(
+    target: &str,
+    action: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
+    let (target, action) = (target.to_string(), action.into());
+    move |source| VerifyError::Postgres {
+        target,
+        action,
+        source,
+    }
+}
+
 /// One row that differs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mismatch {
     /// The key, as the text of each key column.
     pub key: Vec<String>,
-    /// `missing in destination`, `extra in destination` or `differs`.
-    pub kind: &'static str,
+    /// How it differs.
+    pub kind: Difference,
+}
+
+/// How a row differs between the origin and the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Difference {
+    /// In the origin only.
+    Missing,
+    /// In the destination only.
+    Extra,
+    /// In both, with different values.
+    Differs,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Difference::Missing => "missing in destination",
+            Difference::Extra => "extra in destination",
+            Difference::Differs => "differs",
+        })
+    }
 }
 
 /// The outcome of a comparison.
@@ -33,6 +99,8 @@ pub struct Report {
 
 struct Side {
     session: Session,
+    /// `host:port/db`, for errors.
+    target: String,
     q: String,
     /// An extra condition every query of this comparison carries (`true`: the whole table).
     scope: String,
@@ -42,11 +110,13 @@ struct Side {
 }
 
 impl Side {
-    async fn open(pg: &PgConfig, table: &TableId, only: Option<&[String]>) -> Result<Side, String> {
-        let session = pg
-            .connect()
-            .await
-            .map_err(|e| format!("{}: {e}", pg.display()))?;
+    async fn open(
+        pg: &PgConfig,
+        table: &TableId,
+        only: Option<&[String]>,
+    ) -> Result<Side, VerifyError> {
+        let target = pg.display();
+        let session = pg.connect().await.map_err(db(&target, "connecting"))?;
         let q = format!(
             "{}.{}",
             quote_ident(&table.schema),
@@ -62,9 +132,11 @@ impl Side {
                 &[&q],
             )
             .await
-            .map_err(|e| format!("{}: reading columns of {q}: {e}", pg.display()))?;
+            .map_err(db(&target, format!("reading columns of {q}")))?;
         if rows.is_empty() {
-            return Err(format!("{q} does not exist in {}", pg.display()));
+            return Err(VerifyError::Table(format!(
+                "{q} does not exist in {target}"
+            )));
         }
         let mut columns = Vec::new();
         let mut keys = Vec::new();
@@ -79,10 +151,13 @@ impl Side {
             columns.push((name, ty));
         }
         if keys.is_empty() {
-            return Err(format!("{q} has no primary key in {}", pg.display()));
+            return Err(VerifyError::Table(format!(
+                "{q} has no primary key in {target}"
+            )));
         }
         Ok(Side {
             session,
+            target,
             q,
             scope: "true".into(),
             columns,
@@ -140,7 +215,7 @@ impl Side {
         &self,
         lo: Option<&[String]>,
         hi: Option<&[String]>,
-    ) -> Result<(i64, String), String> {
+    ) -> Result<(i64, String), VerifyError> {
         let sql = format!(
             "SELECT count(*), coalesce(md5(string_agg({}, E'\\n' ORDER BY {})), '') FROM {} WHERE {}",
             self.row_text(),
@@ -152,7 +227,7 @@ impl Side {
             .session
             .query_one(&sql, &[])
             .await
-            .map_err(|e| format!("hashing {}: {e}", self.q))?;
+            .map_err(db(&self.target, format!("hashing {}", self.q)))?;
         Ok((r.get(0), r.get(1)))
     }
 
@@ -162,7 +237,7 @@ impl Side {
         lo: Option<&[String]>,
         hi: Option<&[String]>,
         step: i64,
-    ) -> Result<Vec<Vec<String>>, String> {
+    ) -> Result<Vec<Vec<String>>, VerifyError> {
         let keys = self.key_texts();
         let sql = format!(
             "SELECT {cols} FROM (SELECT {keys}, row_number() OVER (ORDER BY {order}) AS _rn FROM {q} WHERE {pred}) s
@@ -177,7 +252,7 @@ impl Side {
             .session
             .query(&sql, &[])
             .await
-            .map_err(|e| format!("splitting {}: {e}", self.q))?;
+            .map_err(db(&self.target, format!("splitting {}", self.q)))?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -192,7 +267,7 @@ impl Side {
         &self,
         lo: Option<&[String]>,
         hi: Option<&[String]>,
-    ) -> Result<BTreeMap<Vec<String>, String>, String> {
+    ) -> Result<BTreeMap<Vec<String>, String>, VerifyError> {
         let keys = self.key_texts();
         let sql = format!(
             "SELECT {}, md5({}) FROM {} WHERE {} ORDER BY {}",
@@ -206,7 +281,7 @@ impl Side {
             .session
             .query(&sql, &[])
             .await
-            .map_err(|e| format!("reading {}: {e}", self.q))?;
+            .map_err(db(&self.target, format!("reading {}", self.q)))?;
         let n = self.keys.len();
         Ok(rows
             .iter()
@@ -242,7 +317,7 @@ pub async fn verify(
     origin: &PgConfig,
     destination: &PgConfig,
     table: &TableId,
-) -> Result<Report, String> {
+) -> Result<Report, VerifyError> {
     verify_scope(origin, destination, table, &Scope::default()).await
 }
 
@@ -252,7 +327,7 @@ pub async fn verify_scope(
     destination: &PgConfig,
     table: &TableId,
     scope: &Scope,
-) -> Result<Report, String> {
+) -> Result<Report, VerifyError> {
     let mut o = Side::open(origin, table, None).await?;
     let names: Vec<String> = o.columns.iter().map(|(c, _)| c.clone()).collect();
     let mut d = Side::open(destination, table, Some(&names)).await?;
@@ -267,7 +342,7 @@ pub async fn verify_scope(
         side.scope = parts.join(" AND ");
     }
     if d.columns.len() != o.columns.len() {
-        return Err(format!(
+        return Err(VerifyError::Table(format!(
             "the destination lacks columns of {table}: origin has {}, destination {}",
             names.join(", "),
             d.columns
@@ -275,7 +350,7 @@ pub async fn verify_scope(
                 .map(|(c, _)| c.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )));
     }
     let mut report = Report {
         origin_rows: o.hash(None, None).await?.0,
@@ -309,11 +384,11 @@ pub async fn verify_scope(
                 match rd.get(k) {
                     None => report.mismatches.push(Mismatch {
                         key: k.clone(),
-                        kind: "missing in destination",
+                        kind: Difference::Missing,
                     }),
                     Some(x) if x != h => report.mismatches.push(Mismatch {
                         key: k.clone(),
-                        kind: "differs",
+                        kind: Difference::Differs,
                     }),
                     _ => {}
                 }
@@ -321,7 +396,7 @@ pub async fn verify_scope(
             for k in rd.keys().filter(|k| !ro.contains_key(*k)) {
                 report.mismatches.push(Mismatch {
                     key: k.clone(),
-                    kind: "extra in destination",
+                    kind: Difference::Extra,
                 });
             }
             continue;
@@ -354,7 +429,7 @@ pub async fn request_repair(
     cfg: &crate::config::Config,
     table: &TableId,
     mismatches: &[Mismatch],
-) -> Result<(), String> {
+) -> Result<(), VerifyError> {
     let request = crate::wal::RepairRequest::new(
         &cfg.capture.slot,
         table,
@@ -362,8 +437,6 @@ pub async fn request_repair(
     );
     let pg = &cfg.origin.postgres;
     let target = pg.display();
-    let s = pg.connect().await.map_err(|e| format!("{target}: {e}"))?;
-    crate::wal::emit_json(&s, &target, crate::wal::Kind::Repair, &request)
-        .await
-        .map_err(|e| e.to_string())
+    let s = pg.connect().await.map_err(db(&target, "connecting"))?;
+    Ok(crate::wal::emit_json(&s, &target, crate::wal::Kind::Repair, &request).await?)
 }

@@ -112,6 +112,24 @@ pub async fn emit_json<T: serde::Serialize>(
     emit(client, target, kind, &body).await
 }
 
+/// A request addressed to one capture pipeline.
+pub trait ForSlot {
+    /// The slot of the pipeline it is for.
+    fn slot(&self) -> &str;
+}
+
+macro_rules! for_slot {
+    ($($t:ty),*) => {$(
+        impl ForSlot for $t {
+            fn slot(&self) -> &str {
+                &self.slot
+            }
+        }
+    )*};
+}
+
+for_slot!(JobControl, BackfillRequest, RepairRequest);
+
 /// Pause, resume or cancel a backfill job; carried through the WAL so it takes effect in stream
 /// order and survives restarts through the capture state.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -120,8 +138,51 @@ pub struct JobControl {
     pub slot: String,
     /// Job name.
     pub job: String,
-    /// `pause`, `resume` or `cancel`.
-    pub action: String,
+    /// What to do.
+    pub action: JobAction,
+}
+
+/// What an operator (or a sample check) asks of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobAction {
+    /// Hold: read nothing more until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Stop for good.
+    Cancel,
+    /// A staged backfill's sample verified: go on (backfills only).
+    SamplePassed,
+    /// A staged backfill's sample did not verify: stop (backfills only).
+    SampleFailed,
+}
+
+impl JobAction {
+    /// The actions an operator gives by name (`ferry pause|resume|cancel`, `POST /jobs/…`).
+    pub const OPERATOR: [JobAction; 3] = [JobAction::Pause, JobAction::Resume, JobAction::Cancel];
+
+    /// Its name on the wire and the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobAction::Pause => "pause",
+            JobAction::Resume => "resume",
+            JobAction::Cancel => "cancel",
+            JobAction::SamplePassed => "sample-passed",
+            JobAction::SampleFailed => "sample-failed",
+        }
+    }
+
+    /// The operator action called `name`.
+    pub fn operator(name: &str) -> Option<JobAction> {
+        JobAction::OPERATOR.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for JobAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A request to backfill a table.
@@ -187,6 +248,30 @@ mod tests {
         assert_eq!(p.len(), Kind::ALL.len());
         assert_eq!(Kind::of("ferry.other"), None);
         assert_eq!(Kind::of("ferry.backfill.x"), None);
+    }
+
+    #[test]
+    fn job_actions_travel_by_name() {
+        for a in [
+            JobAction::Pause,
+            JobAction::Resume,
+            JobAction::Cancel,
+            JobAction::SamplePassed,
+            JobAction::SampleFailed,
+        ] {
+            let json = serde_json::to_string(&a).expect("encodes");
+            assert_eq!(json, format!("\"{a}\""));
+            assert_eq!(
+                serde_json::from_str::<JobAction>(&json).expect("decodes"),
+                a
+            );
+        }
+        assert_eq!(JobAction::operator("pause"), Some(JobAction::Pause));
+        assert_eq!(JobAction::operator("sample-passed"), None);
+        assert!(
+            serde_json::from_str::<JobControl>(r#"{"slot":"s","job":"j","action":"explode"}"#)
+                .is_err()
+        );
     }
 
     #[test]

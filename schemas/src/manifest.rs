@@ -48,6 +48,54 @@ pub struct Manifest {
     pub created_at_us: i64,
 }
 
+/// What a shipped batch carries: its manifest's `kind`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ManifestKind {
+    /// Compacted change rows of one origin range (`changes`): what apply applies.
+    Changes,
+    /// The output of a named ship transform over that range (`aggregate:<name>`).
+    Aggregate(String),
+    /// A kind this version does not know (a newer shipper's).
+    Other(String),
+}
+
+impl ManifestKind {
+    /// The kind a manifest's `kind` field names.
+    pub fn parse(kind: &str) -> ManifestKind {
+        match kind {
+            "changes" => ManifestKind::Changes,
+            _ => match kind.strip_prefix("aggregate:") {
+                Some(name) => ManifestKind::Aggregate(name.to_string()),
+                None => ManifestKind::Other(kind.to_string()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ManifestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestKind::Changes => f.write_str("changes"),
+            ManifestKind::Aggregate(name) => write!(f, "aggregate:{name}"),
+            ManifestKind::Other(kind) => f.write_str(kind),
+        }
+    }
+}
+
+impl Manifest {
+    /// Its kind.
+    pub fn kind(&self) -> ManifestKind {
+        ManifestKind::parse(&self.kind)
+    }
+
+    /// Whether it carries the change rows of a range of `topic[partition]`.
+    pub fn covers_changes_of(&self, topic: &str, partition: i32) -> bool {
+        self.kind() == ManifestKind::Changes
+            && self.origin_topic == topic
+            && self.origin_partition == partition
+    }
+}
+
 /// The deterministic id of a batch covering `first..=last` of an origin partition.
 pub fn batch_id(cluster: &str, topic: &str, partition: i32, first: i64, last: i64) -> String {
     BatchId {
@@ -223,7 +271,7 @@ impl Manifest {
             self.first_offset,
             self.last_offset,
         );
-        if self.kind == "changes" && self.batch_id != expected {
+        if self.kind() == ManifestKind::Changes && self.batch_id != expected {
             return Err(mismatch(format!(
                 "batch id does not match its range ({expected})"
             )));
@@ -276,6 +324,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn manifest_kinds_round_trip() {
+        for kind in [
+            ManifestKind::Changes,
+            ManifestKind::Aggregate("per_region".into()),
+            ManifestKind::Other("rows-v2".into()),
+        ] {
+            assert_eq!(ManifestKind::parse(&kind.to_string()), kind);
+        }
+        assert_eq!(ManifestKind::Changes.to_string(), "changes");
+    }
+
+    #[test]
     fn batch_ids_round_trip_and_reject_what_is_not_one() {
         let id = BatchId {
             cluster: "origin".into(),
@@ -308,7 +368,7 @@ mod tests {
     fn manifest(payload: &[u8]) -> Manifest {
         Manifest {
             batch_id: batch_id("origin", "ferry.public.t", 2, 100, 199),
-            kind: "changes".into(),
+            kind: ManifestKind::Changes.to_string(),
             origin_cluster: "origin".into(),
             origin_topic: "ferry.public.t".into(),
             origin_partition: 2,

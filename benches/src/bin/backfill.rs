@@ -136,19 +136,13 @@ fn pgbench(pg: &PgConfig, args: &Args, dir: &Path, warmup: u32) -> Result<Load> 
 
 /// Rows the job had done, from the capture state.
 async fn rows_done(cfg: &Config, job: &str) -> Result<u64> {
-    let (cfg, job) = (cfg.clone(), job.to_string());
-    Ok(tokio::task::spawn_blocking(move || {
-        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-        state::load(
-            &origin,
-            &topics::state_topic(&cfg.capture.topic_prefix),
-            &cfg.capture.slot,
-        )
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let topic = topics::state_topic(&cfg.capture.topic_prefix);
+    Ok(state::load(&origin, &topic, &cfg.capture.slot)
+        .await
         .ok()
-        .and_then(|s| s.backfills.get(&job).map(|b| b.rows))
-        .unwrap_or(0)
-    })
-    .await?)
+        .and_then(|s| s.backfills.get(job).map(|b| b.rows))
+        .unwrap_or(0))
 }
 
 /// Seconds of load before the measured window: the throttle's canary baseline takes one
@@ -186,7 +180,7 @@ async fn backfill_rate(
     };
     let secs = t0.elapsed().as_secs_f64();
     let r1 = rows_done(cfg, job).await?;
-    backfill::control_job(cfg, job, "cancel").await?;
+    backfill::control_job(cfg, job, ferry_pipeline::wal::JobAction::Cancel).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(((r1 - r0) as f64 / secs, load))
 }

@@ -18,16 +18,20 @@
 //! topics are at-least-once: a crash between their acks and the offset commit repeats records,
 //! which consumers recognise by `source.lsn`/`source.seq`.
 
+pub mod stats;
+
+pub use stats::ApplyStats;
+
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_connectors::kafka::{Cluster, TopicSpec};
+use ferry_connectors::kafka::{Cluster, KafkaError, Span, TopicPartition, TopicSpec};
 use ferry_connectors::postgres::pgtext::to_text;
 use ferry_connectors::postgres::{quote_ident, PgConfig, Session};
 use ferry_connectors::registry::{subject, SchemaRegistry};
-use ferry_schemas::manifest::{self, Manifest};
+use ferry_schemas::manifest::{self, Manifest, ManifestKind};
 use ferry_schemas::{
     ChangeEvent, ColumnType, EncodedSchema, Header as WireHeader, Op, TableId, TableSchema,
 };
@@ -41,26 +45,74 @@ use tokio_postgres::types::Type;
 use crate::batch::payload;
 use crate::batch::Run;
 use crate::config::{Config, OnCorrupt};
-use crate::ship::{client, Registry, ShipError};
+use crate::ship::{Registry, ShipError};
 
-/// Live counters of an applier.
-#[derive(Debug, Default)]
-pub struct ApplyStats {
-    /// Batches applied.
-    pub batches_applied_total: AtomicU64,
-    /// Batches skipped because they were applied before.
-    pub batches_duplicate_total: AtomicU64,
-    /// Batches that failed verification.
-    pub batches_quarantined_total: AtomicU64,
-    /// Rows written (inserted or updated) in the destination database.
-    pub rows_written_total: AtomicU64,
-    /// Rows deleted.
-    pub rows_deleted_total: AtomicU64,
-    /// Changes ignored because the destination already held a newer position.
-    pub rows_stale_total: AtomicU64,
-    /// Partitions stopped on a corrupt batch.
-    pub stopped: Mutex<Vec<String>>,
+/// Why applying stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A Kafka operation failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// A client call on the destination cluster failed.
+    #[error("kafka destination: {action}: {source}")]
+    Client {
+        /// What was being done.
+        action: String,
+        /// The client's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// A statement in the destination database failed.
+    #[error("postgres {target}: {action}: {source}")]
+    Postgres {
+        /// `host:port/db`.
+        target: String,
+        /// What was being done.
+        action: String,
+        /// The driver's error.
+        source: tokio_postgres::Error,
+    },
+    /// The destination's schema registry refused or did not answer.
+    #[error(transparent)]
+    Registry(#[from] ferry_connectors::registry::RegistryError),
+    /// The destination's schema topic could not be read.
+    #[error(transparent)]
+    Schemas(#[from] ShipError),
+    /// Something retrying cannot change: a destination table without a key, a row that does
+    /// not encode, a lineage key of the wrong shape.
+    #[error("{0}")]
+    Permanent(String),
 }
+
+impl ApplyError {
+    /// Whether a retry could help: brokers and connections yes; refused statements (by
+    /// SQLSTATE class, [`crate::error::passing`]), refused records and setup no.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApplyError::Kafka(e) => e.is_retryable(),
+            ApplyError::Client { source, .. } => !crate::error::refused_for_good(source),
+            ApplyError::Postgres { source, .. } => crate::error::passing(source),
+            ApplyError::Registry(e) => e.is_retryable(),
+            ApplyError::Schemas(e) => e.is_retryable(),
+            ApplyError::Permanent(_) => false,
+        }
+    }
+}
+
+impl crate::runtime::retry::Retryable for ApplyError {
+    fn is_retryable(&self) -> bool {
+        ApplyError::is_retryable(self)
+    }
+}
+
+fn client_err(action: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> ApplyError {
+    let action = action.into();
+    move |source| ApplyError::Client { action, source }
+}
+
+/// Why a batch failed verification: it is quarantined with this reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
 
 /// Verifies a batch record completely before anything of it is used: framing and both
 /// checksums, manifest consistency, payload decoding with known schemas, row count, offsets and
@@ -68,58 +120,58 @@ pub struct ApplyStats {
 pub fn verify(
     value: &[u8],
     schema_of: impl Fn(&str) -> Option<Arc<EncodedSchema>>,
-) -> Result<(Manifest, Vec<Run>), String> {
-    let (m, payload_bytes) = manifest::unframe(value).map_err(|e| e.to_string())?;
-    if m.kind != "changes" {
-        return Err(format!("kind {:?} is not a change batch", m.kind));
+) -> Result<(Manifest, Vec<Run>), Rejected> {
+    let (m, payload_bytes) = manifest::unframe(value).map_err(|e| Rejected(e.to_string()))?;
+    if m.kind() != ManifestKind::Changes {
+        return Err(Rejected(format!("kind {:?} is not a change batch", m.kind)));
     }
     if m.codec != payload::CODEC {
-        return Err(format!("unknown codec {:?}", m.codec));
+        return Err(Rejected(format!("unknown codec {:?}", m.codec)));
     }
     for fp in &m.schema_fingerprints {
         if schema_of(fp).is_none() {
-            return Err(format!(
+            return Err(Rejected(format!(
                 "schema {fp} is not in the destination schema topic"
-            ));
+            )));
         }
     }
     let runs = payload::decode(
         payload_bytes,
         usize::try_from(m.uncompressed_bytes)
-            .map_err(|_| "negative uncompressed size".to_string())?,
+            .map_err(|_| Rejected("negative uncompressed size".into()))?,
         &m.schema_fingerprints,
         &m.source_region,
         &schema_of,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Rejected(e.to_string()))?;
     let rows: usize = runs.iter().map(|r| r.events.len()).sum();
     if rows as i64 != m.events_out {
-        return Err(format!(
+        return Err(Rejected(format!(
             "payload has {rows} rows, manifest says {}",
             m.events_out
-        ));
+        )));
     }
     for r in &runs {
         if r.schema.table().id.to_string() != m.table {
-            return Err(format!(
+            return Err(Rejected(format!(
                 "payload holds {}, manifest says {}",
                 r.schema.table().id,
                 m.table
-            ));
+            )));
         }
         for (offset, e) in &r.events {
             if *offset < m.first_offset || *offset > m.last_offset {
-                return Err(format!(
+                return Err(Rejected(format!(
                     "row at origin offset {offset} is outside {}-{}",
                     m.first_offset, m.last_offset
-                ));
+                )));
             }
             let lsn = e.source.lsn as i64;
             if lsn < m.min_lsn || lsn > m.max_lsn {
-                return Err(format!(
+                return Err(Rejected(format!(
                     "row at LSN {lsn} is outside the manifest's {}-{}",
                     m.min_lsn, m.max_lsn
-                ));
+                )));
             }
         }
     }
@@ -181,20 +233,18 @@ pub struct DestDb {
 
 /// A Postgres error with its target and action; lost connections and passing conditions
 /// ([`crate::error::passing`]) are retried, anything else is not.
-fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> ShipError {
-    let msg = format!("postgres {target}: {action}");
-    move |e| {
-        if crate::error::passing(&e) {
-            ShipError::Unavailable(format!("{msg}: {e}"))
-        } else {
-            ShipError::Permanent(format!("{msg}: {e}"))
-        }
+fn db_err(target: &str, action: &str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+    let (target, action) = (target.to_string(), action.to_string());
+    move |source| ApplyError::Postgres {
+        target,
+        action,
+        source,
     }
 }
 
 impl DestDb {
     /// Connects and creates Ferry's bookkeeping tables when missing.
-    pub async fn connect(pg: &PgConfig) -> Result<DestDb, ShipError> {
+    pub async fn connect(pg: &PgConfig) -> Result<DestDb, ApplyError> {
         let target = pg.display();
         let session = pg.connect().await.map_err(db_err(&target, "connecting"))?;
         session
@@ -221,9 +271,9 @@ impl DestDb {
     }
 
     /// Creates the table when missing and adds columns it lacks.
-    async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ShipError> {
+    async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ApplyError> {
         if t.key_indexes().is_empty() {
-            return Err(ShipError::Permanent(format!(
+            return Err(ApplyError::Permanent(format!(
                 "{} has no key; it cannot be applied idempotently",
                 t.id
             )));
@@ -292,7 +342,7 @@ impl DestDb {
         &mut self,
         sql: String,
         params: usize,
-    ) -> Result<tokio_postgres::Statement, ShipError> {
+    ) -> Result<tokio_postgres::Statement, ApplyError> {
         if let Some(s) = self.statements.get(&sql) {
             return Ok(s.clone());
         }
@@ -307,7 +357,7 @@ impl DestDb {
     }
 
     /// Whether a batch was applied before.
-    pub async fn has(&mut self, batch_id: &str) -> Result<bool, ShipError> {
+    pub async fn has(&mut self, batch_id: &str) -> Result<bool, ApplyError> {
         let t = self.target.clone();
         let row = self
             .session
@@ -327,7 +377,7 @@ impl DestDb {
         m: &Manifest,
         runs: &[Run],
         stats: &ApplyStats,
-    ) -> Result<bool, ShipError> {
+    ) -> Result<bool, ApplyError> {
         for r in runs {
             self.ensure_table(r.schema.table()).await?;
         }
@@ -364,7 +414,7 @@ impl DestDb {
         m: &Manifest,
         runs: &[Run],
         stats: &ApplyStats,
-    ) -> Result<bool, ShipError> {
+    ) -> Result<bool, ApplyError> {
         let t = self.target.clone();
         let rows: usize = runs.iter().map(|r| r.events.len()).sum();
         let fresh = self
@@ -414,7 +464,7 @@ impl DestDb {
         m: &Manifest,
         offset: i64,
         e: &ChangeEvent,
-    ) -> Result<u64, ShipError> {
+    ) -> Result<u64, ApplyError> {
         let Some(after) = &e.after else { return Ok(0) };
         let q = format!(
             "{}.{}",
@@ -497,7 +547,7 @@ impl DestDb {
         m: &Manifest,
         _offset: i64,
         e: &ChangeEvent,
-    ) -> Result<u64, ShipError> {
+    ) -> Result<u64, ApplyError> {
         let Some(before) = &e.before else {
             return Ok(0);
         };
@@ -555,7 +605,7 @@ impl DestDb {
         table: &TableSchema,
         m: &Manifest,
         e: &ChangeEvent,
-    ) -> Result<u64, ShipError> {
+    ) -> Result<u64, ApplyError> {
         let q = format!(
             "{}.{}",
             quote_ident(&table.id.schema),
@@ -591,7 +641,7 @@ pub async fn run(
     cfg: &Config,
     stop: watch::Receiver<bool>,
     stats: Arc<ApplyStats>,
-) -> Result<(), ShipError> {
+) -> Result<(), ApplyError> {
     crate::runtime::retry::retrying(
         cfg.capture.max_backoff_ms,
         stop,
@@ -607,257 +657,333 @@ pub async fn run(
 
 async fn run_once(
     cfg: &Config,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     stats: Arc<ApplyStats>,
-) -> Result<(), ShipError> {
-    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let batch_topic = cfg.batch_topic();
-    let quarantine = cfg.quarantine_topic();
-    dest.ensure_topics(&[
-        TopicSpec {
-            name: batch_topic.clone(),
-            partitions: cfg.ship.batch_partitions,
-            config: vec![],
-        },
-        TopicSpec {
-            name: quarantine.clone(),
-            partitions: 1,
-            config: vec![],
-        },
-    ])
-    .await?;
-    let producer = dest.producer(5)?;
-    let mut db = match (&cfg.destination.postgres, cfg.apply.postgres) {
-        (Some(pg), true) => Some(DestDb::connect(pg).await?),
-        _ => None,
-    };
-    let mut registry = Registry::new(dest.clone(), &cfg.capture.topic_prefix);
-    // Confluent format: the replicated topics carry the destination registry's ids.
-    let dest_registry = cfg.destination_registry()?;
-    let mut cc = dest.client_config();
-    cc.set("group.id", &cfg.apply.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
-    if !cfg.apply.instance_id.is_empty() {
-        cc.set("group.instance.id", &cfg.apply.instance_id);
-    }
-    let consumer: StreamConsumer = cc.create().map_err(|e| {
-        ShipError::Permanent(format!("kafka destination: creating the consumer: {e}"))
-    })?;
-    consumer.subscribe(&[&batch_topic]).map_err(|e| {
-        ShipError::Unexpected(format!(
-            "kafka destination: subscribing to {batch_topic}: {e}"
-        ))
-    })?;
-    tracing::info!(
-        group = cfg.apply.group_id,
-        batch_topic,
-        database = db.is_some(),
-        topics = cfg.apply.topics,
-        "applying"
-    );
-    let mut known_topics: HashSet<String> = HashSet::new();
-    let mut stopped: HashSet<i32> = HashSet::new();
-    loop {
-        let msg = tokio::select! {
-            _ = stop.changed() => break,
-            m = consumer.recv() => m.map_err(client("destination", "consuming"))?,
-        };
-        let (partition, offset) = (msg.partition(), msg.offset());
-        if stopped.contains(&partition) {
-            continue;
-        }
-        let value = msg.payload().unwrap_or_default().to_vec();
-        // Load schemas this batch names before verifying (a miss re-reads the schema topic).
-        if let Ok((m, _)) = manifest::unframe(&value) {
-            for fp in &m.schema_fingerprints {
-                let _ = tokio::task::block_in_place(|| registry.get(fp));
-            }
-        }
-        match verify(&value, |fp| registry.cached(fp)) {
-            Err(reason) => {
-                stats
-                    .batches_quarantined_total
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    topic = batch_topic,
-                    partition,
-                    offset,
-                    reason,
-                    "corrupt batch quarantined; nothing of it was applied"
-                );
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "ferry.reason",
-                        value: Some(reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "ferry.source",
-                        value: Some(format!("{batch_topic}/{partition}/{offset}").as_bytes()),
-                    });
-                let key = msg.key().map(<[u8]>::to_vec).unwrap_or_default();
-                producer
-                    .send(
-                        FutureRecord::to(&quarantine)
-                            .key(&key)
-                            .payload(&value)
-                            .headers(headers),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .map_err(|(e, _)| client("destination", "quarantining")(e))?;
-                let copies = tokio::task::block_in_place(|| {
-                    same_key_after(&dest, &batch_topic, partition, offset, msg.key())
-                });
-                let mut superseded = None;
-                for (at, copy) in copies {
-                    if let Ok((m, _)) = manifest::unframe(&copy) {
-                        for fp in &m.schema_fingerprints {
-                            let _ = tokio::task::block_in_place(|| registry.get(fp));
-                        }
-                    }
-                    if verify(&copy, |fp| registry.cached(fp)).is_ok() {
-                        superseded = Some(at);
-                        break;
-                    }
-                }
-                if let Some(at) = superseded {
-                    tracing::warn!(
-                        partition,
-                        offset,
-                        copy_at = at,
-                        "a verified re-shipped copy of this batch follows; carrying on"
-                    );
-                } else if cfg.apply.on_corrupt == OnCorrupt::Stop {
-                    stopped.insert(partition);
-                    if let Ok(mut s) = stats.stopped.lock() {
-                        s.push(format!(
-                            "{batch_topic}[{partition}] at offset {offset}: {reason}"
-                        ));
-                    }
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&batch_topic, partition);
-                    let _ = consumer.pause(&tpl);
-                    tracing::error!(partition, offset, "partition stopped (apply.on_corrupt = stop): inspect the quarantine topic, re-ship the range (ferry reship), then restart");
-                    continue;
-                }
-            }
-            Ok((m, runs)) => {
-                // A batch the database has is in the replicated topics too (they are written
-                // first): a re-delivered copy goes to neither.
-                let before = match db.as_mut() {
-                    Some(db) => db.has(&m.batch_id).await?,
-                    None => false,
-                };
-                if cfg.apply.topics && !before {
-                    replicate(
-                        &dest,
-                        &producer,
-                        cfg,
-                        dest_registry.as_ref(),
-                        &runs,
-                        &mut known_topics,
-                    )
-                    .await?;
-                }
-                let applied = match db.as_mut() {
-                    Some(db) if !before => db.apply(&m, &runs, &stats).await?,
-                    Some(_) => false,
-                    None => true,
-                };
-                if applied {
-                    stats.batches_applied_total.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(batch = m.batch_id, rows = m.events_out, "batch applied");
-                } else {
-                    stats
-                        .batches_duplicate_total
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(batch = m.batch_id, "batch applied before; skipped");
-                }
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&batch_topic, partition, Offset::Offset(offset + 1))
-            .map_err(|e| ShipError::Unexpected(e.to_string()))?;
-        consumer
-            .commit(&tpl, CommitMode::Sync)
-            .map_err(client("destination", "committing"))?;
-    }
-    Ok(())
+) -> Result<(), ApplyError> {
+    Applier::start(cfg, stop, stats).await?.run().await
 }
 
-/// Writes a batch's changes to the replicated per-table topics, in the origin's format: with a
-/// `registry`, the Confluent wire format with that (the destination's) registry's ids.
-async fn replicate(
-    dest: &Cluster,
-    producer: &ferry_connectors::kafka::Producer,
-    cfg: &Config,
-    registry: Option<&SchemaRegistry>,
-    runs: &[Run],
-    known: &mut HashSet<String>,
-) -> Result<(), ShipError> {
-    let mut pending = Vec::new();
-    for r in runs {
-        let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, &r.schema.table().id);
-        if known.insert(topic.clone()) {
-            dest.ensure_topics(&[TopicSpec {
-                name: topic.clone(),
-                partitions: cfg.capture.partitions,
+/// What woke the applier.
+enum Event {
+    /// The operator asked to stop.
+    Stop,
+    /// A batch record.
+    Batch(Incoming),
+}
+
+/// A batch-topic record, copied out of the consumer.
+struct Incoming {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+/// One run of the applier: a consumer of the batch topic, the destination database, and the
+/// producers of the replicated and quarantine topics. See the module docs for the progress
+/// rule.
+struct Applier<'a> {
+    cfg: &'a Config,
+    stats: Arc<ApplyStats>,
+    stop: watch::Receiver<bool>,
+    dest: Cluster,
+    producer: ferry_connectors::kafka::Producer,
+    db: Option<DestDb>,
+    /// Writer schemas from the destination's schema topic.
+    registry: Registry,
+    /// The destination's schema registry: the replicated topics carry its ids (Confluent
+    /// format).
+    dest_registry: Option<SchemaRegistry>,
+    consumer: StreamConsumer,
+    batch_topic: String,
+    quarantine: String,
+    /// Replicated topics known to exist.
+    known_topics: HashSet<String>,
+    /// Batch partitions stopped on a corrupt batch (`apply.on_corrupt = stop`).
+    stopped: HashSet<i32>,
+}
+
+impl<'a> Applier<'a> {
+    /// Creates the batch and quarantine topics, connects the database and joins the group.
+    async fn start(
+        cfg: &'a Config,
+        stop: watch::Receiver<bool>,
+        stats: Arc<ApplyStats>,
+    ) -> Result<Applier<'a>, ApplyError> {
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let batch_topic = cfg.batch_topic();
+        let quarantine = cfg.quarantine_topic();
+        dest.ensure_topics(&[
+            TopicSpec {
+                name: batch_topic.clone(),
+                partitions: cfg.ship.batch_partitions,
                 config: vec![],
-            }])
-            .await?;
-        }
-        let headers = match registry {
-            // Cached after the first call; the shipper registered them before the batch.
-            Some(reg) => (
-                if r.schema.has_key() {
-                    Some(WireHeader::Confluent(
-                        reg.register(&subject(&topic, true), &r.schema.key_json)
-                            .await?,
-                    ))
-                } else {
-                    None
-                },
-                WireHeader::Confluent(
-                    reg.register(&subject(&topic, false), &r.schema.value_json)
-                        .await?,
-                ),
-            ),
-            None => (
-                Some(WireHeader::SingleObject(r.schema.key_fp)),
-                WireHeader::SingleObject(r.schema.value_fp),
-            ),
+            },
+            TopicSpec {
+                name: quarantine.clone(),
+                partitions: 1,
+                config: vec![],
+            },
+        ])
+        .await?;
+        let producer = dest.producer(5)?;
+        let db = match (&cfg.destination.postgres, cfg.apply.postgres) {
+            (Some(pg), true) => Some(DestDb::connect(pg).await?),
+            _ => None,
         };
-        let (mut key, mut value) = (Vec::new(), Vec::new());
-        for (_, e) in &r.events {
-            let keyed = crate::record::encode(&r.schema, e, headers, &mut key, &mut value)
-                .map_err(|err| ShipError::Permanent(err.to_string()))?;
-            for p in crate::record::targets(e.op, cfg.capture.partitions) {
-                let mut rec = FutureRecord::to(&topic).payload(&value);
-                if keyed {
-                    rec = rec.key(&key);
+        let mut cc = dest.client_config();
+        cc.set("group.id", &cfg.apply.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest");
+        if !cfg.apply.instance_id.is_empty() {
+            cc.set("group.instance.id", &cfg.apply.instance_id);
+        }
+        let consumer: StreamConsumer = cc.create().map_err(client_err("creating the consumer"))?;
+        consumer
+            .subscribe(&[&batch_topic])
+            .map_err(client_err(format!("subscribing to {batch_topic}")))?;
+        tracing::info!(
+            group = cfg.apply.group_id,
+            batch_topic,
+            database = db.is_some(),
+            topics = cfg.apply.topics,
+            "applying"
+        );
+        Ok(Applier {
+            cfg,
+            stats,
+            stop,
+            registry: Registry::new(dest.clone(), &cfg.capture.topic_prefix),
+            dest_registry: cfg.destination_registry()?,
+            dest,
+            producer,
+            db,
+            consumer,
+            batch_topic,
+            quarantine,
+            known_topics: HashSet::new(),
+            stopped: HashSet::new(),
+        })
+    }
+
+    /// The loop: one batch at a time, its offset committed once it is applied (or
+    /// quarantined).
+    async fn run(mut self) -> Result<(), ApplyError> {
+        loop {
+            match self.next_event().await? {
+                Event::Stop => break,
+                Event::Batch(b) if self.stopped.contains(&b.partition) => {}
+                Event::Batch(b) => {
+                    if self.on_batch(&b).await? {
+                        self.commit(b.partition, b.offset)?;
+                    }
                 }
-                if let Some(p) = p {
-                    rec = rec.partition(p);
-                }
-                let d = ferry_connectors::kafka::enqueue(producer, rec)
-                    .await
-                    .map_err(client("destination", format!("replicating to {topic}")))?;
-                pending.push(d);
+            }
+        }
+        Ok(())
+    }
+
+    async fn next_event(&mut self) -> Result<Event, ApplyError> {
+        tokio::select! {
+            _ = self.stop.changed() => Ok(Event::Stop),
+            m = self.consumer.recv() => {
+                let m = m.map_err(client_err("consuming"))?;
+                Ok(Event::Batch(Incoming {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                }))
             }
         }
     }
-    for d in pending {
-        d.await
-            .map_err(|_| ShipError::Unavailable("kafka destination: producer closed".into()))?
-            .map_err(|(err, _)| client("destination", "replicating")(err))?;
+
+    /// Verifies a batch and applies it, or quarantines it; false when its partition stopped
+    /// instead (its offset is not committed).
+    async fn on_batch(&mut self, b: &Incoming) -> Result<bool, ApplyError> {
+        match self.check(&b.value)? {
+            Ok((m, runs)) => {
+                self.on_verified(&m, &runs).await?;
+                Ok(true)
+            }
+            Err(Rejected(reason)) => self.on_corrupt(b, &reason).await,
+        }
     }
-    Ok(())
+
+    /// Verifies a batch record, loading the schemas it names first (a miss re-reads the
+    /// schema topic). The outer error is a schema topic that could not be read: that proves
+    /// nothing about the batch, so it is retried rather than quarantined.
+    fn check(
+        &mut self,
+        value: &[u8],
+    ) -> Result<Result<(Manifest, Vec<Run>), Rejected>, ApplyError> {
+        if let Ok((m, _)) = manifest::unframe(value) {
+            for fp in &m.schema_fingerprints {
+                tokio::task::block_in_place(|| self.registry.get(fp))?;
+            }
+        }
+        Ok(verify(value, |fp| self.registry.cached(fp)))
+    }
+
+    /// A verified batch: replicated topics first, then the database in one transaction with
+    /// the batch id. A batch the database has is in the replicated topics too (they are
+    /// written first): a re-delivered copy goes to neither.
+    async fn on_verified(&mut self, m: &Manifest, runs: &[Run]) -> Result<(), ApplyError> {
+        let before = match self.db.as_mut() {
+            Some(db) => db.has(&m.batch_id).await?,
+            None => false,
+        };
+        if self.cfg.apply.topics && !before {
+            self.replicate(runs).await?;
+        }
+        let applied = match self.db.as_mut() {
+            Some(db) if !before => db.apply(m, runs, &self.stats).await?,
+            Some(_) => false,
+            None => true,
+        };
+        if applied {
+            self.stats.applied(&m.batch_id, m.events_out);
+        } else {
+            self.stats.duplicate(&m.batch_id);
+        }
+        Ok(())
+    }
+
+    /// A batch that failed verification goes to the quarantine topic, nothing of it applied.
+    /// A verified re-shipped copy later in the partition supersedes it; otherwise, with
+    /// `apply.on_corrupt = stop`, the partition stops there (false: do not commit).
+    async fn on_corrupt(&mut self, b: &Incoming, reason: &str) -> Result<bool, ApplyError> {
+        let (topic, partition, offset) = (self.batch_topic.clone(), b.partition, b.offset);
+        let topic = topic.as_str();
+        self.stats.quarantined(topic, partition, offset, reason);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ferry.reason",
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "ferry.source",
+                value: Some(format!("{topic}/{partition}/{offset}").as_bytes()),
+            });
+        let key = b.key.clone().unwrap_or_default();
+        self.producer
+            .send(
+                FutureRecord::to(&self.quarantine)
+                    .key(&key)
+                    .payload(&b.value)
+                    .headers(headers),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|(e, _)| client_err("quarantining")(e))?;
+        let copies = same_key_after(&self.dest, topic, partition, offset, b.key.as_deref()).await?;
+        let mut superseded = None;
+        for (at, copy) in copies {
+            if self.check(&copy)?.is_ok() {
+                superseded = Some(at);
+                break;
+            }
+        }
+        if let Some(at) = superseded {
+            tracing::warn!(
+                partition,
+                offset,
+                copy_at = at,
+                "a verified re-shipped copy of this batch follows; carrying on"
+            );
+            return Ok(true);
+        }
+        if self.cfg.apply.on_corrupt != OnCorrupt::Stop {
+            return Ok(true);
+        }
+        self.stopped.insert(partition);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let _ = self.consumer.pause(&tpl);
+        self.stats
+            .partition_stopped(topic, partition, offset, reason);
+        Ok(false)
+    }
+
+    fn commit(&self, partition: i32, offset: i64) -> Result<(), ApplyError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.batch_topic, partition, Offset::Offset(offset + 1))
+            .map_err(client_err("committing"))?;
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(client_err("committing"))
+    }
+
+    /// Writes a batch's changes to the replicated per-table topics, in the origin's format:
+    /// with a destination registry, the Confluent wire format with its ids.
+    async fn replicate(&mut self, runs: &[Run]) -> Result<(), ApplyError> {
+        let cfg = self.cfg;
+        let mut pending = Vec::new();
+        for r in runs {
+            let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, &r.schema.table().id);
+            if self.known_topics.insert(topic.clone()) {
+                self.dest
+                    .ensure_topics(&[TopicSpec {
+                        name: topic.clone(),
+                        partitions: cfg.capture.partitions,
+                        config: vec![],
+                    }])
+                    .await?;
+            }
+            let headers = match &self.dest_registry {
+                // Cached after the first call; the shipper registered them before the batch.
+                Some(reg) => (
+                    if r.schema.has_key() {
+                        Some(WireHeader::Confluent(
+                            reg.register(&subject(&topic, true), &r.schema.key_json)
+                                .await?,
+                        ))
+                    } else {
+                        None
+                    },
+                    WireHeader::Confluent(
+                        reg.register(&subject(&topic, false), &r.schema.value_json)
+                            .await?,
+                    ),
+                ),
+                None => (
+                    Some(WireHeader::SingleObject(r.schema.key_fp)),
+                    WireHeader::SingleObject(r.schema.value_fp),
+                ),
+            };
+            let (mut key, mut value) = (Vec::new(), Vec::new());
+            for (_, e) in &r.events {
+                let keyed = crate::record::encode(&r.schema, e, headers, &mut key, &mut value)
+                    .map_err(|err| {
+                        ApplyError::Permanent(format!("encoding a row for {topic}: {err}"))
+                    })?;
+                for p in crate::record::targets(e.op, cfg.capture.partitions) {
+                    let mut rec = FutureRecord::to(&topic).payload(&value);
+                    if keyed {
+                        rec = rec.key(&key);
+                    }
+                    if let Some(p) = p {
+                        rec = rec.partition(p);
+                    }
+                    let d = ferry_connectors::kafka::enqueue(&self.producer, rec)
+                        .await
+                        .map_err(client_err(format!("replicating to {topic}")))?;
+                    pending.push(d);
+                }
+            }
+        }
+        for d in pending {
+            d.await
+                .map_err(|_| client_err("replicating")(rdkafka::error::KafkaError::Canceled))?
+                .map_err(|(err, _)| client_err("replicating")(err))?;
+        }
+        Ok(())
+    }
 }
 
 /// Answers which batch, origin partition/offset and source position last wrote a row (or
 /// deleted it), from the lineage columns and tombstones Ferry keeps in the destination.
-pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String, ShipError> {
+pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String, ApplyError> {
     let target = pg.display();
     let s = pg.connect().await.map_err(db_err(&target, "connecting"))?;
     let keys: Vec<String> = s
@@ -872,13 +998,13 @@ pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String
         .map(|r| r.get(0))
         .collect();
     if keys.is_empty() {
-        return Err(ShipError::Permanent(format!(
+        return Err(ApplyError::Permanent(format!(
             "{table} does not exist in the destination (or has no key)"
         )));
     }
     let values: Vec<&str> = key.split(',').map(str::trim).collect();
     if values.len() != keys.len() {
-        return Err(ShipError::Permanent(format!(
+        return Err(ApplyError::Permanent(format!(
             "{table} has key ({}); give {} value(s)",
             keys.join(", "),
             keys.len()
@@ -939,49 +1065,28 @@ pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String
 }
 
 /// Records after a corrupt batch, in its partition, under the same key: candidate re-shipped
-/// copies (`ferry reship` produces them).
-fn same_key_after(
+/// copies (`ferry reship` produces them). A read that fails is an error (retried), never "no
+/// copy".
+async fn same_key_after(
     dest: &Cluster,
     topic: &str,
     partition: i32,
     offset: i64,
     key: Option<&[u8]>,
-) -> Vec<(i64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let Some(key) = key else { return out };
-    let Ok(reader) = dest.reader() else {
-        return out;
+) -> Result<Vec<(i64, Vec<u8>)>, KafkaError> {
+    let Some(key) = key.map(<[u8]>::to_vec) else {
+        return Ok(Vec::new());
     };
-    let Ok((_, high)) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10)) else {
-        return out;
-    };
-    if offset + 1 >= high {
-        return out;
-    }
-    let mut tpl = TopicPartitionList::new();
-    if tpl
-        .add_partition_offset(topic, partition, Offset::Offset(offset + 1))
-        .is_err()
-        || reader.assign(&tpl).is_err()
-    {
-        return out;
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        match reader.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                if m.key() == Some(key) {
-                    out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
-                }
-                if m.offset() + 1 >= high {
-                    break;
-                }
+    let tp = TopicPartition::new(topic, partition);
+    let (copies, _) = dest
+        .fold_partition(&tp, Span::from(offset + 1), Vec::new(), move |out, r| {
+            if r.key.as_deref() == Some(key.as_slice()) {
+                out.push((r.offset, r.value.unwrap_or_default()));
             }
-            Some(Err(_)) => break,
-            None => {}
-        }
-    }
-    out
+            true
+        })
+        .await?;
+    Ok(copies)
 }
 
 #[cfg(test)]
@@ -1036,7 +1141,7 @@ mod tests {
         let enc = payload::encode(&runs, 3).expect("encode");
         let m = Manifest {
             batch_id: manifest::batch_id("origin", "p.public.t", 0, 10, 9 + i64::from(rows)),
-            kind: "changes".into(),
+            kind: ManifestKind::Changes.to_string(),
             origin_cluster: "origin".into(),
             origin_topic: "p.public.t".into(),
             origin_partition: 0,
@@ -1068,6 +1173,7 @@ mod tests {
         let fp = s.value_fp.to_string();
         verify(value, |f| (f == fp).then(|| s.clone()))
             .map(|(_, runs)| runs.iter().map(|r| r.events.len()).sum())
+            .map_err(|Rejected(reason)| reason)
     }
 
     /// The manifest changed by `change`, framed again with the original payload (checksums

@@ -88,6 +88,49 @@ pub fn encode(runs: &[Run], zstd_level: i32) -> Result<Encoded, PayloadError> {
     })
 }
 
+/// Checks that every message of an Arrow IPC stream fits in it before the reader allocates
+/// what the message claims: a hostile or corrupt length cannot make it allocate gigabytes.
+fn check_framing(ipc: &[u8]) -> Result<(), PayloadError> {
+    let bad = |what: String| PayloadError::Layout(format!("arrow ipc stream: {what}"));
+    let mut at = 0usize;
+    while at < ipc.len() {
+        let word = |at: usize| -> Result<u32, PayloadError> {
+            let b = ipc
+                .get(at..at + 4)
+                .ok_or_else(|| bad(format!("message header at byte {at} past the end")))?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let mut meta_at = at + 4;
+        let mut meta_len = word(at)?;
+        if meta_len == u32::MAX {
+            meta_len = word(at + 4)?;
+            meta_at += 4;
+        }
+        if meta_len == 0 {
+            return Ok(()); // end of stream
+        }
+        let meta = ipc
+            .get(meta_at..meta_at + meta_len as usize)
+            .ok_or_else(|| {
+                bad(format!(
+                    "metadata of {meta_len} bytes at byte {at} past the end"
+                ))
+            })?;
+        let message = arrow::ipc::root_as_message(meta)
+            .map_err(|e| bad(format!("message at byte {at}: {e}")))?;
+        let body = usize::try_from(message.bodyLength())
+            .map_err(|_| bad(format!("negative body length at byte {at}")))?;
+        at = meta_at + meta_len as usize;
+        if ipc.len() - at < body {
+            return Err(bad(format!(
+                "body of {body} bytes at byte {at} past the end"
+            )));
+        }
+        at += body;
+    }
+    Ok(())
+}
+
 /// Decodes a payload back into runs, looking each run's schema up by fingerprint.
 pub fn decode(
     bytes: &[u8],
@@ -123,6 +166,7 @@ pub fn decode(
             .get(at + 4..at + 4 + len)
             .ok_or_else(|| PayloadError::Layout("run past the end".into()))?;
         at += 4 + len;
+        check_framing(ipc)?;
         let reader = StreamReader::try_new(Cursor::new(ipc), None)
             .map_err(|e| PayloadError::Ipc(e.to_string()))?;
         let mut events = Vec::new();
@@ -140,4 +184,223 @@ pub fn decode(
         )));
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_schemas::{Column, ColumnType, Datum, Op, Source, TableId, TableSchema};
+
+    fn schema(table: &str) -> Arc<EncodedSchema> {
+        let col = |name: &str, ty: ColumnType, pg: &str, key: bool| Column {
+            name: name.into(),
+            pg_type: pg.into(),
+            type_oid: 0,
+            ty,
+            key,
+        };
+        let t = TableSchema {
+            database: "db".into(),
+            id: TableId::new("public", table),
+            columns: vec![
+                col("id", ColumnType::Int8, "int8", true),
+                col("v", ColumnType::Text, "text", false),
+            ],
+        };
+        Arc::new(EncodedSchema::new(&t).expect("schema"))
+    }
+
+    fn run(schema: &Arc<EncodedSchema>, rows: i64) -> Run {
+        let events = (0..rows)
+            .map(|i| {
+                let after = vec![
+                    Datum::Long(i),
+                    if i % 3 == 0 {
+                        Datum::Null
+                    } else {
+                        Datum::Text(format!("v{i}"))
+                    },
+                ];
+                let e = ChangeEvent {
+                    op: if i % 5 == 4 { Op::Delete } else { Op::Create },
+                    before: (i % 5 == 4).then(|| after.clone()),
+                    after: (i % 5 != 4).then_some(after),
+                    source: Source {
+                        region: "eu".into(),
+                        database: "db".into(),
+                        schema: "public".into(),
+                        table: schema.table().id.table.clone(),
+                        lsn: 1000 + i as u64,
+                        seq: i as u64,
+                        txid: Some(9),
+                        commit_ts_us: Some(1_700_000_000_000_000 + i),
+                        snapshot: false,
+                    },
+                };
+                (100 + i, e)
+            })
+            .collect();
+        Run {
+            schema: schema.clone(),
+            events,
+        }
+    }
+
+    /// Two runs of two schema versions, encoded.
+    fn sample() -> (Vec<Run>, Encoded, Vec<Arc<EncodedSchema>>) {
+        let (a, b) = (schema("a"), schema("b"));
+        let runs = vec![run(&a, 7), run(&b, 3)];
+        let enc = encode(&runs, 3).expect("encode");
+        (runs, enc, vec![a, b])
+    }
+
+    fn lookup(known: &[Arc<EncodedSchema>]) -> impl Fn(&str) -> Option<Arc<EncodedSchema>> + '_ {
+        |fp| known.iter().find(|s| s.value_fp.to_string() == fp).cloned()
+    }
+
+    #[test]
+    fn runs_round_trip_with_nulls_deletes_and_two_schemas() {
+        let (runs, enc, known) = sample();
+        assert_eq!(enc.rows, 10);
+        let back = decode(
+            &enc.bytes,
+            enc.uncompressed,
+            &enc.fingerprints,
+            "eu",
+            lookup(&known),
+        )
+        .expect("decode");
+        assert_eq!(back.len(), runs.len());
+        for (r, b) in runs.iter().zip(&back) {
+            assert_eq!(r.schema.value_fp, b.schema.value_fp);
+            assert_eq!(r.events, b.events);
+        }
+        let empty = encode(&[], 3).expect("encode nothing");
+        assert!(
+            decode(&empty.bytes, empty.uncompressed, &[], "eu", lookup(&known))
+                .expect("decode nothing")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn corrupt_payloads_are_refused_with_a_reason_never_a_panic() {
+        let (_, enc, known) = sample();
+        let fps = &enc.fingerprints;
+        let n = enc.uncompressed;
+        let raw = zstd::bulk::decompress(&enc.bytes, n).expect("raw");
+        let packed = |raw: &[u8]| zstd::bulk::compress(raw, 3).expect("compress");
+        let mut run_len_too_big = raw.clone();
+        run_len_too_big[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut ipc_garbage = raw.clone();
+        for b in &mut ipc_garbage[4..40] {
+            *b ^= 0xA5;
+        }
+        let mut trailing = raw.clone();
+        trailing.extend_from_slice(b"xx");
+        // (what, bytes, declared size, fingerprints, a word the error must contain)
+        type Case = (&'static str, Vec<u8>, usize, Vec<String>, &'static str);
+        let cases: Vec<Case> = vec![
+            ("empty bytes", Vec::new(), n, fps.clone(), "manifest says"),
+            (
+                "truncated",
+                enc.bytes[..enc.bytes.len() / 2].to_vec(),
+                n,
+                fps.clone(),
+                "zstd",
+            ),
+            (
+                "not zstd",
+                b"definitely not zstd".to_vec(),
+                n,
+                fps.clone(),
+                "zstd",
+            ),
+            (
+                "declared size too small",
+                enc.bytes.clone(),
+                n - 1,
+                fps.clone(),
+                "",
+            ),
+            (
+                "declared size too large",
+                enc.bytes.clone(),
+                n + 1,
+                fps.clone(),
+                "manifest says",
+            ),
+            (
+                "size beyond the limit",
+                enc.bytes.clone(),
+                MAX_UNCOMPRESSED + 1,
+                fps.clone(),
+                "limit",
+            ),
+            (
+                "unknown schema",
+                enc.bytes.clone(),
+                n,
+                vec!["0000000000000000".into(), fps[1].clone()],
+                "unknown schema",
+            ),
+            (
+                "fewer runs listed",
+                enc.bytes.clone(),
+                n,
+                vec![fps[0].clone()],
+                "after the last run",
+            ),
+            (
+                "more runs listed",
+                enc.bytes.clone(),
+                n,
+                vec![fps[0].clone(), fps[1].clone(), fps[1].clone()],
+                "past the end",
+            ),
+            (
+                "run length past the end",
+                packed(&run_len_too_big),
+                n,
+                fps.clone(),
+                "past the end",
+            ),
+            (
+                "garbage inside a run",
+                packed(&ipc_garbage),
+                n,
+                fps.clone(),
+                "",
+            ),
+            (
+                "bytes after the last run",
+                packed(&trailing),
+                n + 2,
+                fps.clone(),
+                "after the last run",
+            ),
+            (
+                "runs swapped",
+                enc.bytes.clone(),
+                n,
+                vec![fps[1].clone(), fps[0].clone()],
+                "",
+            ),
+        ];
+        for (what, bytes, size, fps, needle) in cases {
+            let t = std::time::Instant::now();
+            let r = decode(&bytes, size, &fps, "eu", lookup(&known));
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(1),
+                "{what}: slow"
+            );
+            match r {
+                Err(e) => assert!(e.to_string().contains(needle), "{what}: {e}"),
+                // Both test schemas have the same columns, so swapped runs still decode: the
+                // manifest's table check in apply is what catches that.
+                Ok(runs) if what == "runs swapped" => assert_eq!(runs.len(), 2),
+                Ok(_) => panic!("{what}: decoded"),
+            }
+        }
+    }
 }

@@ -19,9 +19,12 @@
 
 pub mod sink;
 pub mod snapshot;
+pub mod stats;
+
+pub use stats::Stats;
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,9 +37,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::error::{pg, CaptureError};
-use crate::store::state::{self, CaptureState, TableProgress};
+use crate::store::state::{self, Backfill, CaptureState, SampleState, TableProgress};
 use crate::throttle::backfill::{BackfillThrottle, THROTTLE_TICK};
-use crate::wal::{self, BackfillRequest, JobControl, RepairRequest};
+use crate::wal::{self, BackfillRequest, JobAction, JobControl, RepairRequest};
 use sink::{AckBatch, Sink};
 use snapshot::Snapshotter;
 
@@ -47,25 +50,6 @@ pub enum SinkMode {
     Kafka,
     /// Decode and encode only; nothing is sent and the slot is still advanced (benchmarks).
     Null,
-}
-
-/// Live counters, readable while capture runs.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Change events emitted (stream and snapshot).
-    pub events_total: AtomicU64,
-    /// Bytes of encoded keys and values produced.
-    pub encoded_bytes_total: AtomicU64,
-    /// Snapshot rows emitted.
-    pub snapshot_rows_total: AtomicU64,
-    /// Transactions seen.
-    pub transactions_total: AtomicU64,
-    /// Retries after transient failures.
-    pub retries_total: AtomicU64,
-    /// The last LSN confirmed to Postgres.
-    pub confirmed_lsn: AtomicU64,
-    /// Tables whose snapshot is complete.
-    pub snapshots_done_total: AtomicU64,
 }
 
 /// Deliveries are handed to the acker in slices of this many, so a huge transaction does not
@@ -171,13 +155,686 @@ async fn run_once(
     stop: &mut watch::Receiver<bool>,
     stats: &Stats,
 ) -> Result<(), CaptureError> {
-    let pgc: &PgConfig = &cfg.origin.postgres;
-    let target = pgc.display();
-    let c = &cfg.capture;
-    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
-    let facts = catalog::server_facts(&session)
+    Capture::start(cfg, mode, stop, stats).await?.run().await
+}
+
+/// What woke the capture loop.
+enum Event {
+    /// The operator asked to stop.
+    Stop,
+    /// The acker published a new safe position.
+    Acknowledged(Lsn),
+    /// The replication stream delivered something.
+    Replication(ReplicationEvent),
+    /// Time to re-rate backfills.
+    ThrottleTick,
+    /// Time to write a heartbeat into the WAL.
+    Heartbeat,
+    /// Time to look for tables added to the publication.
+    PublicationPoll,
+    /// Time to log progress.
+    Report,
+}
+
+/// The transaction being streamed.
+#[derive(Default)]
+struct Txn {
+    /// Between a Begin and its Commit.
+    open: bool,
+    /// It carried live changes (watermark-only transactions are not live commits).
+    live: bool,
+    /// It moved snapshot or backfill state, to be saved once its end LSN is safe.
+    moved_state: bool,
+}
+
+/// The loop's timers.
+struct Ticks {
+    throttle: tokio::time::Interval,
+    heartbeat: tokio::time::Interval,
+    publication: tokio::time::Interval,
+    report: tokio::time::Interval,
+    /// Events counted and the time at the last report.
+    last_report: (u64, Instant),
+}
+
+/// One run of the capture loop: a connected source, stream, sink and acker, and the state the
+/// handlers below move. See the module docs for the progress rule each handler keeps.
+struct Capture<'a> {
+    cfg: &'a Config,
+    stats: &'a Stats,
+    stop: &'a mut watch::Receiver<bool>,
+    /// `host:port/db` of the origin, for errors.
+    target: String,
+    session: Session,
+    /// Where backfill chunks are read (the primary when no replica is configured).
+    replica: Option<Session>,
+    sink: Sink,
+    state: CaptureState,
+    state_topic: String,
+    /// States to save once the LSN they follow is acknowledged, oldest first.
+    state_after: VecDeque<(Lsn, CaptureState)>,
+    snap: Snapshotter,
+    throttle: BackfillThrottle,
+    repl: ReplicationClient,
+    decoder: ChangeDecoder,
+    outputs: Vec<Output>,
+    /// Deliveries of the open transaction not yet handed to the acker.
+    pending: Vec<(String, rdkafka::producer::DeliveryFuture)>,
+    ack_tx: mpsc::Sender<AckBatch>,
+    safe_rx: watch::Receiver<Lsn>,
+    acker: Owned<Result<(), CaptureError>>,
+    txn: Txn,
+    /// Transactions streamed most recently, for the snapshot visibility check.
+    recent_xids: VecDeque<u32>,
+    ticks: Ticks,
+}
+
+impl<'a> Capture<'a> {
+    /// Checks the source, loads the stored state, prepares slot, publication and topics, and
+    /// opens the replication stream.
+    async fn start(
+        cfg: &'a Config,
+        mode: SinkMode,
+        stop: &'a mut watch::Receiver<bool>,
+        stats: &'a Stats,
+    ) -> Result<Capture<'a>, CaptureError> {
+        let pgc: &PgConfig = &cfg.origin.postgres;
+        let target = pgc.display();
+        let c = &cfg.capture;
+        let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
+        check_source(&session, pgc, &target).await?;
+        catalog::ensure_publication(&session, &c.publication, &cfg.tables())
+            .await
+            .map_err(pg(
+                &target,
+                format!("creating publication {}", c.publication),
+            ))?;
+
+        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+        let state_topic = crate::topics::state_topic(&c.topic_prefix);
+        let (mut sink, mut state) = match mode {
+            SinkMode::Kafka => {
+                let sink = Sink::kafka(
+                    origin.clone(),
+                    &c.topic_prefix,
+                    c.partitions,
+                    c.linger_ms,
+                    cfg.origin_registry()?,
+                )
+                .await?;
+                (sink, state::load(&origin, &state_topic, &c.slot).await?)
+            }
+            SinkMode::Null => (Sink::Null { buf: Vec::new() }, CaptureState::default()),
+        };
+        prepare_slot(&session, cfg, &target, &mut state).await?;
+
+        let mut snap = Snapshotter::new(
+            &c.slot,
+            &cfg.origin.region,
+            &pgc.database,
+            c.snapshot_chunk_rows,
+            &target,
+        );
+        let tables = catalog::publication_tables(&session, &c.publication)
+            .await
+            .map_err(pg(&target, "listing publication tables"))?;
+        let mut state_dirty = false;
+        for t in &tables {
+            match state.tables.get(&t.to_string()) {
+                Some(TableProgress::Done) => {}
+                _ if !c.snapshot => {
+                    state.tables.insert(t.to_string(), TableProgress::Done);
+                    state_dirty = true;
+                }
+                _ => snap.enqueue(t.clone()),
+            }
+        }
+        if state_dirty {
+            if let Some(p) = sink.producer() {
+                state::save(p, &state_topic, &c.slot, &state).await?;
+            }
+        }
+        // Create every table's topic up front so consumers can subscribe before the first
+        // change.
+        for t in &tables {
+            register_table(&session, &mut sink, pgc, t, &target).await?;
+        }
+        for (job, b) in &state.backfills {
+            if b.progress != Some(TableProgress::Done) {
+                snap.enqueue_backfill(job.clone());
+            }
+        }
+        sync_backfills(&mut snap, &state);
+        tracing::info!(
+            slot = c.slot,
+            publication = c.publication,
+            tables = tables.len(),
+            to_snapshot = tables.len() - snap_count(&snap, &tables),
+            "capture starting"
+        );
+        // Backfill chunks read from the replica when one is configured (watermarks still go
+        // to the primary, through `session`).
+        let replica = match &cfg.backfill.replica {
+            Some(r) => Some(
+                r.connect()
+                    .await
+                    .map_err(pg(&r.display(), "connecting to the backfill replica"))?,
+            ),
+            None => None,
+        };
+        let repl = connect_replication(cfg).await?;
+
+        // One batch per source transaction: an OLTP stream of small transactions needs
+        // thousands in flight while the broker acknowledges (a few ms to tens of ms each), or
+        // capture stalls on the queue. A batch without deliveries is a few dozen bytes.
+        let (ack_tx, ack_rx) = mpsc::channel::<AckBatch>(ACK_QUEUE);
+        let (safe_tx, safe_rx) = watch::channel(Lsn::ZERO);
+        let acker = Owned(tokio::spawn(sink::acker(ack_rx, safe_tx)));
+        let every = |ms: u64| tokio::time::interval(Duration::from_millis(ms.max(100)));
+        Ok(Capture {
+            cfg,
+            stats,
+            stop,
+            target,
+            session,
+            replica,
+            sink,
+            state,
+            state_topic,
+            state_after: VecDeque::new(),
+            snap,
+            throttle: BackfillThrottle::new(cfg),
+            repl,
+            decoder: ChangeDecoder::new(cfg.origin.region.clone(), pgc.database.clone()),
+            outputs: Vec::new(),
+            pending: Vec::new(),
+            ack_tx,
+            safe_rx,
+            acker,
+            txn: Txn::default(),
+            recent_xids: VecDeque::with_capacity(RECENT_XIDS),
+            ticks: Ticks {
+                throttle: tokio::time::interval(THROTTLE_TICK),
+                heartbeat: every(c.heartbeat_interval_ms),
+                publication: every(c.publication_poll_ms),
+                report: tokio::time::interval(Duration::from_secs(10)),
+                last_report: (stats.events_total.load(Ordering::Relaxed), Instant::now()),
+            },
+        })
+    }
+
+    /// The loop: between transactions, start a snapshot or backfill chunk when one is due;
+    /// then handle whatever comes first.
+    async fn run(mut self) -> Result<(), CaptureError> {
+        loop {
+            self.start_chunk_if_due().await?;
+            match self.next_event().await? {
+                Event::Stop => break,
+                Event::Acknowledged(safe) => self.on_acknowledged(safe).await?,
+                Event::Replication(ev) => {
+                    if !self.on_replication(ev).await? {
+                        break;
+                    }
+                }
+                Event::ThrottleTick => self.on_throttle_tick(),
+                Event::Heartbeat => self.on_heartbeat().await?,
+                Event::PublicationPoll => self.on_publication_poll().await?,
+                Event::Report => self.on_report(),
+            }
+        }
+        self.finish().await
+    }
+
+    async fn next_event(&mut self) -> Result<Event, CaptureError> {
+        tokio::select! {
+            biased;
+            _ = self.stop.changed() => Ok(Event::Stop),
+            joined = &mut self.acker.0 => Err(match joined {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => CaptureError::Setup("internal: acknowledgement task ended early".into()),
+                Err(e) => CaptureError::Setup(format!("internal: acknowledgement task failed: {e}")),
+            }),
+            Ok(()) = self.safe_rx.changed() => Ok(Event::Acknowledged(*self.safe_rx.borrow_and_update())),
+            ev = self.repl.recv() => match ev {
+                Ok(Some(ev)) => Ok(Event::Replication(ev)),
+                Ok(None) => Err(CaptureError::Replication {
+                    slot: self.cfg.capture.slot.clone(),
+                    source: pgwire_replication::PgWireError::Internal("stream ended".into()),
+                }),
+                Err(source) => Err(CaptureError::Replication {
+                    slot: self.cfg.capture.slot.clone(),
+                    source,
+                }),
+            },
+            _ = self.ticks.throttle.tick() => Ok(Event::ThrottleTick),
+            _ = self.ticks.heartbeat.tick() => Ok(Event::Heartbeat),
+            _ = self.ticks.publication.tick() => Ok(Event::PublicationPoll),
+            _ = self.ticks.report.tick() => Ok(Event::Report),
+        }
+    }
+
+    /// Live changes and snapshots first; a backfill chunk only when the throttle allows, and
+    /// never inside a streamed transaction.
+    async fn start_chunk_if_due(&mut self) -> Result<(), CaptureError> {
+        if self.txn.open {
+            return Ok(());
+        }
+        let cap = self.throttle.chunk_rows();
+        let due = self.snap.wants_chunk(false)
+            || (self.snap.wants_chunk(true)
+                && self
+                    .throttle
+                    .allows(self.snap.next_backfill_rows(&self.state, cap)));
+        if !due {
+            return Ok(());
+        }
+        let recent: HashSet<u32> = self.recent_xids.iter().copied().collect();
+        let started = self
+            .snap
+            .start_chunk(
+                &self.session,
+                self.replica.as_deref(),
+                &self.state,
+                &recent,
+                cap,
+            )
+            .await?;
+        if let Some(schema) = started {
+            self.sink.register(&schema).await?;
+        }
+        Ok(())
+    }
+
+    /// Everything up to `safe` is acknowledged: confirm it to Postgres, and save the states
+    /// that waited for it.
+    async fn on_acknowledged(&mut self, safe: Lsn) -> Result<(), CaptureError> {
+        self.repl
+            .update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
+        self.stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
+        while self.state_after.front().is_some_and(|(l, _)| *l <= safe) {
+            let Some((_, st)) = self.state_after.pop_front() else {
+                break;
+            };
+            if let Some(p) = self.sink.producer() {
+                state::save(p, &self.state_topic, &self.cfg.capture.slot, &st).await?;
+            }
+            let done = st
+                .tables
+                .values()
+                .filter(|p| **p == TableProgress::Done)
+                .count();
+            self.stats
+                .snapshots_done_total
+                .store(done as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// One replication event; false when the server ended the stream as asked.
+    async fn on_replication(&mut self, ev: ReplicationEvent) -> Result<bool, CaptureError> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => self.on_begin(final_lsn.as_u64(), xid, commit_time_micros),
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => self.on_data(wal_start.as_u64(), &data).await?,
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                ..
+            } => self.on_message(&prefix, &content, lsn.as_u64()).await?,
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.on_commit(Lsn(end_lsn.as_u64())).await?;
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.on_keepalive(Lsn(wal_end.as_u64())).await?;
+            }
+            ReplicationEvent::StoppedAt { .. } => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn on_begin(&mut self, final_lsn: u64, xid: u32, commit_time_micros: i64) {
+        self.decoder.begin(final_lsn, xid, commit_time_micros);
+        self.txn.open = true;
+        if self.recent_xids.len() == RECENT_XIDS {
+            self.recent_xids.pop_front();
+        }
+        self.recent_xids.push_back(xid);
+    }
+
+    /// A pgoutput message: decode it and send its changes (deliveries join the transaction's
+    /// batch; a huge transaction hands them to the acker in slices).
+    async fn on_data(&mut self, wal_start: u64, data: &bytes::Bytes) -> Result<(), CaptureError> {
+        self.decoder
+            .decode(&self.session, wal_start, data, &mut self.outputs)
+            .await?;
+        for out in std::mem::take(&mut self.outputs) {
+            match out {
+                Output::Schema(s) => self.sink.register(&s).await?,
+                Output::Event(s, e) => {
+                    self.txn.live = true;
+                    self.snap.observe(&s, &e);
+                    let n = self.sink.send(&s, &e, &mut self.pending).await?;
+                    self.stats
+                        .encoded_bytes_total
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.stats.events_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.pending.len() >= ACK_SLICE {
+            self.hand_to_acker(None).await?;
+        }
+        Ok(())
+    }
+
+    /// A logical decoding message: Ferry's own (watermarks and operator requests, see
+    /// [`wal`]) are acted on in stream order; others are ignored.
+    async fn on_message(
+        &mut self,
+        prefix: &str,
+        content: &[u8],
+        lsn: u64,
+    ) -> Result<(), CaptureError> {
+        match wal::Kind::of(prefix) {
+            Some(wal::Kind::Watermark) => {
+                let at = if self.txn.open {
+                    self.decoder.txn_lsn()
+                } else {
+                    lsn
+                };
+                if let Some(done) = self.snap.on_watermark(content, at) {
+                    self.txn.moved_state |= self.finish_chunk(done).await?;
+                    sync_backfills(&mut self.snap, &self.state);
+                }
+            }
+            Some(wal::Kind::Backfill) => {
+                if let Some(r) = self.request::<BackfillRequest>(content, "backfill request") {
+                    self.on_backfill_request(r);
+                }
+            }
+            Some(wal::Kind::JobControl) => {
+                if let Some(r) = self.request::<JobControl>(content, "job control") {
+                    self.on_job_control(r);
+                }
+            }
+            Some(wal::Kind::Repair) => {
+                if let Some(r) = self.request::<RepairRequest>(content, "repair request") {
+                    self.on_repair_request(r);
+                }
+            }
+            Some(wal::Kind::Heartbeat) | None => {}
+        }
+        Ok(())
+    }
+
+    /// Decodes an operator request for this pipeline's slot; one for another slot is not
+    /// ours, and one that does not decode is reported and ignored.
+    fn request<T: serde::de::DeserializeOwned + wal::ForSlot>(
+        &self,
+        content: &[u8],
+        what: &str,
+    ) -> Option<T> {
+        match serde_json::from_slice::<T>(content) {
+            Ok(r) if r.slot() == self.cfg.capture.slot => Some(r),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable {what}; ignored");
+                None
+            }
+        }
+    }
+
+    fn on_backfill_request(&mut self, r: BackfillRequest) {
+        if self.state.backfills.contains_key(&r.job) {
+            return;
+        }
+        tracing::info!(job = r.job, table = r.table, total = r.total, tier = r.tier,
+            after = ?r.after, sample = r.sample, "backfill requested");
+        let mut b = Backfill::new(r.table, r.predicate, r.chunk_rows, r.total);
+        b.tier = r.tier;
+        b.after = r.after;
+        b.sample = r.sample;
+        self.state.backfills.insert(r.job.clone(), b);
+        self.snap.enqueue_backfill(r.job);
+        sync_backfills(&mut self.snap, &self.state);
+        self.txn.moved_state = true;
+    }
+
+    fn on_job_control(&mut self, r: JobControl) {
+        let Some(b) = self.state.backfills.get_mut(&r.job) else {
+            tracing::warn!(job = r.job, "job control for an unknown job; ignored");
+            return;
+        };
+        match r.action {
+            JobAction::Pause => b.paused = true,
+            JobAction::Resume => b.paused = false,
+            JobAction::Cancel => b.cancelled = true,
+            JobAction::SamplePassed => b.sample_state = Some(SampleState::Passed),
+            JobAction::SampleFailed => {
+                b.sample_state = Some(SampleState::Failed);
+                b.cancelled = true;
+            }
+        }
+        tracing::info!(job = r.job, action = %r.action, status = %b.status(), "job control");
+        if b.progress != Some(TableProgress::Done) {
+            self.snap.enqueue_backfill(r.job.clone());
+        }
+        sync_backfills(&mut self.snap, &self.state);
+        self.txn.moved_state = true;
+    }
+
+    fn on_repair_request(&mut self, r: RepairRequest) {
+        match r.table.parse::<TableId>() {
+            Ok(t) => {
+                tracing::info!(table = %t, keys = r.keys.len(), "repair requested");
+                self.snap.enqueue_repair(t, r.keys);
+            }
+            Err(e) => tracing::warn!(table = r.table, error = %e, "repair request ignored"),
+        }
+    }
+
+    /// A transaction's end: its deliveries become one acker batch whose LSN is safe once they
+    /// (and everything before) are acknowledged; state it moved is saved after that.
+    async fn on_commit(&mut self, end: Lsn) -> Result<(), CaptureError> {
+        self.txn.open = false;
+        if std::mem::take(&mut self.txn.live) {
+            self.throttle.live_commit();
+        }
+        self.stats
+            .transactions_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.hand_to_acker(Some(end)).await?;
+        if std::mem::take(&mut self.txn.moved_state) {
+            self.state_after.push_back((end, self.state.clone()));
+        }
+        Ok(())
+    }
+
+    /// The server's position: confirmable only between transactions, behind the same queue.
+    async fn on_keepalive(&mut self, wal_end: Lsn) -> Result<(), CaptureError> {
+        if !self.txn.open {
+            self.hand_to_acker(Some(wal_end)).await?;
+        }
+        Ok(())
+    }
+
+    fn on_throttle_tick(&mut self) {
+        if self.snap.has_backfill() {
+            let events = self.stats.events_total.load(Ordering::Relaxed).max(1);
+            let bytes = self.stats.encoded_bytes_total.load(Ordering::Relaxed);
+            self.throttle.tick(bytes as f64 / events as f64);
+        } else {
+            self.throttle.idle();
+        }
+    }
+
+    async fn on_heartbeat(&mut self) -> Result<(), CaptureError> {
+        wal::emit(&self.session, &self.target, wal::Kind::Heartbeat, "").await
+    }
+
+    /// Tables added to the publication get a topic and a snapshot.
+    async fn on_publication_poll(&mut self) -> Result<(), CaptureError> {
+        let c = &self.cfg.capture;
+        let now = catalog::publication_tables(&self.session, &c.publication)
+            .await
+            .map_err(pg(&self.target, "listing publication tables"))?;
+        for t in now {
+            let known = self.state.tables.contains_key(&t.to_string()) || self.snap.covers(&t);
+            if known {
+                continue;
+            }
+            tracing::info!(table = %t, "table added to the publication; snapshotting it");
+            let pgc = &self.cfg.origin.postgres;
+            register_table(&self.session, &mut self.sink, pgc, &t, &self.target).await?;
+            if c.snapshot {
+                self.snap.enqueue(t);
+            } else {
+                self.state.tables.insert(t.to_string(), TableProgress::Done);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_report(&mut self) {
+        let stats = self.stats;
+        let events = stats.events_total.load(Ordering::Relaxed);
+        let (last_events, last_at) = self.ticks.last_report;
+        let secs = last_at.elapsed().as_secs_f64().max(0.001);
+        tracing::info!(
+            events_total = events,
+            events_per_sec = ((events - last_events) as f64 / secs).round(),
+            confirmed_lsn = %Lsn(stats.confirmed_lsn.load(Ordering::Relaxed)),
+            snapshot_idle = self.snap.is_idle(),
+            retries_total = stats.retries_total.load(Ordering::Relaxed),
+            "capture progress"
+        );
+        self.ticks.last_report = (events, Instant::now());
+    }
+
+    /// Sends a finished chunk's rows and records its progress; true when the state moved (to
+    /// be saved once the rows are acknowledged).
+    async fn finish_chunk(&mut self, done: snapshot::ChunkDone) -> Result<bool, CaptureError> {
+        let stats = self.stats;
+        for e in &done.events {
+            let n = self.sink.send(&done.schema, e, &mut self.pending).await?;
+            stats
+                .encoded_bytes_total
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let n = done.events.len() as u64;
+        stats.events_total.fetch_add(n, Ordering::Relaxed);
+        stats.snapshot_rows_total.fetch_add(n, Ordering::Relaxed);
+        if let (Some(job), Some(progress)) = (&done.backfill, &done.progress) {
+            let (rate, limit) = (
+                self.throttle.aimd.rate().round(),
+                self.throttle.aimd.limit().to_string(),
+            );
+            if let Some(b) = self.state.backfills.get_mut(job) {
+                b.rows += n;
+                b.progress = Some(progress.clone());
+                b.rate = rate;
+                b.limit = limit;
+                if let Some(n) = b.sample {
+                    if b.rows >= n && b.sample_state.is_none() && *progress != TableProgress::Done {
+                        b.sample_state = Some(SampleState::Held);
+                        tracing::info!(
+                            job,
+                            rows = b.rows,
+                            "backfill sample emitted; holding until it verifies at the destination"
+                        );
+                    }
+                }
+                tracing::info!(job, table = %done.table, rows = b.rows, total = b.total,
+                    done = (*progress == TableProgress::Done), "backfill chunk");
+            }
+            return Ok(true);
+        }
+        match done.progress {
+            Some(progress) => {
+                if progress == TableProgress::Done {
+                    tracing::info!(table = %done.table, "snapshot complete");
+                }
+                self.state.tables.insert(done.table.to_string(), progress);
+                Ok(true)
+            }
+            None => {
+                tracing::info!(table = %done.table, rows = n, "repair rows re-captured");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Hands the pending deliveries to the acker as one batch (closing a transaction when
+    /// `lsn` is given).
+    async fn hand_to_acker(&mut self, lsn: Option<Lsn>) -> Result<(), CaptureError> {
+        let deliveries = std::mem::take(&mut self.pending);
+        self.ack_tx
+            .send(AckBatch { lsn, deliveries })
+            .await
+            .map_err(|_| CaptureError::Setup("internal: acknowledgement task is gone".into()))
+    }
+
+    /// Graceful stop: everything handed to the producer is acknowledged, the final position
+    /// is confirmed, and the stream is closed.
+    async fn finish(self) -> Result<(), CaptureError> {
+        tracing::info!("capture stopping");
+        let Capture {
+            cfg,
+            stats,
+            sink,
+            state_topic,
+            state_after,
+            mut repl,
+            ack_tx,
+            safe_rx,
+            mut acker,
+            ..
+        } = self;
+        drop(ack_tx);
+        sink.flush(Duration::from_secs(30));
+        match tokio::time::timeout(Duration::from_secs(30), &mut acker.0).await {
+            Ok(Ok(Ok(()))) => {
+                let safe = *safe_rx.borrow();
+                repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
+                stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
+                for (l, st) in state_after {
+                    if let (true, Some(p)) = (l <= safe, sink.producer()) {
+                        state::save(p, &state_topic, &cfg.capture.slot, &st).await?;
+                    }
+                }
+                // The transport sends positions on its status interval; give it one.
+                tokio::time::sleep(Duration::from_millis(cfg.capture.status_interval_ms + 200))
+                    .await;
+            }
+            Ok(Ok(Err(e))) => return Err(e),
+            _ => tracing::warn!(
+                "acknowledgements did not finish in 30 s; the unconfirmed tail will be produced \
+                 again on restart"
+            ),
+        }
+        let _ = repl.shutdown().await;
+        tracing::info!(
+            events_total = stats.events_total.load(Ordering::Relaxed),
+            snapshot_rows_total = stats.snapshot_rows_total.load(Ordering::Relaxed),
+            transactions_total = stats.transactions_total.load(Ordering::Relaxed),
+            confirmed_lsn = %Lsn(stats.confirmed_lsn.load(Ordering::Relaxed)),
+            "capture stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Whether the origin can be captured from: logical WAL, a role that may replicate.
+async fn check_source(session: &Session, pgc: &PgConfig, target: &str) -> Result<(), CaptureError> {
+    let facts = catalog::server_facts(session)
         .await
-        .map_err(pg(&target, "reading server settings"))?;
+        .map_err(pg(target, "reading server settings"))?;
     if facts.wal_level != "logical" {
         return Err(CaptureError::Setup(format!(
             "postgres {target} has wal_level = {}; capture needs wal_level = logical \
@@ -191,78 +848,12 @@ async fn run_once(
             pgc.user, pgc.user
         )));
     }
-    catalog::ensure_publication(&session, &c.publication, &cfg.tables())
-        .await
-        .map_err(pg(
-            &target,
-            format!("creating publication {}", c.publication),
-        ))?;
+    Ok(())
+}
 
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let state_topic = crate::topics::state_topic(&c.topic_prefix);
-    let (mut sink, mut state) = match mode {
-        SinkMode::Kafka => {
-            let sink = Sink::kafka(
-                origin.clone(),
-                &c.topic_prefix,
-                c.partitions,
-                c.linger_ms,
-                cfg.origin_registry()?,
-            )
-            .await?;
-            let origin2 = origin.clone();
-            let (topic, slot) = (state_topic.clone(), c.slot.clone());
-            let st = tokio::task::spawn_blocking(move || state::load(&origin2, &topic, &slot))
-                .await
-                .map_err(|e| CaptureError::State {
-                    topic: state_topic.clone(),
-                    reason: e.to_string(),
-                    transient: false,
-                })??;
-            (sink, st)
-        }
-        SinkMode::Null => (Sink::Null { buf: Vec::new() }, CaptureState::default()),
-    };
-    prepare_slot(&session, cfg, &target, &mut state).await?;
-
-    let mut snap = Snapshotter::new(
-        &c.slot,
-        &cfg.origin.region,
-        &pgc.database,
-        c.snapshot_chunk_rows,
-        &target,
-    );
-    let tables = catalog::publication_tables(&session, &c.publication)
-        .await
-        .map_err(pg(&target, "listing publication tables"))?;
-    let mut state_dirty = false;
-    for t in &tables {
-        match state.tables.get(&t.to_string()) {
-            Some(TableProgress::Done) => {}
-            _ if !c.snapshot => {
-                state.tables.insert(t.to_string(), TableProgress::Done);
-                state_dirty = true;
-            }
-            _ => snap.enqueue(t.clone()),
-        }
-    }
-    if state_dirty {
-        if let Some(p) = sink.producer() {
-            state::save(p, &state_topic, &c.slot, &state).await?;
-        }
-    }
-    // Create every table's topic up front so consumers can subscribe before the first change.
-    for t in &tables {
-        register_table(&session, &mut sink, pgc, t, &target).await?;
-    }
-    tracing::info!(
-        slot = c.slot,
-        publication = c.publication,
-        tables = tables.len(),
-        to_snapshot = tables.len() - snap_count(&snap, &tables),
-        "capture starting"
-    );
-
+/// Opens the replication stream from the slot's confirmed position.
+async fn connect_replication(cfg: &Config) -> Result<ReplicationClient, CaptureError> {
+    let (pgc, c) = (&cfg.origin.postgres, &cfg.capture);
     let repl_cfg = ReplicationConfig::new(
         pgc.host.clone(),
         pgc.user.clone(),
@@ -278,297 +869,12 @@ async fn run_once(
     .with_status_interval(Duration::from_millis(c.status_interval_ms))
     .with_wakeup_interval(Duration::from_millis(c.status_interval_ms.max(1000)))
     .with_application_name("ferry-capture");
-    let repl_err = |source| CaptureError::Replication {
-        slot: c.slot.clone(),
-        source,
-    };
-    let mut repl = ReplicationClient::connect(repl_cfg)
+    ReplicationClient::connect(repl_cfg)
         .await
-        .map_err(repl_err)?;
-
-    // One batch per source transaction: an OLTP stream of small transactions needs thousands
-    // in flight while the broker acknowledges (a few ms to tens of ms each), or capture stalls
-    // on the queue. A batch without deliveries is a few dozen bytes.
-    let (ack_tx, ack_rx) = mpsc::channel::<AckBatch>(ACK_QUEUE);
-    let (safe_tx, mut safe_rx) = watch::channel(Lsn::ZERO);
-    let mut acker = Owned(tokio::spawn(sink::acker(ack_rx, safe_tx)));
-
-    let mut decoder = ChangeDecoder::new(cfg.origin.region.clone(), pgc.database.clone());
-    let mut outputs = Vec::new();
-    let mut pending = Vec::new();
-    let mut in_txn = false;
-    let mut snapshot_progress = false;
-    let mut state_after: VecDeque<(Lsn, CaptureState)> = VecDeque::new();
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_millis(c.heartbeat_interval_ms.max(100)));
-    let mut poll = tokio::time::interval(Duration::from_millis(c.publication_poll_ms.max(100)));
-    let mut report = tokio::time::interval(Duration::from_secs(10));
-    let mut last_events = stats.events_total.load(Ordering::Relaxed);
-    let mut last_report = Instant::now();
-    // Transactions streamed most recently, for the snapshot visibility check.
-    let mut recent_xids: VecDeque<u32> = VecDeque::with_capacity(RECENT_XIDS);
-
-    for (job, b) in &state.backfills {
-        if b.progress != Some(TableProgress::Done) {
-            snap.enqueue_backfill(job.clone());
-        }
-    }
-    sync_backfills(&mut snap, &state);
-    // Backfill chunks read from the replica when one is configured (watermarks still go to
-    // the primary, through `session`).
-    let replica = match &cfg.backfill.replica {
-        Some(r) => Some(
-            r.connect()
-                .await
-                .map_err(pg(&r.display(), "connecting to the backfill replica"))?,
-        ),
-        None => None,
-    };
-    let mut throttle = BackfillThrottle::new(cfg);
-    let mut throttle_tick = tokio::time::interval(THROTTLE_TICK);
-    // Whether the open transaction carried live changes (watermark-only ones do not count
-    // as live commits).
-    let mut live_txn = false;
-
-    loop {
-        // Live changes and snapshots first; a backfill chunk only when the throttle allows.
-        let backfill_cap = throttle.chunk_rows();
-        let start = !in_txn
-            && (snap.wants_chunk(false)
-                || (snap.wants_chunk(true)
-                    && throttle.allows(snap.next_backfill_rows(&state, backfill_cap))));
-        if start {
-            let recent: HashSet<u32> = recent_xids.iter().copied().collect();
-            if let Some(schema) = snap
-                .start_chunk(&session, replica.as_deref(), &state, &recent, backfill_cap)
-                .await?
-            {
-                sink.register(&schema).await?;
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            joined = &mut acker.0 => {
-                return Err(match joined {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => CaptureError::Setup("internal: acknowledgement task ended early".into()),
-                    Err(e) => CaptureError::Setup(format!("internal: acknowledgement task failed: {e}")),
-                });
-            }
-            Ok(()) = safe_rx.changed() => {
-                let safe = *safe_rx.borrow_and_update();
-                repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
-                stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
-                while state_after.front().is_some_and(|(l, _)| *l <= safe) {
-                    let Some((_, st)) = state_after.pop_front() else { break };
-                    if let Some(p) = sink.producer() {
-                        state::save(p, &state_topic, &c.slot, &st).await?;
-                    }
-                    let done = st.tables.values().filter(|p| **p == TableProgress::Done).count();
-                    stats.snapshots_done_total.store(done as u64, Ordering::Relaxed);
-                }
-            }
-            ev = repl.recv() => {
-                let ev = match ev {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => return Err(CaptureError::Replication {
-                        slot: c.slot.clone(),
-                        source: pgwire_replication::PgWireError::Internal("stream ended".into()),
-                    }),
-                    Err(e) => return Err(repl_err(e)),
-                };
-                match ev {
-                    ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                        decoder.begin(final_lsn.as_u64(), xid, commit_time_micros);
-                        in_txn = true;
-                        if recent_xids.len() == RECENT_XIDS {
-                            recent_xids.pop_front();
-                        }
-                        recent_xids.push_back(xid);
-                    }
-                    ReplicationEvent::XLogData { wal_start, data, .. } => {
-                        decoder.decode(&session, wal_start.as_u64(), &data, &mut outputs).await?;
-                        for out in outputs.drain(..) {
-                            match out {
-                                Output::Schema(s) => sink.register(&s).await?,
-                                Output::Event(s, e) => {
-                                    live_txn = true;
-                                    snap.observe(&s, &e);
-                                    let n = sink.send(&s, &e, &mut pending).await?;
-                                    stats.encoded_bytes_total.fetch_add(n as u64, Ordering::Relaxed);
-                                    stats.events_total.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        if pending.len() >= ACK_SLICE {
-                            send_batch(&ack_tx, None, &mut pending).await?;
-                        }
-                    }
-                    ReplicationEvent::Message { prefix, content, lsn, .. } => {
-                        let kind = wal::Kind::of(&prefix);
-                        if kind == Some(wal::Kind::Watermark) {
-                            if let Some(done) = snap.on_watermark(&content, if in_txn { decoder.txn_lsn() } else { lsn.as_u64() }) {
-                                snapshot_progress |= finish_chunk(&mut sink, done, (throttle.aimd.rate().round(), throttle.aimd.limit().to_string()), &mut pending, &mut state, stats).await?;
-                                sync_backfills(&mut snap, &state);
-                            }
-                        } else if kind == Some(wal::Kind::Backfill) {
-                            match serde_json::from_slice::<BackfillRequest>(&content) {
-                                Ok(r) if r.slot == c.slot => {
-                                    if !state.backfills.contains_key(&r.job) {
-                                        tracing::info!(job = r.job, table = r.table, total = r.total, tier = r.tier, after = ?r.after, sample = r.sample, "backfill requested");
-                                        let mut b = crate::store::state::Backfill::new(r.table, r.predicate, r.chunk_rows, r.total);
-                                        b.tier = r.tier;
-                                        b.after = r.after;
-                                        b.sample = r.sample;
-                                        state.backfills.insert(r.job.clone(), b);
-                                        snap.enqueue_backfill(r.job);
-                                        sync_backfills(&mut snap, &state);
-                                        snapshot_progress = true;
-                                    }
-                                }
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(error = %e, "unreadable backfill request; ignored"),
-                            }
-                        } else if kind == Some(wal::Kind::JobControl) {
-                            match serde_json::from_slice::<JobControl>(&content) {
-                                Ok(r) if r.slot == c.slot => match state.backfills.get_mut(&r.job) {
-                                    Some(b) => {
-                                        match r.action.as_str() {
-                                            "pause" => b.paused = true,
-                                            "resume" => b.paused = false,
-                                            "cancel" => b.cancelled = true,
-                                            "sample-passed" => b.sample_state = Some("passed".into()),
-                                            "sample-failed" => {
-                                                b.sample_state = Some("failed".into());
-                                                b.cancelled = true;
-                                            }
-                                            other => tracing::warn!(action = other, "unknown job action; ignored"),
-                                        }
-                                        tracing::info!(job = r.job, action = r.action, status = b.status(), "job control");
-                                        if b.progress != Some(TableProgress::Done) {
-                                            snap.enqueue_backfill(r.job.clone());
-                                        }
-                                        sync_backfills(&mut snap, &state);
-                                        snapshot_progress = true;
-                                    }
-                                    None => tracing::warn!(job = r.job, "job control for an unknown job; ignored"),
-                                },
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(error = %e, "unreadable job control; ignored"),
-                            }
-                        } else if kind == Some(wal::Kind::Repair) {
-                            match serde_json::from_slice::<RepairRequest>(&content) {
-                                Ok(r) if r.slot == c.slot => match crate::config::parse_table(&r.table) {
-                                    Some(t) => {
-                                        tracing::info!(table = %t, keys = r.keys.len(), "repair requested");
-                                        snap.enqueue_repair(t, r.keys);
-                                    }
-                                    None => tracing::warn!(table = r.table, "repair request names no schema.table; ignored"),
-                                },
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(error = %e, "unreadable repair request; ignored"),
-                            }
-                        }
-                    }
-                    ReplicationEvent::Commit { end_lsn, .. } => {
-                        in_txn = false;
-                        if std::mem::take(&mut live_txn) {
-                            throttle.live_commit();
-                        }
-                        stats.transactions_total.fetch_add(1, Ordering::Relaxed);
-                        let end = Lsn(end_lsn.as_u64());
-                        send_batch(&ack_tx, Some(end), &mut pending).await?;
-                        if snapshot_progress {
-                            state_after.push_back((end, state.clone()));
-                            snapshot_progress = false;
-                        }
-                    }
-                    ReplicationEvent::KeepAlive { wal_end, .. } => {
-                        if !in_txn {
-                            send_batch(&ack_tx, Some(Lsn(wal_end.as_u64())), &mut pending).await?;
-                        }
-                    }
-                    ReplicationEvent::StoppedAt { .. } => break,
-                }
-            }
-            _ = throttle_tick.tick() => {
-                if snap.has_backfill() {
-                    let events = stats.events_total.load(Ordering::Relaxed).max(1);
-                    throttle.tick(stats.encoded_bytes_total.load(Ordering::Relaxed) as f64 / events as f64);
-                } else {
-                    throttle.idle();
-                }
-            }
-            _ = heartbeat.tick() => {
-                wal::emit(&session, &target, wal::Kind::Heartbeat, "").await?;
-            }
-            _ = poll.tick() => {
-                let now = catalog::publication_tables(&session, &c.publication)
-                    .await
-                    .map_err(pg(&target, "listing publication tables"))?;
-                for t in now {
-                    let known = state.tables.contains_key(&t.to_string()) || snap.covers(&t);
-                    if !known {
-                        tracing::info!(table = %t, "table added to the publication; snapshotting it");
-                        register_table(&session, &mut sink, pgc, &t, &target).await?;
-                        if c.snapshot {
-                            snap.enqueue(t);
-                        } else {
-                            state.tables.insert(t.to_string(), TableProgress::Done);
-                        }
-                    }
-                }
-            }
-            _ = report.tick() => {
-                let events = stats.events_total.load(Ordering::Relaxed);
-                let secs = last_report.elapsed().as_secs_f64().max(0.001);
-                tracing::info!(
-                    events_total = events,
-                    events_per_sec = ((events - last_events) as f64 / secs).round(),
-                    confirmed_lsn = %Lsn(stats.confirmed_lsn.load(Ordering::Relaxed)),
-                    snapshot_idle = snap.is_idle(),
-                    retries_total = stats.retries_total.load(Ordering::Relaxed),
-                    "capture progress"
-                );
-                last_events = events;
-                last_report = Instant::now();
-            }
-        }
-    }
-
-    // Graceful stop: everything handed to the producer is acknowledged, the final position is
-    // confirmed, and the stream is closed.
-    tracing::info!("capture stopping");
-    drop(ack_tx);
-    sink.flush(Duration::from_secs(30));
-    match tokio::time::timeout(Duration::from_secs(30), &mut acker.0).await {
-        Ok(Ok(Ok(()))) => {
-            let safe = *safe_rx.borrow();
-            repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
-            stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
-            for (l, st) in state_after {
-                if l <= safe {
-                    if let Some(p) = sink.producer() {
-                        state::save(p, &state_topic, &c.slot, &st).await?;
-                    }
-                }
-            }
-            // The transport sends positions on its status interval; give it one.
-            tokio::time::sleep(Duration::from_millis(c.status_interval_ms + 200)).await;
-        }
-        Ok(Ok(Err(e))) => return Err(e),
-        _ => tracing::warn!("acknowledgements did not finish in 30 s; the unconfirmed tail will be produced again on restart"),
-    }
-    let _ = repl.shutdown().await;
-    tracing::info!(
-        events_total = stats.events_total.load(Ordering::Relaxed),
-        snapshot_rows_total = stats.snapshot_rows_total.load(Ordering::Relaxed),
-        transactions_total = stats.transactions_total.load(Ordering::Relaxed),
-        confirmed_lsn = %Lsn(stats.confirmed_lsn.load(Ordering::Relaxed)),
-        "capture stopped"
-    );
-    Ok(())
+        .map_err(|source| CaptureError::Replication {
+            slot: c.slot.clone(),
+            source,
+        })
 }
 
 /// Tells the snapshotter which backfill jobs may read (see `CaptureState::backfill_wait`) and
@@ -608,68 +914,4 @@ async fn register_table(
         source,
     })?;
     sink.register(&encoded).await
-}
-
-async fn finish_chunk(
-    sink: &mut Sink,
-    done: snapshot::ChunkDone,
-    rate_limit: (f64, String),
-    pending: &mut Vec<(String, rdkafka::producer::DeliveryFuture)>,
-    state: &mut CaptureState,
-    stats: &Stats,
-) -> Result<bool, CaptureError> {
-    for e in &done.events {
-        let n = sink.send(&done.schema, e, pending).await?;
-        stats
-            .encoded_bytes_total
-            .fetch_add(n as u64, Ordering::Relaxed);
-    }
-    let n = done.events.len() as u64;
-    stats.events_total.fetch_add(n, Ordering::Relaxed);
-    stats.snapshot_rows_total.fetch_add(n, Ordering::Relaxed);
-    if let (Some(job), Some(progress)) = (&done.backfill, &done.progress) {
-        if let Some(b) = state.backfills.get_mut(job) {
-            b.rows += n;
-            b.progress = Some(progress.clone());
-            b.rate = rate_limit.0;
-            b.limit = rate_limit.1.clone();
-            if let Some(n) = b.sample {
-                if b.rows >= n && b.sample_state.is_none() && *progress != TableProgress::Done {
-                    b.sample_state = Some("held".into());
-                    tracing::info!(
-                        job,
-                        rows = b.rows,
-                        "backfill sample emitted; holding until it verifies at the destination"
-                    );
-                }
-            }
-            tracing::info!(job, table = %done.table, rows = b.rows, total = b.total,
-                done = (*progress == TableProgress::Done), "backfill chunk");
-        }
-        return Ok(true);
-    }
-    match done.progress {
-        Some(progress) => {
-            if progress == TableProgress::Done {
-                tracing::info!(table = %done.table, "snapshot complete");
-            }
-            state.tables.insert(done.table.to_string(), progress);
-            Ok(true)
-        }
-        None => {
-            tracing::info!(table = %done.table, rows = n, "repair rows re-captured");
-            Ok(false)
-        }
-    }
-}
-
-async fn send_batch(
-    tx: &mpsc::Sender<AckBatch>,
-    lsn: Option<Lsn>,
-    pending: &mut Vec<(String, rdkafka::producer::DeliveryFuture)>,
-) -> Result<(), CaptureError> {
-    let deliveries = std::mem::take(pending);
-    tx.send(AckBatch { lsn, deliveries })
-        .await
-        .map_err(|_| CaptureError::Setup("internal: acknowledgement task is gone".into()))
 }

@@ -10,7 +10,7 @@ use ferry_schemas::manifest;
 
 use crate::batch::egress::Egress;
 use crate::config::Config;
-use crate::inspect;
+use crate::inspect::{self, InspectError};
 
 /// Formats bytes for people.
 pub fn human_bytes(b: u64) -> String {
@@ -29,7 +29,7 @@ pub type EgressTable = BTreeMap<(String, String), Egress>;
 
 /// Egress per (region pair, table) from the manifests in the destination batch topic, and how
 /// many records there could not be read.
-pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
+pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), InspectError> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
     let mut out = EgressTable::new();
     let mut unreadable = 0;
@@ -50,13 +50,13 @@ pub fn egress(cfg: &Config) -> Result<(EgressTable, usize), String> {
     });
     match scanned {
         Ok(()) => Ok((out, unreadable)),
-        Err(e) if e.to_string().contains("does not exist") => Ok((EgressTable::new(), 0)),
-        Err(e) => Err(e.to_string()),
+        Err(InspectError::MissingTopic(_)) => Ok((EgressTable::new(), 0)),
+        Err(e) => Err(e),
     }
 }
 
 /// Prints the status report.
-pub async fn print(cfg: &Config) -> Result<(), String> {
+pub async fn print(cfg: &Config) -> Result<(), InspectError> {
     println!("capture");
     let pgc = &cfg.origin.postgres;
     match pgc.connect().await {
@@ -82,12 +82,7 @@ pub async fn print(cfg: &Config) -> Result<(), String> {
 
     println!("ship (group {})", cfg.ship.group_id);
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let prefix = cfg.capture.topic_prefix.clone();
-    let group = cfg.ship.group_id.clone();
-    let lag = tokio::task::spawn_blocking(move || crate::ship::lag(&origin, &prefix, &group))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let lag = crate::ship::lag(&origin, &cfg.capture.topic_prefix, &cfg.ship.group_id).await?;
     for l in &lag {
         println!(
             "  {:<48} shipped to offset {:>10} of {:>10}  lag {:>8}",
@@ -101,7 +96,7 @@ pub async fn print(cfg: &Config) -> Result<(), String> {
     let cfg2 = cfg.clone();
     let (egress, unreadable) = tokio::task::spawn_blocking(move || egress(&cfg2))
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| InspectError::Other(format!("reading the batch topic: {e}")))??;
     println!("egress (from batch manifests in {})", cfg.batch_topic());
     println!(
         "  {:<22} {:<28} {:>8} {:>10} {:>10} {:>11} {:>11} {:>7} {:>10}",

@@ -9,7 +9,7 @@ use ferry_schemas::TableId;
 
 use crate::config::Config;
 use crate::error::{pg, CaptureError};
-use crate::wal::{self, BackfillRequest, JobControl};
+use crate::wal::{self, BackfillRequest, JobAction, JobControl};
 
 /// One backfill job to request: a table with its options, and its place in a plan.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
@@ -37,15 +37,15 @@ pub struct BackfillSpec {
     pub sample: Option<u64>,
 }
 
-/// Sends a job control message (`pause`, `resume` or `cancel`) for a backfill job.
-pub async fn control_job(cfg: &Config, job: &str, action: &str) -> Result<(), CaptureError> {
+/// Sends a job control message for a backfill job.
+pub async fn control_job(cfg: &Config, job: &str, action: JobAction) -> Result<(), CaptureError> {
     let pgc = &cfg.origin.postgres;
     let target = pgc.display();
     let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
     let message = JobControl {
         slot: cfg.capture.slot.clone(),
         job: job.to_string(),
-        action: action.to_string(),
+        action,
     };
     wal::emit_json(&session, &target, wal::Kind::JobControl, &message).await
 }

@@ -6,6 +6,7 @@ use ferry_connectors::kafka::Cluster;
 use crate::config::Config;
 use crate::error::CaptureError;
 use crate::store::control::{job_key, live_key, send, LIVE};
+use crate::wal::JobAction;
 
 /// What [`request`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,9 +19,9 @@ pub enum Route {
 
 /// Pauses, resumes or cancels `job`: `live` (the live pipeline's shipping), a backfill job
 /// (through the WAL) or a replay job (through the control topic). An unknown name is an error.
-pub async fn request(cfg: &Config, job: &str, action: &str) -> Result<Route, CaptureError> {
+pub async fn request(cfg: &Config, job: &str, action: JobAction) -> Result<Route, CaptureError> {
     if job == LIVE {
-        if action == "cancel" {
+        if action == JobAction::Cancel {
             return Err(CaptureError::Setup(
                 "the live pipeline can be paused and resumed, not cancelled".into(),
             ));
@@ -30,23 +31,9 @@ pub async fn request(cfg: &Config, job: &str, action: &str) -> Result<Route, Cap
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let state_topic = crate::topics::state_topic(&cfg.capture.topic_prefix);
-    let (o, t, slot, k) = (
-        origin.clone(),
-        state_topic.clone(),
-        cfg.capture.slot.clone(),
-        job_key(job),
-    );
-    let (capture, replay) = tokio::task::spawn_blocking(move || {
-        let capture = crate::store::state::load(&o, &t, &slot)?;
-        let replay: Option<serde_json::Value> = crate::store::state::load_value(&o, &t, &k)?;
-        Ok::<_, CaptureError>((capture, replay))
-    })
-    .await
-    .map_err(|e| CaptureError::State {
-        topic: state_topic.clone(),
-        reason: e.to_string(),
-        transient: true,
-    })??;
+    let capture = crate::store::state::load(&origin, &state_topic, &cfg.capture.slot).await?;
+    let replay: Option<serde_json::Value> =
+        crate::store::state::load_value(&origin, &state_topic, &job_key(job)).await?;
     if capture.backfills.contains_key(job) {
         crate::jobs::backfill::control_job(cfg, job, action).await?;
         Ok(Route::Wal)

@@ -1,6 +1,6 @@
 //! Every job in one place: the live pipeline, backfills and replays, with their state,
-//! progress, throttle rate and the signal limiting it (`ferry jobs`, `GET /jobs`); progress
-//! bars for following jobs; and the staged check of a backfill's sample (`--sample`).
+//! progress, throttle rate and the signal limiting it (`ferry jobs`, `GET /jobs`), and the
+//! staged check of a backfill's sample (`--sample`). Showing them is `cli::jobs`'s.
 //!
 //! - [`backfill`]: requesting backfills and steering them through the WAL.
 //! - [`replay`]: re-shipping a range of the origin topics beside live traffic.
@@ -10,29 +10,85 @@ pub mod backfill;
 pub mod control;
 pub mod replay;
 
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use ferry_connectors::kafka::Cluster;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::jobs::replay::Checkpoint;
 use crate::store::control as gate;
-use crate::store::state::{self, TableProgress};
+use crate::store::state::{self, JobState, SampleState, TableProgress};
+use crate::store::StoreError;
+use crate::wal::JobAction;
+
+/// Why a job command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The state or control store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A cluster did not answer, or refused.
+    #[error(transparent)]
+    Kafka(#[from] ferry_connectors::kafka::KafkaError),
+    /// Writing a request into the origin's WAL failed.
+    #[error(transparent)]
+    Capture(#[from] crate::error::CaptureError),
+    /// Comparing a sample failed.
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    /// What was asked cannot be done as asked (no destination database, a job without
+    /// progress).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl JobsError {
+    /// Whether a retry could help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            JobsError::Store(e) => e.is_retryable(),
+            JobsError::Kafka(e) => e.is_retryable(),
+            JobsError::Capture(e) => e.is_retryable(),
+            JobsError::Verify(e) => e.is_retryable(),
+            JobsError::Refused(_) => false,
+        }
+    }
+}
+
+/// What a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// The live pipeline (capture → ship → apply).
+    Live,
+    /// An online backfill of a table.
+    Backfill,
+    /// A replay of an origin range.
+    Replay,
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            JobKind::Live => "live",
+            JobKind::Backfill => "backfill",
+            JobKind::Replay => "replay",
+        })
+    }
+}
 
 /// One line of `ferry jobs`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct JobRow {
     /// Job name (`live` for the live pipeline).
     pub job: String,
-    /// `live`, `backfill` or `replay`.
-    pub kind: &'static str,
+    /// What it is.
+    pub kind: JobKind,
     /// The table or topic it works on.
     pub target: String,
-    /// `running`, `waiting`, `paused`, `sampled`, `cancelled` or `done`.
-    pub state: String,
+    /// Where it stands.
+    pub state: JobState,
     /// Units done and in all (rows for a backfill, offsets otherwise).
     pub done: u64,
     /// See `done`.
@@ -52,29 +108,34 @@ pub struct JobRow {
 impl JobRow {
     /// Whether the job will do nothing more.
     pub fn finished(&self) -> bool {
-        matches!(self.state.as_str(), "done" | "cancelled")
+        self.state.finished()
     }
 }
 
-/// Reads every job's state from the clusters (blocking).
-pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
+/// Reads every job's state from the clusters.
+pub async fn list(cfg: &Config) -> Result<Vec<JobRow>, JobsError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let prefix = &cfg.capture.topic_prefix;
     let state_topic = crate::topics::state_topic(prefix);
-    let controls =
-        gate::load(&origin, &crate::topics::control_topic(prefix)).map_err(|e| e.to_string())?;
+    let (controls, _) = gate::load(&origin, &crate::topics::control_topic(prefix)).await?;
     let mut rows = Vec::new();
 
-    let lag = crate::ship::lag(&origin, prefix, &cfg.ship.group_id).unwrap_or_default();
-    let paused = controls.get(&gate::live_key(cfg)).map(String::as_str) == Some("pause");
+    let lag = crate::ship::lag(&origin, prefix, &cfg.ship.group_id)
+        .await
+        .unwrap_or_default();
+    let paused = controls.get(&gate::live_key(cfg)) == Some(&JobAction::Pause);
     let (done, end): (i64, i64) = lag
         .iter()
         .fold((0, 0), |(d, e), l| (d + l.committed, e + l.end));
     rows.push(JobRow {
         job: gate::LIVE.into(),
-        kind: "live",
+        kind: JobKind::Live,
         target: format!("group {}", cfg.ship.group_id),
-        state: if paused { "paused" } else { "running" }.into(),
+        state: if paused {
+            JobState::Paused
+        } else {
+            JobState::Running
+        },
         done: done.max(0) as u64,
         total: end.max(0) as u64,
         rate: 0.0,
@@ -84,19 +145,18 @@ pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
         note: format!("lag {} changes", (end - done).max(0)),
     });
 
-    let capture =
-        state::load(&origin, &state_topic, &cfg.capture.slot).map_err(|e| e.to_string())?;
+    let capture = state::load(&origin, &state_topic, &cfg.capture.slot).await?;
     for (job, b) in &capture.backfills {
         let wait = capture.backfill_wait(job);
         let state = match (b.status(), &wait) {
-            ("running", Some(_)) => "waiting",
+            (JobState::Running, Some(_)) => JobState::Waiting,
             (s, _) => s,
         };
         rows.push(JobRow {
             job: job.clone(),
-            kind: "backfill",
+            kind: JobKind::Backfill,
             target: b.table.clone(),
-            state: state.into(),
+            state,
             done: b.rows,
             total: b.total.max(b.rows),
             rate: b.rate,
@@ -104,11 +164,13 @@ pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
             tier: Some(b.tier),
             after: b.after.clone(),
             note: match (state, wait, &b.sample) {
-                ("waiting", Some(w), _) => w,
-                ("sampled", _, Some(n)) => format!("first {n} rows emitted, awaiting verification"),
+                (JobState::Waiting, Some(w), _) => w,
+                (JobState::Sampled, _, Some(n)) => {
+                    format!("first {n} rows emitted, awaiting verification")
+                }
                 (_, _, Some(n)) => format!(
                     "sample {n}: {}",
-                    b.sample_state.as_deref().unwrap_or("not reached")
+                    b.sample_state.map_or("not reached", SampleState::as_str)
                 ),
                 _ => String::new(),
             },
@@ -116,31 +178,28 @@ pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
     }
 
     let replays: std::collections::BTreeMap<String, Checkpoint> =
-        state::load_all(&origin, &state_topic, |k| k.starts_with("job/"))
-            .map_err(|e| e.to_string())?;
+        state::load_all(&origin, &state_topic, |k| k.starts_with("job/")).await?;
     for (key, cp) in replays {
         let job = key.trim_start_matches("job/").to_string();
-        let requested = controls.get(&key).map(String::as_str);
-        let state = match (cp.status.as_str(), requested) {
-            ("done", _) => "done",
-            (_, Some("cancel")) => "cancelled",
-            (_, Some("pause")) => "paused",
-            ("", _) => "running",
+        let state = match (cp.status, controls.get(&key)) {
+            (JobState::Done, _) => JobState::Done,
+            (_, Some(JobAction::Cancel)) => JobState::Cancelled,
+            (_, Some(JobAction::Pause)) => JobState::Paused,
             (s, _) => s,
         };
         let total = cp.total.max(0) as u64;
         rows.push(JobRow {
             job,
-            kind: "replay",
+            kind: JobKind::Replay,
             target: cp.topic.clone(),
-            state: state.into(),
+            state,
             done: total.saturating_sub(cp.remaining().max(0) as u64),
             total,
             rate: cp.rate,
             limited_by: cp.limit.clone(),
             tier: None,
             after: Vec::new(),
-            note: if state == "running" {
+            note: if state == JobState::Running {
                 "resumes with the same `ferry replay` command if its process stopped".into()
             } else {
                 String::new()
@@ -148,117 +207,6 @@ pub fn list(cfg: &Config) -> Result<Vec<JobRow>, String> {
         });
     }
     Ok(rows)
-}
-
-/// Prints the jobs as a table.
-pub fn print(rows: &[JobRow]) {
-    println!(
-        "{:<34} {:<8} {:<26} {:<9} {:>21} {:>6} {:>8} {:<15} {:<5} note",
-        "job", "kind", "target", "state", "done/total", "%", "rate/s", "limited by", "tier"
-    );
-    for r in rows {
-        println!(
-            "{:<34} {:<8} {:<26} {:<9} {:>21} {:>5.1}% {:>8.0} {:<15} {:<5} {}",
-            r.job,
-            r.kind,
-            r.target,
-            r.state,
-            format!("{}/{}", r.done, r.total),
-            100.0 * r.done as f64 / r.total.max(1) as f64,
-            r.rate,
-            if r.limited_by.is_empty() {
-                "-"
-            } else {
-                r.limited_by.as_str()
-            },
-            r.tier.map_or("-".into(), |t| t.to_string()),
-            match (r.after.is_empty(), r.note.is_empty()) {
-                (true, _) => r.note.clone(),
-                (false, true) => format!("after {}", r.after.join(", ")),
-                (false, false) => format!("after {}; {}", r.after.join(", "), r.note),
-            }
-        );
-    }
-}
-
-/// Follows `jobs` (all backfill and replay jobs when empty) with a progress bar each until
-/// they are finished or `stop` turns true. Without a terminal, prints a line every 10 s.
-pub async fn follow(
-    cfg: &Config,
-    jobs: &[String],
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Vec<JobRow>, String> {
-    let tty = std::io::stderr().is_terminal();
-    let multi = MultiProgress::with_draw_target(if tty {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template(
-        "{prefix:<30} [{bar:30}] {pos}/{len} {percent:>3}% {per_sec:>12} ETA {eta:<5} {msg}",
-    )
-    .map_err(|e| e.to_string())?
-    .progress_chars("=> ");
-    let mut bars: std::collections::BTreeMap<String, ProgressBar> = Default::default();
-    let mut last_line = Instant::now();
-    loop {
-        let c = cfg.clone();
-        let rows = tokio::task::spawn_blocking(move || list(&c))
-            .await
-            .map_err(|e| e.to_string())??;
-        let mine: Vec<&JobRow> = rows
-            .iter()
-            .filter(|r| r.kind != "live")
-            .filter(|r| jobs.is_empty() || jobs.contains(&r.job))
-            .collect();
-        for r in &mine {
-            let bar = bars.entry(r.job.clone()).or_insert_with(|| {
-                let b = multi.add(ProgressBar::new(r.total.max(1)));
-                b.set_style(style.clone());
-                b.set_prefix(r.job.clone());
-                b
-            });
-            bar.set_length(r.total.max(1));
-            bar.set_position(r.done);
-            bar.set_message(format!(
-                "{} · throttle {:.0}/s ({})",
-                r.state,
-                r.rate,
-                if r.limited_by.is_empty() {
-                    "-"
-                } else {
-                    &r.limited_by
-                }
-            ));
-        }
-        let all_finished = !mine.is_empty() && mine.iter().all(|r| r.finished());
-        if !tty && (last_line.elapsed() >= Duration::from_secs(10) || all_finished) {
-            last_line = Instant::now();
-            for r in &mine {
-                eprintln!(
-                    "{}: {} {}/{} ({:.1}%), throttle {:.0}/s limited by {}",
-                    r.job,
-                    r.state,
-                    r.done,
-                    r.total,
-                    100.0 * r.done as f64 / r.total.max(1) as f64,
-                    r.rate,
-                    if r.limited_by.is_empty() {
-                        "-"
-                    } else {
-                        &r.limited_by
-                    }
-                );
-            }
-        }
-        if all_finished || *stop.borrow() {
-            for b in bars.values() {
-                b.abandon();
-            }
-            return Ok(rows);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// The outcome of a staged backfill's sample check.
@@ -285,21 +233,15 @@ pub async fn check_sample(
     cfg: &Config,
     job: &str,
     mut say: impl FnMut(&str),
-) -> Result<Sample, String> {
-    let dest = cfg
-        .destination
-        .postgres
-        .clone()
-        .ok_or("--sample needs destination.postgres to verify the sample")?;
+) -> Result<Sample, JobsError> {
+    let dest = cfg.destination.postgres.clone().ok_or_else(|| {
+        JobsError::Refused("--sample needs destination.postgres to verify the sample".into())
+    })?;
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let topic = crate::topics::state_topic(&cfg.capture.topic_prefix);
     let mut announced = false;
     let b = loop {
-        let (o, t, slot) = (origin.clone(), topic.clone(), cfg.capture.slot.clone());
-        let st = tokio::task::spawn_blocking(move || state::load(&o, &t, &slot))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let st = state::load(&origin, &topic, &cfg.capture.slot).await?;
         match st.backfills.get(job) {
             Some(b) if b.held() => break b.clone(),
             Some(b) if b.progress == Some(TableProgress::Done) || b.cancelled => {
@@ -317,10 +259,12 @@ pub async fn check_sample(
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let Some(TableProgress::After(upto)) = b.progress.clone() else {
-        return Err(format!("job {job} holds without progress"));
+        return Err(JobsError::Refused(format!(
+            "job {job} holds without progress"
+        )));
     };
-    let table =
-        crate::config::parse_table(&b.table).ok_or(format!("{} is not schema.table", b.table))?;
+    let table = crate::config::parse_table(&b.table)
+        .ok_or_else(|| JobsError::Refused(format!("{} is not schema.table", b.table)))?;
     let scope = crate::verify::Scope {
         upto: Some(upto.clone()),
         predicate: b.predicate.clone(),
@@ -337,10 +281,8 @@ pub async fn check_sample(
             match crate::verify::verify_scope(&cfg.origin.postgres, &dest, &table, &scope).await {
                 Ok(r) => r,
                 Err(e) if Instant::now() > deadline => {
-                    backfill::control_job(cfg, job, "sample-failed")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Err(format!("the sample could not be verified: {e}"));
+                    backfill::control_job(cfg, job, JobAction::SampleFailed).await?;
+                    return Err(e.into());
                 }
                 Err(_) => {
                     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -348,17 +290,13 @@ pub async fn check_sample(
                 }
             };
         if report.mismatches.is_empty() {
-            backfill::control_job(cfg, job, "sample-passed")
-                .await
-                .map_err(|e| e.to_string())?;
+            backfill::control_job(cfg, job, JobAction::SamplePassed).await?;
             return Ok(Sample::Passed {
                 rows: report.origin_rows,
             });
         }
         if Instant::now() > deadline {
-            backfill::control_job(cfg, job, "sample-failed")
-                .await
-                .map_err(|e| e.to_string())?;
+            backfill::control_job(cfg, job, JobAction::SampleFailed).await?;
             return Ok(Sample::Failed { report });
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

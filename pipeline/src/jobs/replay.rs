@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferry_connectors::kafka::Cluster;
+use ferry_connectors::kafka::{Cluster, Span, TopicPartition};
 use ferry_schemas::manifest;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,9 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::inspect;
 use crate::ship::{batch_partition, RangeShipper, ShipError};
-use crate::store::state;
+use crate::store::state::{self, JobState};
 use crate::throttle::Pacer;
 
 /// Where a replay starts or ends.
@@ -70,9 +69,9 @@ pub struct Checkpoint {
     /// Offsets in the whole range, and done so far.
     #[serde(default)]
     pub total: i64,
-    /// `running`, `paused`, `cancelled` or `done` when last saved.
+    /// Running, paused, cancelled or done when last saved.
     #[serde(default)]
-    pub status: String,
+    pub status: JobState,
     /// The throttle's rate (changes/s) and the signal limiting it when last saved.
     #[serde(default)]
     pub rate: f64,
@@ -144,20 +143,24 @@ fn resolve(origin: &Cluster, topic: &str, p: i32, b: Bound) -> Result<i64, ShipE
 }
 
 /// Ranges already shipped for `topic[p]`, from the manifests in the destination.
-fn shipped_ranges(cfg: &Config, topic: &str, p: i32) -> Result<Vec<(i64, i64)>, ShipError> {
+async fn shipped_ranges(cfg: &Config, topic: &str, p: i32) -> Result<Vec<(i64, i64)>, ShipError> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let d = batch_partition(topic, p, cfg.ship.batch_partitions);
-    let mut out: Vec<(i64, i64)> = Vec::new();
+    let batches = TopicPartition::new(
+        cfg.batch_topic(),
+        batch_partition(topic, p, cfg.ship.batch_partitions),
+    );
+    let origin = TopicPartition::new(topic, p);
     // One record at a time: the partition holds every batch shipped within its retention.
-    inspect::scan(&dest, &cfg.batch_topic(), Some(d), |(_, _, _, v)| {
-        if let Some(Ok((m, _))) = v.as_deref().map(manifest::unframe) {
-            if m.kind == "changes" && m.origin_topic == topic && m.origin_partition == p {
-                out.push((m.first_offset, m.last_offset));
+    let (mut out, _) = dest
+        .fold_partition(&batches, Span::ALL, Vec::new(), move |out, r| {
+            if let Some(Ok((m, _))) = r.value.as_deref().map(manifest::unframe) {
+                if m.covers_changes_of(&origin.topic, origin.partition) {
+                    out.push((m.first_offset, m.last_offset));
+                }
             }
-        }
-        true
-    })
-    .map_err(other)?;
+            true
+        })
+        .await?;
     out.sort();
     out.dedup();
     Ok(out)
@@ -249,11 +252,8 @@ pub async fn run(
             spec.topic
         )));
     }
-    let (o, t, k) = (origin.clone(), state_topic.clone(), key.clone());
-    let mut cp: Checkpoint = tokio::task::spawn_blocking(move || state::load_value(&o, &t, &k))
-        .await
-        .map_err(other)?
-        .map_err(other)?
+    let mut cp: Checkpoint = state::load_value(&origin, &state_topic, &key)
+        .await?
         .unwrap_or_default();
     for &p in &partitions {
         if cp.next.contains_key(&p) {
@@ -278,7 +278,7 @@ pub async fn run(
     if cp.total == 0 {
         cp.total = cp.remaining();
     }
-    cp.status = "running".into();
+    cp.status = JobState::Running;
     // Registered before anything is shipped, so `ferry jobs` and `ferry pause` know the job.
     state::save_value(&saver, &state_topic, &key, &cp)
         .await
@@ -295,10 +295,7 @@ pub async fn run(
     let started = Instant::now();
     let mut shipped_bytes = 0u64;
     for &p in &partitions {
-        let (cfg2, topic) = (cfg.clone(), spec.topic.clone());
-        let shipped = tokio::task::spawn_blocking(move || shipped_ranges(&cfg2, &topic, p))
-            .await
-            .map_err(other)??;
+        let shipped = shipped_ranges(cfg, &spec.topic, p).await?;
         let steps = plan(
             cp.next[&p],
             cp.end[&p],
@@ -312,7 +309,7 @@ pub async fn run(
                 match g {
                     crate::store::control::Gate::Open => break,
                     crate::store::control::Gate::Cancelled => {
-                        cp.status = "cancelled".into();
+                        cp.status = JobState::Cancelled;
                         state::save_value(&saver, &state_topic, &key, &cp)
                             .await
                             .map_err(other)?;
@@ -323,8 +320,8 @@ pub async fn run(
                         return Ok(report);
                     }
                     crate::store::control::Gate::Paused => {
-                        if cp.status != "paused" {
-                            cp.status = "paused".into();
+                        if cp.status != JobState::Paused {
+                            cp.status = JobState::Paused;
                             state::save_value(&saver, &state_topic, &key, &cp)
                                 .await
                                 .map_err(other)?;
@@ -344,8 +341,8 @@ pub async fn run(
                     }
                 }
             }
-            if cp.status != "running" {
-                cp.status = "running".into();
+            if cp.status != JobState::Running {
+                cp.status = JobState::Running;
             }
             if *stop.borrow() {
                 progress(&Progress {
@@ -377,7 +374,7 @@ pub async fn run(
             cp.limit = aimd.limit().to_string();
             let remaining = cp.remaining();
             if remaining == 0 {
-                cp.status = "done".into();
+                cp.status = JobState::Done;
             }
             state::save_value(&saver, &state_topic, &key, &cp)
                 .await
@@ -398,8 +395,8 @@ pub async fn run(
             });
         }
     }
-    if cp.status != "done" {
-        cp.status = "done".into();
+    if cp.status != JobState::Done {
+        cp.status = JobState::Done;
         state::save_value(&saver, &state_topic, &key, &cp)
             .await
             .map_err(other)?;

@@ -17,16 +17,19 @@
 //! dedupe makes it a no-op.
 
 pub mod compact;
+pub mod stats;
 pub mod transform;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use stats::ShipStats;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_connectors::kafka::{Cluster, KafkaError, TopicSpec};
+use ferry_connectors::kafka::{Cluster, KafkaError, Span, TopicPartition, TopicSpec};
 use ferry_connectors::registry::{subject, SchemaRegistry};
-use ferry_schemas::manifest::{self, Manifest};
+use ferry_schemas::manifest::{self, Manifest, ManifestKind};
 use ferry_schemas::{EncodedSchema, Header};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -76,6 +79,9 @@ pub enum ShipError {
     /// A schema registry refused or did not answer.
     #[error(transparent)]
     Registry(#[from] ferry_connectors::registry::RegistryError),
+    /// The control or state store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A failure retrying cannot help: a setup problem (no registry for Confluent records, a
     /// destination table without a key), a request the database refuses, a bad argument.
     #[error("{0}")]
@@ -95,6 +101,7 @@ impl ShipError {
             ShipError::Data { .. } => false,
             ShipError::Unavailable(_) => true,
             ShipError::Registry(e) => e.is_retryable(),
+            ShipError::Store(e) => e.is_retryable(),
             ShipError::Permanent(_) => false,
             ShipError::Unexpected(_) => true,
         }
@@ -119,52 +126,20 @@ pub(crate) fn client(
     }
 }
 
-use crate::batch::egress::Egress;
-
-/// Live counters of a shipper, per table.
-#[derive(Debug, Default)]
-pub struct ShipStats {
-    /// Per `schema.table`.
-    pub tables: Mutex<BTreeMap<String, Egress>>,
-    /// Partitions stopped by bad data.
-    pub stopped_partitions: Mutex<Vec<String>>,
-    /// Bytes the destination producer wrote to the brokers' sockets (librdkafka statistics).
-    pub wire_tx_bytes: std::sync::atomic::AtomicU64,
-    /// When the first origin record arrived (start-up and group join end there).
-    pub first_record_at: std::sync::OnceLock<Instant>,
-    /// Live shipping is paused by an operator.
-    pub paused: std::sync::atomic::AtomicBool,
-}
-
-impl ShipStats {
-    /// Sum over all tables.
-    pub fn total(&self) -> Egress {
-        let t = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
-        t.values().fold(Egress::default(), |mut acc, e| {
-            acc.batches += e.batches;
-            acc.events_in += e.events_in;
-            acc.events_out += e.events_out;
-            acc.raw_bytes += e.raw_bytes;
-            acc.shipped_bytes += e.shipped_bytes;
-            acc
-        })
-    }
-}
-
 /// Rebalances, reported by the consumer context to the loop.
 enum Assignment {
-    Assigned(Vec<(String, i32)>),
-    Revoked(Vec<(String, i32)>),
+    Assigned(Vec<TopicPartition>),
+    Revoked(Vec<TopicPartition>),
 }
 
 struct ShipContext {
     tx: Mutex<std_mpsc::Sender<Assignment>>,
 }
 
-fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
         .collect()
 }
 
@@ -275,66 +250,39 @@ pub fn batch_partition(topic: &str, partition: i32, partitions: i32) -> i32 {
 
 /// Newest shipped offset + 1 for an origin partition, from the destination batch topic; `None`
 /// when nothing was shipped. Reads backwards from the end in growing windows.
-pub fn shipped_end(
+pub async fn shipped_end(
     dest: &Cluster,
     batch_topic: &str,
     batch_partitions: i32,
-    topic: &str,
-    partition: i32,
+    origin: &TopicPartition,
 ) -> Result<Option<i64>, ShipError> {
-    let d = batch_partition(topic, partition, batch_partitions);
-    let reader = dest.reader()?;
-    let (low, high) = reader
-        .fetch_watermarks(batch_topic, d, Duration::from_secs(10))
-        .map_err(client(
-            "destination",
-            format!("watermarks of {batch_topic}[{d}]"),
-        ))?;
+    let batches = TopicPartition::new(
+        batch_topic,
+        batch_partition(&origin.topic, origin.partition, batch_partitions),
+    );
+    let Some((low, high)) = dest.watermarks(&batches)? else {
+        return Ok(None);
+    };
     let mut window = 256i64;
     let mut end = high;
     while end > low {
         let start = (end - window).max(low);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(batch_topic, d, Offset::Offset(start))
-            .map_err(client("destination", "assigning"))?;
-        reader
-            .assign(&tpl)
-            .map_err(client("destination", "assigning"))?;
-        let mut best: Option<i64> = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if Instant::now() > deadline {
-                return Err(ShipError::Unavailable(format!(
-                    "timed out reading {batch_topic}[{d}]"
-                )));
-            }
-            match reader.poll(Duration::from_millis(500)) {
-                None => continue,
-                Some(Err(RdError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(client("destination", "reading batches")(e)),
-                Some(Ok(m)) => {
-                    if let Some(v) = m.payload() {
-                        match manifest::unframe(v) {
-                            Ok((man, _)) => {
-                                if man.kind == "changes"
-                                    && man.origin_topic == topic
-                                    && man.origin_partition == partition
-                                {
-                                    best = best.max(Some(man.last_offset + 1));
-                                }
-                            }
-                            Err(e) => tracing::warn!(
-                                topic = batch_topic, partition = d, offset = m.offset(), error = %e,
-                                "unreadable record in the batch topic; ignored when looking for shipped ranges"
-                            ),
-                        }
+        let (o, b) = (origin.clone(), batches.clone());
+        let (best, _) = dest
+            .fold_partition(&batches, Span::between(start, end), None, move |best, r| {
+                match r.value.as_deref().map(manifest::unframe) {
+                    Some(Ok((m, _))) if m.covers_changes_of(&o.topic, o.partition) => {
+                        *best = (*best).max(Some(m.last_offset + 1));
                     }
-                    if m.offset() + 1 >= end {
-                        break;
-                    }
+                    Some(Ok(_)) | None => {}
+                    Some(Err(e)) => tracing::warn!(
+                        batches = %b, offset = r.offset, error = %e,
+                        "unreadable record in the batch topic; ignored when looking for shipped ranges"
+                    ),
                 }
-            }
-        }
+                true
+            })
+            .await?;
         if best.is_some() {
             return Ok(best);
         }
@@ -362,41 +310,6 @@ struct Buffer {
     /// Where this buffer last sought back to, to fill a gap (sought once per gap).
     sought: Option<i64>,
     stopped: bool,
-}
-
-/// Applies the rebalances the consumer reported: a revoked or newly assigned partition starts
-/// from a fresh buffer (its unshipped records are re-read from the committed offset).
-fn rebalanced(
-    rx: &std_mpsc::Receiver<Assignment>,
-    consumer: &StreamConsumer<ShipContext>,
-    buffers: &mut HashMap<(String, i32), Buffer>,
-    paused: bool,
-    group: &str,
-) -> Result<(), ShipError> {
-    while let Ok(a) = rx.try_recv() {
-        match a {
-            Assignment::Revoked(ps) => {
-                tracing::info!(group, partitions = ps.len(), "partitions revoked");
-                for p in ps {
-                    buffers.remove(&p);
-                }
-            }
-            Assignment::Assigned(ps) => {
-                tracing::info!(group, partitions = ps.len(), "partitions assigned");
-                let mut tpl = TopicPartitionList::new();
-                for p in ps {
-                    tpl.add_partition(&p.0, p.1);
-                    buffers.remove(&p);
-                }
-                if paused {
-                    consumer
-                        .pause(&tpl)
-                        .map_err(client("origin", "pausing partitions"))?;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The origin range a batch covers and what was consumed for it.
@@ -502,7 +415,7 @@ impl Shipper<'_> {
                 .map_err(|e| ShipError::Unexpected(e.to_string()))?;
             let m = self.manifest(
                 &range,
-                format!("aggregate:{}", t.name),
+                ManifestKind::Aggregate(t.name.clone()),
                 0,
                 vec![],
                 &bytes,
@@ -527,7 +440,7 @@ impl Shipper<'_> {
             .map_err(|e| data_err(first_offset, e.to_string()))?;
         let m = self.manifest(
             &range,
-            "changes".into(),
+            ManifestKind::Changes,
             encoded.rows,
             encoded.fingerprints.clone(),
             &encoded.bytes,
@@ -561,7 +474,7 @@ impl Shipper<'_> {
     fn manifest(
         &self,
         c: &Covered<'_>,
-        kind: String,
+        kind: ManifestKind,
         events_out: usize,
         fingerprints: Vec<String>,
         payload: &[u8],
@@ -573,12 +486,12 @@ impl Shipper<'_> {
         let cluster = "origin";
         let id = manifest::batch_id(cluster, topic, partition, first, last);
         Manifest {
-            batch_id: if kind == "changes" {
+            batch_id: if kind == ManifestKind::Changes {
                 id
             } else {
                 format!("{id}/{kind}")
             },
-            kind,
+            kind: kind.to_string(),
             origin_cluster: cluster.into(),
             origin_topic: topic.into(),
             origin_partition: partition,
@@ -679,13 +592,15 @@ impl Shipper<'_> {
 }
 
 /// Every origin table topic's shipping position for the shipper group `group`.
-pub fn lag(
+pub async fn lag(
     origin: &Cluster,
     prefix: &str,
     group: &str,
 ) -> Result<Vec<ferry_connectors::kafka::TopicLag>, ferry_connectors::kafka::KafkaError> {
-    ferry_connectors::kafka::LagReader::new(origin, group)?
-        .read(|t| crate::topics::is_table_topic(prefix, t))
+    let prefix = prefix.to_string();
+    origin
+        .group_lag(group, move |t| crate::topics::is_table_topic(&prefix, t))
+        .await
 }
 
 /// Runs the shipper until `stop` turns true, retrying transient failures.
@@ -712,320 +627,461 @@ async fn run_once(
     stop: &mut watch::Receiver<bool>,
     stats: &Arc<ShipStats>,
 ) -> Result<(), ShipError> {
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let batch_topic = cfg.batch_topic();
-    let mut topics = vec![
-        TopicSpec {
-            name: batch_topic.clone(),
-            partitions: cfg.ship.batch_partitions,
-            config: vec![],
-        },
-        TopicSpec {
-            name: crate::topics::schema_topic(&cfg.capture.topic_prefix),
-            partitions: 1,
-            config: vec![("cleanup.policy".into(), "compact".into())],
-        },
-    ];
-    for t in &cfg.ship.transforms {
-        topics.push(TopicSpec {
-            name: crate::topics::aggregate_topic(&cfg.capture.topic_prefix, &t.name),
-            partitions: 1,
-            config: vec![],
-        });
-    }
-    dest.ensure_topics(&topics).await?;
-    let (producer, wire) = dest.producer_metered(5, "none")?;
+    LiveShipper::start(cfg, stop, stats).await?.run().await
+}
 
-    let (tx, rx) = std_mpsc::channel();
-    let mut cc = origin.client_config();
-    cc.set("group.id", &cfg.ship.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("topic.metadata.refresh.interval.ms", "5000")
-        .set(
-            "session.timeout.ms",
-            cfg.ship.session_timeout_ms.to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (cfg.ship.session_timeout_ms / 5).max(100).to_string(),
-        );
-    if !cfg.ship.instance_id.is_empty() {
-        cc.set("group.instance.id", &cfg.ship.instance_id);
-    }
-    cc.set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "8388608");
-    let consumer: StreamConsumer<ShipContext> = cc
-        .create_with_context(ShipContext { tx: Mutex::new(tx) })
-        .map_err(client("origin", "creating the consumer"))?;
-    let pattern = crate::topics::table_topic_regex(&cfg.capture.topic_prefix);
-    consumer
-        .subscribe(&[&pattern])
-        .map_err(client("origin", format!("subscribing to {pattern}")))?;
-    tracing::info!(group = cfg.ship.group_id, pattern, batch_topic, "shipping");
-    // The live pipeline's pause switch: while paused, every assigned partition is paused (no
-    // fetches) and nothing is shipped; buffered records wait, and every offset stays put.
-    let mut live = crate::store::control::follow(cfg, crate::store::control::live_key(cfg))
-        .await
-        .map_err(|e| ShipError::Unavailable(e.to_string()))?;
-    let mut paused = *live.borrow_and_update() == crate::store::control::Gate::Paused;
-    stats
-        .paused
-        .store(paused, std::sync::atomic::Ordering::Relaxed);
-    if paused {
-        tracing::warn!(
-            group = cfg.ship.group_id,
-            "live shipping is paused (`ferry resume live` resumes it)"
-        );
-    }
+/// What woke the live shipper.
+enum Event {
+    /// The operator asked to stop.
+    Stop,
+    /// The live pipeline's gate changed (pause or resume).
+    Gate(crate::store::control::Gate),
+    /// Time to look for buffers that lingered long enough.
+    Tick,
+    /// A record from an origin table topic.
+    Record(Incoming),
+}
 
-    let mut shipper = Shipper {
-        cfg,
-        producer,
-        wire,
-        registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
-            .with_ids(cfg.origin_registry()?),
-        batch_topic: batch_topic.clone(),
-        stats: stats.clone(),
-        uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
-        published: HashSet::new(),
-        dest_registry: cfg.destination_registry()?,
-    };
-    let mut buffers: HashMap<(String, i32), Buffer> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let linger = Duration::from_millis(cfg.ship.linger_ms);
+/// An origin record, copied out of the consumer.
+struct Incoming {
+    tp: TopicPartition,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
 
-    loop {
-        rebalanced(&rx, &consumer, &mut buffers, paused, &cfg.ship.group_id)?;
-        let mut due: Vec<(String, i32)> = Vec::new();
-        tokio::select! {
-            _ = stop.changed() => break,
-            Ok(()) = live.changed() => {
-                let now = *live.borrow_and_update() == crate::store::control::Gate::Paused;
-                if now != paused {
-                    paused = now;
-                    stats.paused.store(paused, std::sync::atomic::Ordering::Relaxed);
-                    let assigned = consumer.assignment().map_err(client("origin", "reading the assignment"))?;
-                    if paused {
-                        consumer.pause(&assigned).map_err(client("origin", "pausing partitions"))?;
-                    } else {
-                        consumer.resume(&assigned).map_err(client("origin", "resuming partitions"))?;
-                    }
-                    tracing::warn!(group = cfg.ship.group_id, paused, partitions = assigned.count(), "live shipping {}", if paused { "paused" } else { "resumed" });
-                }
-            }
-            _ = tick.tick() => {
-                for (tp, b) in &buffers {
-                    if !b.records.is_empty() && b.opened.is_some_and(|o| o.elapsed() >= linger) {
-                        due.push(tp.clone());
-                    }
-                }
-            }
-            m = consumer.recv() => {
-                let m = m.map_err(client("origin", "consuming"))?;
-                // The rebalance that handed us this record's partition ran inside this very
-                // poll: apply it before buffering, or the record would go with the buffer that
-                // the assignment resets.
-                rebalanced(&rx, &consumer, &mut buffers, paused, &cfg.ship.group_id)?;
-                let _ = stats.first_record_at.set(Instant::now());
-                let tp = (m.topic().to_string(), m.partition());
-                let offset = m.offset();
-                let buf = buffers.entry(tp.clone()).or_default();
-                if buf.stopped {
-                    continue;
-                }
-                if !buf.recovered {
-                    let (d, bt, n, t, p) = (dest.clone(), batch_topic.clone(), cfg.ship.batch_partitions, tp.0.clone(), tp.1);
-                    let end = tokio::task::spawn_blocking(move || shipped_end(&d, &bt, n, &t, p))
-                        .await
-                        .map_err(|e| ShipError::Unexpected(e.to_string()))??;
-                    if let Some(e) = end {
-                        if e > offset {
-                            tracing::info!(topic = tp.0, partition = tp.1, resume = e, "skipping a range already shipped");
-                            let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(e)).map_err(client("origin", "commit"))?;
-                            consumer.commit(&tpl, CommitMode::Sync).map_err(client("origin", "committing"))?;
-                        }
-                    }
-                    buf.recovered = true;
-                    buf.expect = end;
-                }
-                // Offsets must follow on from what was shipped (earlier ones are skipped). A gap
-                // means records were
-                // dropped on the way here (a buffer reset under a rebalance): read them again.
-                // Still a gap after that, and they are gone from the origin topic.
-                if let Some(want) = buf.expect {
-                    if offset < want {
-                        continue;
-                    }
-                    if offset > want {
-                        if buf.sought != Some(want) {
-                            tracing::info!(topic = tp.0, partition = tp.1, from = want, got = offset, "records missing before this one; reading them again");
-                            consumer
-                                .seek(&tp.0, tp.1, Offset::Offset(want), Duration::from_secs(10))
-                                .map_err(client("origin", format!("seeking {}[{}] to {want}", tp.0, tp.1)))?;
-                            buf.sought = Some(want);
-                            continue;
-                        }
-                        tracing::error!(topic = tp.0, partition = tp.1, from = want, to = offset - 1,
-                            "offsets are gone from the origin topic before they were shipped (retention shorter than the shipping lag?); shipping on from the next record");
-                    }
-                }
-                buf.expect = Some(offset + 1);
-                let key = m.key().map(<[u8]>::to_vec);
-                let value = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                let size = value.len() + key.as_ref().map_or(0, Vec::len);
-                if size > cfg.ship.max_record_bytes {
-                    let err = ShipError::Data {
-                        topic: tp.0.clone(),
-                        partition: tp.1,
-                        offset,
-                        reason: format!("record of {size} bytes exceeds ship.max_record_bytes ({})", cfg.ship.max_record_bytes),
-                    };
-                    stop_partition(&consumer, &tp, buf, &err, stats);
-                    continue;
-                }
-                if buf.records.is_empty() {
-                    buf.opened = Some(Instant::now());
-                }
-                buf.records.push(Record { offset, key, value });
-                buf.bytes += size;
-                if buf.records.len() >= cfg.ship.max_events || buf.bytes >= cfg.ship.max_bytes {
-                    due.push(tp);
-                }
-                let total: usize = buffers.values().map(|b| b.bytes).sum();
-                if total > cfg.ship.max_buffered_bytes {
-                    if let Some((tp, _)) = buffers.iter().max_by_key(|(_, b)| b.bytes) {
-                        due.push(tp.clone());
-                    }
-                }
-            }
+/// One run of the live lane: a consumer in the shipper group, a buffer per assigned origin
+/// partition, and the [`Shipper`] that turns a buffer into a batch. See the module docs for
+/// the progress rule.
+struct LiveShipper<'a> {
+    cfg: &'a Config,
+    stats: &'a Arc<ShipStats>,
+    stop: &'a mut watch::Receiver<bool>,
+    dest: Cluster,
+    consumer: StreamConsumer<ShipContext>,
+    /// Rebalances reported by the consumer's context.
+    rebalances: std_mpsc::Receiver<Assignment>,
+    /// The live pipeline's pause switch.
+    live: watch::Receiver<crate::store::control::Gate>,
+    /// While paused, every assigned partition is paused (no fetches) and nothing is shipped;
+    /// buffered records wait, and every offset stays put.
+    paused: bool,
+    shipper: Shipper<'a>,
+    buffers: HashMap<TopicPartition, Buffer>,
+    /// Buffers to ship once the current event is handled.
+    due: Vec<TopicPartition>,
+    tick: tokio::time::Interval,
+}
+
+impl<'a> LiveShipper<'a> {
+    /// Creates the destination topics, joins the shipper group and reads the live gate.
+    async fn start(
+        cfg: &'a Config,
+        stop: &'a mut watch::Receiver<bool>,
+        stats: &'a Arc<ShipStats>,
+    ) -> Result<LiveShipper<'a>, ShipError> {
+        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let batch_topic = cfg.batch_topic();
+        let mut topics = vec![
+            TopicSpec {
+                name: batch_topic.clone(),
+                partitions: cfg.ship.batch_partitions,
+                config: vec![],
+            },
+            TopicSpec {
+                name: crate::topics::schema_topic(&cfg.capture.topic_prefix),
+                partitions: 1,
+                config: vec![("cleanup.policy".into(), "compact".into())],
+            },
+        ];
+        for t in &cfg.ship.transforms {
+            topics.push(TopicSpec {
+                name: crate::topics::aggregate_topic(&cfg.capture.topic_prefix, &t.name),
+                partitions: 1,
+                config: vec![],
+            });
         }
+        dest.ensure_topics(&topics).await?;
+        let (producer, wire) = dest.producer_metered(5, "none")?;
+
+        let (tx, rebalances) = std_mpsc::channel();
+        let mut cc = origin.client_config();
+        cc.set("group.id", &cfg.ship.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set(
+                "session.timeout.ms",
+                cfg.ship.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (cfg.ship.session_timeout_ms / 5).max(100).to_string(),
+            );
+        if !cfg.ship.instance_id.is_empty() {
+            cc.set("group.instance.id", &cfg.ship.instance_id);
+        }
+        cc.set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "8388608");
+        let consumer: StreamConsumer<ShipContext> = cc
+            .create_with_context(ShipContext { tx: Mutex::new(tx) })
+            .map_err(client("origin", "creating the consumer"))?;
+        let pattern = crate::topics::table_topic_regex(&cfg.capture.topic_prefix);
+        consumer
+            .subscribe(&[&pattern])
+            .map_err(client("origin", format!("subscribing to {pattern}")))?;
+        tracing::info!(group = cfg.ship.group_id, pattern, batch_topic, "shipping");
+        let mut live =
+            crate::store::control::follow(cfg, crate::store::control::live_key(cfg)).await?;
+        let paused = *live.borrow_and_update() == crate::store::control::Gate::Paused;
+        stats
+            .paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
         if paused {
-            continue;
+            tracing::warn!(
+                group = cfg.ship.group_id,
+                "live shipping is paused (`ferry resume live` resumes it)"
+            );
         }
-        for tp in due {
-            flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
+        let shipper = Shipper {
+            cfg,
+            producer,
+            wire,
+            registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
+                .with_ids(cfg.origin_registry()?),
+            batch_topic,
+            stats: stats.clone(),
+            uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+            published: HashSet::new(),
+            dest_registry: cfg.destination_registry()?,
+        };
+        Ok(LiveShipper {
+            cfg,
+            stats,
+            stop,
+            dest,
+            consumer,
+            rebalances,
+            live,
+            paused,
+            shipper,
+            buffers: HashMap::new(),
+            due: Vec::new(),
+            tick: tokio::time::interval(Duration::from_millis(100)),
+        })
+    }
+
+    /// The loop: apply rebalances, handle whatever comes first, then ship the buffers that
+    /// became due (unless paused).
+    async fn run(mut self) -> Result<(), ShipError> {
+        loop {
+            self.on_rebalances()?;
+            match self.next_event().await? {
+                Event::Stop => break,
+                Event::Gate(gate) => self.on_gate(gate)?,
+                Event::Tick => self.on_tick(),
+                Event::Record(r) => self.on_record(r).await?,
+            }
+            if !self.paused {
+                for tp in std::mem::take(&mut self.due) {
+                    self.flush(&tp).await?;
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    async fn next_event(&mut self) -> Result<Event, ShipError> {
+        tokio::select! {
+            _ = self.stop.changed() => Ok(Event::Stop),
+            Ok(()) = self.live.changed() => Ok(Event::Gate(*self.live.borrow_and_update())),
+            _ = self.tick.tick() => Ok(Event::Tick),
+            m = self.consumer.recv() => {
+                let m = m.map_err(client("origin", "consuming"))?;
+                Ok(Event::Record(Incoming {
+                    tp: TopicPartition::new(m.topic(), m.partition()),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                }))
+            }
         }
     }
-    // Clean stop: ship what is buffered, then let one more statistics report arrive.
-    let pending: Vec<_> = buffers
-        .iter()
-        .filter(|(_, b)| !b.records.is_empty())
-        .map(|(tp, _)| tp.clone())
-        .collect();
-    for tp in pending {
-        flush(&mut shipper, &consumer, &mut buffers, &tp, stats).await?;
-    }
-    let t = stats.total();
-    tracing::info!(
-        batches = t.batches,
-        events_in = t.events_in,
-        events_out = t.events_out,
-        raw_bytes = t.raw_bytes,
-        shipped_bytes = t.shipped_bytes,
-        "shipper stopped"
-    );
-    Ok(())
-}
 
-fn stop_partition(
-    consumer: &StreamConsumer<ShipContext>,
-    tp: &(String, i32),
-    buf: &mut Buffer,
-    err: &ShipError,
-    stats: &ShipStats,
-) {
-    tracing::error!(topic = tp.0, partition = tp.1, error = %err, "partition stopped: fix the data or the limit, then restart");
-    buf.stopped = true;
-    buf.records.clear();
-    buf.bytes = 0;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&tp.0, tp.1);
-    let _ = consumer.pause(&tpl);
-    if let Ok(mut s) = stats.stopped_partitions.lock() {
-        s.push(err.to_string());
+    /// Applies the rebalances the consumer reported: a revoked or newly assigned partition
+    /// starts from a fresh buffer (its unshipped records are re-read from the committed
+    /// offset).
+    fn on_rebalances(&mut self) -> Result<(), ShipError> {
+        let group = &self.cfg.ship.group_id;
+        while let Ok(a) = self.rebalances.try_recv() {
+            match a {
+                Assignment::Revoked(ps) => {
+                    tracing::info!(group, partitions = ps.len(), "partitions revoked");
+                    for p in ps {
+                        self.buffers.remove(&p);
+                    }
+                }
+                Assignment::Assigned(ps) => {
+                    tracing::info!(group, partitions = ps.len(), "partitions assigned");
+                    let mut tpl = TopicPartitionList::new();
+                    for p in ps {
+                        tpl.add_partition(&p.topic, p.partition);
+                        self.buffers.remove(&p);
+                    }
+                    if self.paused {
+                        self.consumer
+                            .pause(&tpl)
+                            .map_err(client("origin", "pausing partitions"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
-}
 
-async fn flush(
-    shipper: &mut Shipper<'_>,
-    consumer: &StreamConsumer<ShipContext>,
-    buffers: &mut HashMap<(String, i32), Buffer>,
-    tp: &(String, i32),
-    stats: &ShipStats,
-) -> Result<(), ShipError> {
-    let Some(buf) = buffers.get_mut(tp) else {
-        return Ok(());
-    };
-    if buf.records.is_empty() || buf.stopped {
-        return Ok(());
+    fn on_gate(&mut self, gate: crate::store::control::Gate) -> Result<(), ShipError> {
+        let now = gate == crate::store::control::Gate::Paused;
+        if now == self.paused {
+            return Ok(());
+        }
+        self.paused = now;
+        let assigned = self
+            .consumer
+            .assignment()
+            .map_err(client("origin", "reading the assignment"))?;
+        if now {
+            self.consumer
+                .pause(&assigned)
+                .map_err(client("origin", "pausing partitions"))?;
+        } else {
+            self.consumer
+                .resume(&assigned)
+                .map_err(client("origin", "resuming partitions"))?;
+        }
+        self.stats
+            .set_paused(&self.cfg.ship.group_id, now, assigned.count());
+        Ok(())
     }
-    let records = std::mem::take(&mut buf.records);
-    buf.bytes = 0;
-    buf.opened = None;
-    match shipper.ship(&tp.0, tp.1, records).await {
-        Ok(next) => {
+
+    fn on_tick(&mut self) {
+        let linger = Duration::from_millis(self.cfg.ship.linger_ms);
+        for (tp, b) in &self.buffers {
+            if !b.records.is_empty() && b.opened.is_some_and(|o| o.elapsed() >= linger) {
+                self.due.push(tp.clone());
+            }
+        }
+    }
+
+    /// Buffers a record, once it is known to follow on from what was shipped: the first record
+    /// of a partition learns the shipped end from the batch topic; an earlier offset was
+    /// shipped already, a later one means records are missing before it.
+    async fn on_record(&mut self, r: Incoming) -> Result<(), ShipError> {
+        // The rebalance that handed us this record's partition ran inside this very poll:
+        // apply it before buffering, or the record would go with the buffer that the
+        // assignment resets.
+        self.on_rebalances()?;
+        let _ = self.stats.first_record_at.set(Instant::now());
+        let Incoming {
+            tp,
+            offset,
+            key,
+            value,
+        } = r;
+        if self.buffers.get(&tp).is_some_and(|b| b.stopped) {
+            return Ok(());
+        }
+        if !self.buffers.get(&tp).is_some_and(|b| b.recovered) {
+            self.recover(&tp, offset).await?;
+        }
+        let buf = self.buffers.entry(tp.clone()).or_default();
+        if let Some(want) = buf.expect {
+            if offset < want {
+                return Ok(());
+            }
+            if offset > want {
+                // Records were dropped on the way here (a buffer reset under a rebalance):
+                // read them again. Still a gap after that, and they are gone from the origin
+                // topic.
+                if buf.sought != Some(want) {
+                    tracing::info!(
+                        topic = tp.topic,
+                        partition = tp.partition,
+                        from = want,
+                        got = offset,
+                        "records missing before this one; reading them again"
+                    );
+                    self.consumer
+                        .seek(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(want),
+                            Duration::from_secs(10),
+                        )
+                        .map_err(client("origin", format!("seeking {tp} to {want}")))?;
+                    buf.sought = Some(want);
+                    return Ok(());
+                }
+                tracing::error!(
+                    topic = tp.topic,
+                    partition = tp.partition,
+                    from = want,
+                    to = offset - 1,
+                    "offsets are gone from the origin topic before they were shipped (retention \
+                     shorter than the shipping lag?); shipping on from the next record"
+                );
+            }
+        }
+        buf.expect = Some(offset + 1);
+        let size = value.len() + key.as_ref().map_or(0, Vec::len);
+        let max = self.cfg.ship.max_record_bytes;
+        if size > max {
+            let err = ShipError::Data {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset,
+                reason: format!("record of {size} bytes exceeds ship.max_record_bytes ({max})"),
+            };
+            self.stop_partition(&tp, &err);
+            return Ok(());
+        }
+        if buf.records.is_empty() {
+            buf.opened = Some(Instant::now());
+        }
+        buf.records.push(Record { offset, key, value });
+        buf.bytes += size;
+        if buf.records.len() >= self.cfg.ship.max_events || buf.bytes >= self.cfg.ship.max_bytes {
+            self.due.push(tp);
+        }
+        let total: usize = self.buffers.values().map(|b| b.bytes).sum();
+        if total > self.cfg.ship.max_buffered_bytes {
+            if let Some((tp, _)) = self.buffers.iter().max_by_key(|(_, b)| b.bytes) {
+                self.due.push(tp.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Learns what was shipped of `tp` before (from the batch topic) and skips past it.
+    async fn recover(&mut self, tp: &TopicPartition, first_seen: i64) -> Result<(), ShipError> {
+        let end = shipped_end(
+            &self.dest,
+            &self.shipper.batch_topic,
+            self.cfg.ship.batch_partitions,
+            tp,
+        )
+        .await?;
+        if let Some(e) = end.filter(|e| *e > first_seen) {
+            tracing::info!(
+                topic = tp.topic,
+                partition = tp.partition,
+                resume = e,
+                "skipping a range already shipped"
+            );
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next))
+            tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(e))
                 .map_err(client("origin", "commit"))?;
-            consumer.commit(&tpl, CommitMode::Sync).map_err(client(
-                "origin",
-                format!("committing {}[{}] at {next}", tp.0, tp.1),
-            ))?;
-            // `buf.expect` is `next` already: every buffered record moved it past itself.
-            Ok(())
+            self.consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(client("origin", "committing"))?;
         }
-        Err(e @ ShipError::Data { .. }) => {
-            stop_partition(consumer, tp, buf, &e, stats);
-            Ok(())
+        let buf = self.buffers.entry(tp.clone()).or_default();
+        buf.recovered = true;
+        buf.expect = end;
+        Ok(())
+    }
+
+    /// Stops one partition on bad data: the rest go on.
+    fn stop_partition(&mut self, tp: &TopicPartition, err: &ShipError) {
+        self.stats.partition_stopped(tp, err);
+        let buf = self.buffers.entry(tp.clone()).or_default();
+        buf.stopped = true;
+        buf.records.clear();
+        buf.bytes = 0;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let _ = self.consumer.pause(&tpl);
+    }
+
+    /// Ships a partition's buffer as one batch, then commits the offset after it.
+    async fn flush(&mut self, tp: &TopicPartition) -> Result<(), ShipError> {
+        let Some(buf) = self.buffers.get_mut(tp) else {
+            return Ok(());
+        };
+        if buf.records.is_empty() || buf.stopped {
+            return Ok(());
         }
-        Err(e) => Err(e),
+        let records = std::mem::take(&mut buf.records);
+        buf.bytes = 0;
+        buf.opened = None;
+        match self.shipper.ship(&tp.topic, tp.partition, records).await {
+            Ok(next) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
+                    .map_err(client("origin", "commit"))?;
+                self.consumer
+                    .commit(&tpl, CommitMode::Sync)
+                    .map_err(client("origin", format!("committing {tp} at {next}")))?;
+                // The buffer's `expect` is `next` already: every buffered record moved it
+                // past itself.
+                Ok(())
+            }
+            Err(e @ ShipError::Data { .. }) => {
+                self.stop_partition(tp, &e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Clean stop: ship what is buffered.
+    async fn finish(mut self) -> Result<(), ShipError> {
+        let pending: Vec<_> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| !b.records.is_empty())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in pending {
+            self.flush(&tp).await?;
+        }
+        let t = self.stats.total();
+        tracing::info!(
+            batches = t.batches,
+            events_in = t.events_in,
+            events_out = t.events_out,
+            raw_bytes = t.raw_bytes,
+            shipped_bytes = t.shipped_bytes,
+            "shipper stopped"
+        );
+        Ok(())
     }
 }
 
 /// Reads origin records `first..=last` of one partition.
-fn read_range(
+async fn read_range(
     origin: &Cluster,
-    t: &str,
-    partition: i32,
+    tp: &TopicPartition,
     first: i64,
     last: i64,
 ) -> Result<Vec<Record>, ShipError> {
-    let reader = origin.reader()?;
-    let (low, high) = reader
-        .fetch_watermarks(t, partition, Duration::from_secs(10))
-        .map_err(client("origin", format!("watermarks of {t}[{partition}]")))?;
+    let (low, high) = origin.watermarks(tp)?.unwrap_or_default();
     if first < low || last >= high || first > last {
         return Err(ShipError::Permanent(format!(
-            "{t}[{partition}] holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
+            "{tp} holds offsets {low}..{high}; the range {first}-{last} is no longer (or not yet) there"
         )));
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(t, partition, Offset::Offset(first))
-        .map_err(client("origin", "assigning"))?;
-    reader.assign(&tpl).map_err(client("origin", "assigning"))?;
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while out.last().is_none_or(|r: &Record| r.offset < last) {
-        if Instant::now() > deadline {
-            return Err(ShipError::Unavailable(format!(
-                "timed out reading {t}[{partition}]"
-            )));
-        }
-        match reader.poll(Duration::from_millis(500)) {
-            None | Some(Err(RdError::PartitionEOF(_))) => {}
-            Some(Err(e)) => return Err(client("origin", "reading")(e)),
-            Some(Ok(m)) if m.offset() <= last => out.push(Record {
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            }),
-            Some(Ok(_)) => break,
-        }
-    }
-    Ok(out)
+    let (records, _) = origin
+        .fold_partition(tp, Span::between(first, last + 1), Vec::new(), |out, r| {
+            out.push(Record {
+                offset: r.offset,
+                key: r.key,
+                value: r.value.unwrap_or_default(),
+            });
+            true
+        })
+        .await?;
+    Ok(records)
 }
 
 /// Ships chosen origin ranges (reship and replay): same compaction, encoding, manifest and
@@ -1066,11 +1122,8 @@ impl<'a> RangeShipper<'a> {
         first: i64,
         last: i64,
     ) -> Result<(u64, u64, u64), ShipError> {
-        let (o, t) = (self.origin.clone(), topic.to_string());
-        let records =
-            tokio::task::spawn_blocking(move || read_range(&o, &t, partition, first, last))
-                .await
-                .map_err(|e| ShipError::Unexpected(e.to_string()))??;
+        let tp = TopicPartition::new(topic, partition);
+        let records = read_range(&self.origin, &tp, first, last).await?;
         let before = self.shipper.stats.total();
         self.shipper.ship(topic, partition, records).await?;
         let after = self.shipper.stats.total();

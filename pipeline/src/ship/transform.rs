@@ -17,10 +17,20 @@ use crate::batch::columnar;
 use crate::batch::Entry;
 use crate::config::Transform;
 
+/// A transform that could not run over a batch: its SQL, or the batch's columns. The same
+/// batch fails the same way every time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TransformError(String);
+
+fn te(e: impl std::fmt::Display) -> TransformError {
+    TransformError(e.to_string())
+}
+
 /// Builds the `changes` table of a batch (columns of the newest schema version, by name).
-pub fn changes_table(entries: &[Entry]) -> Result<RecordBatch, String> {
+pub fn changes_table(entries: &[Entry]) -> Result<RecordBatch, TransformError> {
     let Some(last) = entries.last() else {
-        return Err("empty batch".into());
+        return Err(TransformError("empty batch".into()));
     };
     let table = last.schema.table();
     let mut fields = vec![
@@ -67,29 +77,28 @@ pub fn changes_table(entries: &[Entry]) -> Result<RecordBatch, String> {
             })
             .collect();
         let refs: Vec<(i64, &ferry_schemas::ChangeEvent)> = events.iter().map(|e| (0, e)).collect();
-        let b = columnar::to_batch(&one, &refs).map_err(|e| e.to_string())?;
+        let b = columnar::to_batch(&one, &refs).map_err(te)?;
         fields.push(Field::new(&c.name, columnar::arrow_type(&c.ty), true));
         cols.push(b.column(columnar::META_COLUMNS).clone());
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| e.to_string())
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(te)
 }
 
 /// Runs a transform over a batch; returns its result as an Arrow IPC stream.
-pub async fn run(t: &Transform, entries: &[Entry]) -> Result<Vec<u8>, String> {
+pub async fn run(t: &Transform, entries: &[Entry]) -> Result<Vec<u8>, TransformError> {
     let batch = changes_table(entries)?;
     let ctx = SessionContext::new();
-    ctx.register_batch("changes", batch)
-        .map_err(|e| e.to_string())?;
-    let df = ctx.sql(&t.sql).await.map_err(|e| e.to_string())?;
+    ctx.register_batch("changes", batch).map_err(te)?;
+    let df = ctx.sql(&t.sql).await.map_err(te)?;
     let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
-    let results = df.collect().await.map_err(|e| e.to_string())?;
+    let results = df.collect().await.map_err(te)?;
     let mut out = Vec::new();
     {
-        let mut w = StreamWriter::try_new(&mut out, &schema).map_err(|e| e.to_string())?;
+        let mut w = StreamWriter::try_new(&mut out, &schema).map_err(te)?;
         for b in &results {
-            w.write(b).map_err(|e| e.to_string())?;
+            w.write(b).map_err(te)?;
         }
-        w.finish().map_err(|e| e.to_string())?;
+        w.finish().map_err(te)?;
     }
     Ok(out)
 }

@@ -11,15 +11,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_connectors::kafka::{Cluster, TopicSpec};
+use ferry_connectors::kafka::{Cluster, Span, TopicPartition, TopicSpec};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::StoreError;
 use crate::config::Config;
-use crate::error::CaptureError;
+use crate::wal::JobAction;
 
 /// The name under which the live pipeline (capture → ship → apply) is paused and resumed.
 pub const LIVE: &str = "live";
@@ -37,8 +38,8 @@ pub fn job_key(job: &str) -> String {
 /// One request, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    /// `pause`, `resume` or `cancel`.
-    pub action: String,
+    /// Pause, resume or cancel.
+    pub action: JobAction,
     /// When it was made, epoch milliseconds.
     pub at_ms: i64,
 }
@@ -55,25 +56,19 @@ pub enum Gate {
 }
 
 impl Gate {
-    fn of(action: Option<&String>) -> Gate {
-        match action.map(String::as_str) {
-            Some("pause") => Gate::Paused,
-            Some("cancel") => Gate::Cancelled,
+    fn of(action: Option<&JobAction>) -> Gate {
+        match action {
+            Some(JobAction::Pause) => Gate::Paused,
+            Some(JobAction::Cancel) => Gate::Cancelled,
             _ => Gate::Open,
         }
     }
 }
 
-/// Reading or writing the control topic failed at the broker: retried.
-fn err(topic: &str, reason: impl std::fmt::Display) -> CaptureError {
-    CaptureError::State {
-        topic: topic.into(),
-        reason: reason.to_string(),
-        transient: true,
-    }
-}
+/// The newest action per key.
+pub type Actions = BTreeMap<String, JobAction>;
 
-async fn ensure(origin: &Cluster, topic: &str) -> Result<(), CaptureError> {
+async fn ensure(origin: &Cluster, topic: &str) -> Result<(), StoreError> {
     origin
         .ensure_topics(&[TopicSpec {
             name: topic.to_string(),
@@ -81,14 +76,14 @@ async fn ensure(origin: &Cluster, topic: &str) -> Result<(), CaptureError> {
             config: vec![("cleanup.policy".into(), "compact".into())],
         }])
         .await
-        .map_err(|e| err(topic, e))
+        .map_err(StoreError::from)
 }
 
 /// Writes `action` for `key` and waits for the broker's acknowledgement.
-pub async fn send(cfg: &Config, key: &str, action: &str) -> Result<(), CaptureError> {
-    if !matches!(action, "pause" | "resume" | "cancel") {
-        return Err(CaptureError::Setup(format!(
-            "unknown action {action:?} for {key} (pause, resume or cancel)"
+pub async fn send(cfg: &Config, key: &str, action: JobAction) -> Result<(), StoreError> {
+    if !JobAction::OPERATOR.contains(&action) {
+        return Err(StoreError::Refused(format!(
+            "action {action} cannot be given to {key} (pause, resume or cancel)"
         )));
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
@@ -98,127 +93,80 @@ pub async fn send(cfg: &Config, key: &str, action: &str) -> Result<(), CaptureEr
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    crate::store::state::save_value(
-        &producer,
-        &topic,
-        key,
-        &Request {
-            action: action.into(),
-            at_ms,
-        },
-    )
-    .await
+    crate::store::state::save_value(&producer, &topic, key, &Request { action, at_ms }).await
 }
 
-/// Reads the whole control topic: the newest action per key.
-pub fn load(origin: &Cluster, topic: &str) -> Result<BTreeMap<String, String>, CaptureError> {
-    let reader = origin.reader()?;
-    let mut map = BTreeMap::new();
-    read_into(&reader, topic, &mut map, true)?;
-    Ok(map)
-}
-
-/// Reads from the reader's position; with `to_end`, until the high watermark seen now
-/// (assigning the partition from the beginning first).
-fn read_into(
-    reader: &ferry_connectors::kafka::Reader,
+/// Applies one control record to `actions`; returns whether it changed them.
+fn apply(
     topic: &str,
-    map: &mut BTreeMap<String, String>,
-    to_end: bool,
-) -> Result<bool, CaptureError> {
-    let mut changed = false;
-    let mut high = 0;
-    if to_end {
-        let (low, h) = match reader.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
-            Ok(w) => w,
-            // No topic: nothing was ever requested.
-            Err(e) if crate::store::state::missing_topic(&e) => return Ok(false),
-            Err(e) => return Err(err(topic, format!("reading watermarks: {e}"))),
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Beginning)
-            .map_err(|e| err(topic, e))?;
-        reader.assign(&tpl).map_err(|e| err(topic, e))?;
-        if high_reached(low, h, -1) {
-            return Ok(false);
-        }
-        high = h;
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let wait = if to_end { 500 } else { 0 };
-        match reader.poll(Duration::from_millis(wait)) {
-            None if !to_end => return Ok(changed),
-            None => {}
-            Some(Err(RdError::PartitionEOF(_))) if to_end => return Ok(changed),
-            Some(Err(RdError::PartitionEOF(_))) => {}
-            Some(Err(e)) => return Err(err(topic, e)),
-            Some(Ok(m)) => {
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                match m
-                    .payload()
-                    .map(serde_json::from_slice::<Request>)
-                    .transpose()
-                {
-                    Ok(Some(r)) => {
-                        changed |= map.insert(key, r.action.clone()).as_ref() != Some(&r.action);
-                    }
-                    Ok(None) => changed |= map.remove(&key).is_some(),
-                    Err(e) => {
-                        tracing::warn!(topic, offset = m.offset(), error = %e, "unreadable control record; ignored")
-                    }
-                }
-                if to_end && high_reached(0, high, m.offset()) {
-                    return Ok(changed);
-                }
-            }
-        }
-        if to_end && std::time::Instant::now() > deadline {
-            return Err(err(topic, format!("timed out reading to offset {high}")));
+    actions: &mut Actions,
+    offset: i64,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> bool {
+    let key = String::from_utf8_lossy(key.unwrap_or_default()).into_owned();
+    match value.map(serde_json::from_slice::<Request>).transpose() {
+        Ok(Some(r)) => actions.insert(key, r.action) != Some(r.action),
+        Ok(None) => actions.remove(&key).is_some(),
+        Err(e) => {
+            tracing::warn!(topic, offset, error = %e, "unreadable control record; ignored");
+            false
         }
     }
 }
 
-fn high_reached(low: i64, high: i64, offset: i64) -> bool {
-    high <= low || offset + 1 >= high
+/// Reads the whole control topic: the newest action per key, and the offset after the last
+/// record read.
+pub async fn load(origin: &Cluster, topic: &str) -> Result<(Actions, i64), StoreError> {
+    let t = topic.to_string();
+    let (actions, read) = origin
+        .fold_partition(
+            &TopicPartition::new(topic, 0),
+            Span::ALL,
+            Actions::new(),
+            move |map, r| {
+                apply(&t, map, r.offset, r.key.as_deref(), r.value.as_deref());
+                true
+            },
+        )
+        .await?;
+    Ok((actions, read.high))
 }
 
 /// Follows the control key `key`: the receiver holds its gate now and changes when an operator
 /// acts. The first value is read before this returns, so a pause made while the process was
 /// down holds from its first record on.
-pub async fn follow(cfg: &Config, key: String) -> Result<watch::Receiver<Gate>, CaptureError> {
+pub async fn follow(cfg: &Config, key: String) -> Result<watch::Receiver<Gate>, StoreError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let topic = crate::topics::control_topic(&cfg.capture.topic_prefix);
     ensure(&origin, &topic).await?;
-    let (o, t) = (origin.clone(), topic.clone());
-    let (reader, map) = tokio::task::spawn_blocking(move || {
-        let reader = o.reader()?;
-        let mut map = BTreeMap::new();
-        read_into(&reader, &t, &mut map, true)?;
-        Ok::<_, CaptureError>((reader, map))
-    })
-    .await
-    .map_err(|e| err(&topic, e))??;
-    let (tx, rx) = watch::channel(Gate::of(map.get(&key)));
+    let (mut actions, next) = load(&origin, &topic).await?;
+    let reader = origin.reader()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(next))
+        .and_then(|()| reader.assign(&tpl))
+        .map_err(|e| StoreError::Refused(format!("{topic}: following from offset {next}: {e}")))?;
+    let (tx, rx) = watch::channel(Gate::of(actions.get(&key)));
     std::thread::Builder::new()
         .name("ferry-control".into())
         .spawn(move || {
-            let mut map = map;
             while !tx.is_closed() {
-                match read_into(&reader, &topic, &mut map, false) {
-                    Ok(true) => {
-                        let gate = Gate::of(map.get(&key));
-                        tx.send_if_modified(|g| std::mem::replace(g, gate) != gate);
+                match reader.poll(Duration::from_millis(250)) {
+                    None | Some(Err(RdError::PartitionEOF(_))) => {}
+                    Some(Ok(m)) => {
+                        if apply(&topic, &mut actions, m.offset(), m.key(), m.payload()) {
+                            let gate = Gate::of(actions.get(&key));
+                            tx.send_if_modified(|g| std::mem::replace(g, gate) != gate);
+                        }
                     }
-                    Ok(false) => std::thread::sleep(Duration::from_millis(250)),
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!(topic, error = %e, "reading the control topic");
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }
             }
         })
-        .map_err(|e| err("control", e))?;
+        .map_err(|e| StoreError::Refused(format!("starting the control follower: {e}")))?;
     Ok(rx)
 }
 
@@ -229,8 +177,8 @@ mod tests {
     #[test]
     fn gates_follow_the_newest_action() {
         assert_eq!(Gate::of(None), Gate::Open);
-        assert_eq!(Gate::of(Some(&"pause".to_string())), Gate::Paused);
-        assert_eq!(Gate::of(Some(&"resume".to_string())), Gate::Open);
-        assert_eq!(Gate::of(Some(&"cancel".to_string())), Gate::Cancelled);
+        assert_eq!(Gate::of(Some(&JobAction::Pause)), Gate::Paused);
+        assert_eq!(Gate::of(Some(&JobAction::Resume)), Gate::Open);
+        assert_eq!(Gate::of(Some(&JobAction::Cancel)), Gate::Cancelled);
     }
 }

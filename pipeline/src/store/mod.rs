@@ -8,3 +8,5 @@
 
 pub mod control;
 pub mod state;
+
+pub use crate::error::StoreError;

@@ -7,14 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_connectors::kafka::Cluster;
-use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError as RdError;
+use ferry_connectors::kafka::{Cluster, Span, TopicPartition};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::error::CaptureError;
+use super::StoreError;
 
 /// How far a table's snapshot got.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,9 +72,76 @@ pub struct Backfill {
     /// destination (`ferry backfill --sample`).
     #[serde(default)]
     pub sample: Option<u64>,
-    /// Where the sample stands: `held` (waiting for verification), `passed` or `failed`.
+    /// Where the sample stands (`None`: not reached).
     #[serde(default)]
-    pub sample_state: Option<String>,
+    pub sample_state: Option<SampleState>,
+}
+
+/// Where a staged backfill's sample stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleState {
+    /// Emitted; the job holds until it verifies at the destination.
+    Held,
+    /// Verified: the job goes on.
+    Passed,
+    /// Did not verify: the job is stopped.
+    Failed,
+}
+
+impl SampleState {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SampleState::Held => "held",
+            SampleState::Passed => "passed",
+            SampleState::Failed => "failed",
+        }
+    }
+}
+
+/// Where a job stands, as `ferry jobs` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Working.
+    #[default]
+    Running,
+    /// Waiting for a job it comes after, or for a lower tier.
+    Waiting,
+    /// Paused by an operator.
+    Paused,
+    /// Holding at its sample until it verifies.
+    Sampled,
+    /// Cancelled by an operator (or its sample failed).
+    Cancelled,
+    /// Finished.
+    Done,
+}
+
+impl JobState {
+    /// As shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Waiting => "waiting",
+            JobState::Paused => "paused",
+            JobState::Sampled => "sampled",
+            JobState::Cancelled => "cancelled",
+            JobState::Done => "done",
+        }
+    }
+
+    /// Whether the job will do nothing more.
+    pub fn finished(self) -> bool {
+        matches!(self, JobState::Done | JobState::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 impl Backfill {
@@ -101,24 +165,24 @@ impl Backfill {
         }
     }
 
-    /// `done`, `cancelled`, `paused`, `sampled` (held for verification) or `running`.
-    pub fn status(&self) -> &'static str {
+    /// Done, cancelled, paused, sampled (held for verification) or running.
+    pub fn status(&self) -> JobState {
         if self.progress == Some(TableProgress::Done) {
-            "done"
+            JobState::Done
         } else if self.cancelled {
-            "cancelled"
+            JobState::Cancelled
         } else if self.paused {
-            "paused"
-        } else if self.sample_state.as_deref() == Some("held") {
-            "sampled"
+            JobState::Paused
+        } else if self.held() {
+            JobState::Sampled
         } else {
-            "running"
+            JobState::Running
         }
     }
 
     /// Whether this job holds for its sample to be verified.
     pub fn held(&self) -> bool {
-        self.sample_state.as_deref() == Some("held")
+        self.sample_state == Some(SampleState::Held)
     }
 }
 
@@ -131,7 +195,7 @@ impl CaptureState {
             return Some("done".into());
         }
         if b.cancelled || b.paused {
-            return Some(b.status().into());
+            return Some(b.status().to_string());
         }
         if b.held() {
             return Some("sample awaiting verification".into());
@@ -154,95 +218,53 @@ impl CaptureState {
     }
 }
 
-/// Whether a client error means the topic does not exist (yet): nothing was stored there.
-pub fn missing_topic(e: &RdError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition)
-    )
-}
-
-/// Reading the state topic failed at the broker: retried.
-fn state_err(topic: &str, reason: impl Into<String>) -> CaptureError {
-    CaptureError::State {
-        topic: topic.into(),
-        reason: reason.into(),
-        transient: true,
-    }
-}
-
 /// Reads the newest state for `slot`; a missing record means "nothing done yet".
-pub fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, CaptureError> {
-    Ok(load_value(cluster, topic, &format!("capture/{slot}"))?.unwrap_or_default())
+pub async fn load(cluster: &Cluster, topic: &str, slot: &str) -> Result<CaptureState, StoreError> {
+    Ok(load_value(cluster, topic, &format!("capture/{slot}"))
+        .await?
+        .unwrap_or_default())
 }
 
 /// Reads the newest JSON value stored under `key` in a state topic.
-pub fn load_value<T: serde::de::DeserializeOwned>(
+pub async fn load_value<T: serde::de::DeserializeOwned>(
     cluster: &Cluster,
     topic: &str,
     key: &str,
-) -> Result<Option<T>, CaptureError> {
-    let mut found = load_all::<T>(cluster, topic, |k| k == key)?;
+) -> Result<Option<T>, StoreError> {
+    let wanted = key.to_string();
+    let mut found = load_all::<T>(cluster, topic, move |k| k == wanted).await?;
     Ok(found.remove(key))
 }
 
-/// Reads the newest JSON value of every key `wanted` accepts (a deleted key is absent).
-pub fn load_all<T: serde::de::DeserializeOwned>(
+/// Reads the newest JSON value of every key `wanted` accepts (a deleted key is absent); a
+/// topic that does not exist holds nothing.
+pub async fn load_all<T: serde::de::DeserializeOwned>(
     cluster: &Cluster,
     topic: &str,
-    wanted: impl Fn(&str) -> bool,
-) -> Result<BTreeMap<String, T>, CaptureError> {
-    let consumer = cluster.reader()?;
-    let (low, high) = match consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
-        Ok(w) => w,
-        Err(e) if missing_topic(&e) => return Ok(BTreeMap::new()),
-        Err(e) => return Err(state_err(topic, format!("reading watermarks: {e}"))),
-    };
-    let mut raw: BTreeMap<String, (i64, Vec<u8>)> = BTreeMap::new();
-    if high <= low {
-        return Ok(BTreeMap::new());
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(|e| state_err(topic, e.to_string()))?;
-    consumer
-        .assign(&tpl)
-        .map_err(|e| state_err(topic, e.to_string()))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::time::Instant::now() > deadline {
-            return Err(state_err(
-                topic,
-                format!("timed out reading to offset {high}"),
-            ));
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(RdError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(state_err(topic, e.to_string())),
-            Some(Ok(m)) => {
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default());
-                if wanted(&key) {
-                    match m.payload() {
-                        None => raw.remove(key.as_ref()),
-                        Some(p) => raw.insert(key.into_owned(), (m.offset(), p.to_vec())),
-                    };
-                }
-                if m.offset() + 1 >= high {
-                    break;
-                }
+    wanted: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    let tp = TopicPartition::new(topic, 0);
+    let newest = BTreeMap::<String, (i64, Vec<u8>)>::new();
+    let (raw, _) = cluster
+        .fold_partition(&tp, Span::ALL, newest, move |newest, r| {
+            let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+            if wanted(&key) {
+                match r.value {
+                    None => newest.remove(&key),
+                    Some(v) => newest.insert(key, (r.offset, v)),
+                };
             }
-        }
-    }
+            true
+        })
+        .await?;
     raw.into_iter()
         .map(|(k, (offset, body))| {
             serde_json::from_slice(&body)
                 .map(|v| (k, v))
-                .map_err(|e| CaptureError::State {
+                .map_err(|e| StoreError::Corrupt {
                     topic: topic.into(),
-                    reason: format!("record at offset {offset}: {e}"),
-                    transient: false,
+                    offset,
+                    reason: e.to_string(),
                 })
         })
         .collect()
@@ -254,7 +276,7 @@ pub async fn save(
     topic: &str,
     slot: &str,
     state: &CaptureState,
-) -> Result<(), CaptureError> {
+) -> Result<(), StoreError> {
     save_value(producer, topic, &format!("capture/{slot}"), state).await
 }
 
@@ -264,16 +286,19 @@ pub async fn save_value<T: Serialize>(
     topic: &str,
     key: &str,
     state: &T,
-) -> Result<(), CaptureError> {
-    let body = serde_json::to_vec(state).map_err(|e| state_err(topic, e.to_string()))?;
+) -> Result<(), StoreError> {
+    let body = serde_json::to_vec(state)
+        .map_err(|e| StoreError::Refused(format!("{topic}: {key}: {e}")))?;
     producer
         .send(
             FutureRecord::to(topic).key(key).payload(&body),
             Duration::from_secs(30),
         )
         .await
-        .map_err(|(e, _)| {
-            crate::error::undelivered(topic.into(), "state".into(), &e, key.len() + body.len())
+        .map_err(|(source, _)| StoreError::Write {
+            topic: topic.into(),
+            key: key.into(),
+            source,
         })?;
     Ok(())
 }

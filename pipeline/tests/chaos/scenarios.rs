@@ -267,18 +267,19 @@ pub async fn stalled_destination(f: &mut Figures, iterations: u32, stall: u64) {
         broker::signal(pid, "-STOP");
         let t = Instant::now();
         let mut rss_peak = rss_before;
-        let lag_at = |lab: &Lab| {
+        async fn lag_at(lab: &Lab) -> i64 {
             let o = Cluster::new("origin", lab.cfg.origin.kafka.clone());
             ferry_pipeline::ship::lag(&o, &lab.cfg.capture.topic_prefix, &lab.cfg.ship.group_id)
+                .await
                 .map(|l| l.iter().map(|x| x.lag()).sum::<i64>())
                 .unwrap_or(0)
-        };
-        let lag_start = lag_at(&lab);
+        }
+        let lag_start = lag_at(&lab).await;
         while t.elapsed() < secs(stall) {
             rss_peak = rss_peak.max(rss_mib(ship_pid));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let lag_end = lag_at(&lab);
+        let lag_end = lag_at(&lab).await;
         broker::signal(pid, "-CONT");
         lab.mark_heal();
         lab.recovery(DRAIN).await;

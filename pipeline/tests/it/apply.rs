@@ -465,17 +465,17 @@ async fn verify_finds_drift_and_repair_fixes_it() {
     let report = ferry_pipeline::verify::verify(&db.cfg.origin.postgres, &dest, &table)
         .await
         .expect("verify");
-    let found: Vec<(String, &str)> = report
+    let found: Vec<(String, String)> = report
         .mismatches
         .iter()
-        .map(|m| (m.key.join(","), m.kind))
+        .map(|m| (m.key.join(","), m.kind.to_string()))
         .collect();
     assert_eq!(
         found,
         vec![
-            ("5".to_string(), "differs"),
-            ("6".to_string(), "missing in destination"),
-            ("9999".to_string(), "extra in destination")
+            ("5".to_string(), "differs".to_string()),
+            ("6".to_string(), "missing in destination".to_string()),
+            ("9999".to_string(), "extra in destination".to_string())
         ]
     );
     ferry_pipeline::verify::request_repair(&db.cfg, &table, &report.mismatches)

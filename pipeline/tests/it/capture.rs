@@ -201,9 +201,13 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     .await
     .expect("backfill");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    ferry_pipeline::jobs::backfill::control_job(&db.cfg, &job, "pause")
-        .await
-        .expect("pause");
+    ferry_pipeline::jobs::backfill::control_job(
+        &db.cfg,
+        &job,
+        ferry_pipeline::wal::JobAction::Pause,
+    )
+    .await
+    .expect("pause");
     // Wait until the pause is in the state, then nothing more may be read.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let paused_rows = loop {
@@ -247,9 +251,13 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
     );
 
     // Resume: it runs to the end.
-    ferry_pipeline::jobs::backfill::control_job(&db.cfg, &job, "resume")
-        .await
-        .expect("resume");
+    ferry_pipeline::jobs::backfill::control_job(
+        &db.cfg,
+        &job,
+        ferry_pipeline::wal::JobAction::Resume,
+    )
+    .await
+    .expect("resume");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let b = crate::support::capture_state(&db.cfg)
@@ -258,7 +266,7 @@ async fn paused_backfill_reads_nothing_and_stays_paused_across_a_restart() {
             .get(&job)
             .cloned()
             .expect("job");
-        if b.status() == "done" {
+        if b.status() == ferry_pipeline::store::state::JobState::Done {
             assert!(b.rows >= 5_000, "{b:?}");
             break;
         }

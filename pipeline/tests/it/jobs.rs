@@ -25,7 +25,7 @@ struct Downstream {
     stop: watch::Sender<bool>,
     ship: tokio::task::JoinHandle<Result<(), ship::ShipError>>,
     ship_stats: Arc<ShipStats>,
-    apply: Option<tokio::task::JoinHandle<Result<(), ship::ShipError>>>,
+    apply: Option<tokio::task::JoinHandle<Result<(), apply::ApplyError>>>,
 }
 
 fn start_downstream(cfg: &Config, with_apply: bool) -> Downstream {
@@ -138,18 +138,23 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
-        if core.status() != "done" {
+        if core.status() != ferry_pipeline::store::state::JobState::Done {
             assert_eq!(orders.rows, 0, "orders started before core was done");
             assert!(st.backfill_wait("orders").is_some());
         }
-        core_done = core.status() == "done";
+        core_done = core.status() == ferry_pipeline::store::state::JobState::Done;
         assert!(Instant::now() < deadline, "core never finished");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let rows = list_jobs(&db.cfg).await;
     let orders = rows.iter().find(|r| r.job == "orders").expect("orders row");
-    assert_eq!((orders.kind, orders.tier), ("backfill", Some(1)));
-    assert!(rows.iter().any(|r| r.job == "live" && r.kind == "live"));
+    assert_eq!(
+        (orders.kind, orders.tier),
+        (jobs::JobKind::Backfill, Some(1))
+    );
+    assert!(rows
+        .iter()
+        .any(|r| r.job == "live" && r.kind == ferry_pipeline::jobs::JobKind::Live));
 
     // The sample: orders holds at 500 rows until they verify in the destination database.
     let outcome = jobs::check_sample(&db.cfg, "orders", |_| {})
@@ -226,7 +231,9 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
             .await
             .backfills
             .get("notes")
-            .is_some_and(|b| b.status() == "cancelled" && b.rows == 200)
+            .is_some_and(|b| {
+                b.status() == ferry_pipeline::store::state::JobState::Cancelled && b.rows == 200
+            })
     })
     .await;
 
@@ -237,11 +244,7 @@ async fn plan_runs_by_tier_and_dependency_and_a_sample_gates_the_rest() {
 }
 
 async fn list_jobs(cfg: &Config) -> Vec<jobs::JobRow> {
-    let c = cfg.clone();
-    tokio::task::spawn_blocking(move || jobs::list(&c))
-        .await
-        .expect("task")
-        .expect("jobs")
+    jobs::list(cfg).await.expect("jobs")
 }
 
 /// Batches in the destination batch topic.
@@ -260,14 +263,9 @@ async fn count_batches(cfg: &Config) -> usize {
 }
 
 async fn committed(cfg: &Config) -> i64 {
-    let (o, p, g) = (
-        Cluster::new("origin", cfg.origin.kafka.clone()),
-        cfg.capture.topic_prefix.clone(),
-        cfg.ship.group_id.clone(),
-    );
-    tokio::task::spawn_blocking(move || ship::lag(&o, &p, &g))
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    ship::lag(&origin, &cfg.capture.topic_prefix, &cfg.ship.group_id)
         .await
-        .expect("task")
         .expect("lag")
         .iter()
         .map(|l| l.committed)
@@ -298,7 +296,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     .await;
 
     // Pause the live pipeline, then restart the shipper: it comes back paused.
-    control::request(&db.cfg, gate::LIVE, "pause")
+    control::request(&db.cfg, gate::LIVE, ferry_pipeline::wal::JobAction::Pause)
         .await
         .expect("pause live");
     let stats = down.ship_stats.clone();
@@ -321,10 +319,10 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     assert_eq!(before, after, "a paused pipeline consumed or shipped");
     let rows = list_jobs(&db.cfg).await;
     let live = rows.iter().find(|r| r.job == "live").expect("live row");
-    assert_eq!(live.state, "paused");
+    assert_eq!(live.state, ferry_pipeline::store::state::JobState::Paused);
 
     // Resume: everything held back is shipped.
-    control::request(&db.cfg, gate::LIVE, "resume")
+    control::request(&db.cfg, gate::LIVE, ferry_pipeline::wal::JobAction::Resume)
         .await
         .expect("resume live");
     let cfg = db.cfg.clone();
@@ -345,9 +343,13 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         max_events_per_sec: 100_000.0,
         max_bytes_per_sec: None,
     };
-    gate::send(&db.cfg, &gate::job_key("rp1"), "pause")
-        .await
-        .expect("pause replay");
+    gate::send(
+        &db.cfg,
+        &gate::job_key("rp1"),
+        ferry_pipeline::wal::JobAction::Pause,
+    )
+    .await
+    .expect("pause replay");
     let batches_before = count_batches(&db.cfg).await;
     for _ in 0..2 {
         let (stop, rx) = watch::channel(false);
@@ -359,7 +361,7 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
         assert_eq!(report.events, 0, "a paused replay read changes");
     }
     assert_eq!(count_batches(&db.cfg).await, batches_before);
-    control::request(&db.cfg, "rp1", "resume")
+    control::request(&db.cfg, "rp1", ferry_pipeline::wal::JobAction::Resume)
         .await
         .expect("resume replay");
     let (_stop, rx) = watch::channel(false);
@@ -370,8 +372,12 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     let rows = list_jobs(&db.cfg).await;
     let rp = rows.iter().find(|r| r.job == "rp1").expect("replay row");
     assert_eq!(
-        (rp.kind, rp.state.as_str(), rp.done),
-        ("replay", "done", 400)
+        (rp.kind, rp.state, rp.done),
+        (
+            jobs::JobKind::Replay,
+            ferry_pipeline::store::state::JobState::Done,
+            400
+        )
     );
 
     down.stop().await;

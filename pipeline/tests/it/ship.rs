@@ -30,7 +30,7 @@ fn batches(cfg: &Config) -> Vec<(Manifest, Vec<u8>)> {
                 let (m, p) = manifest::unframe(&v).expect("every shipped batch verifies");
                 (m, p.to_vec())
             })
-            .filter(|(m, _)| m.kind == "changes")
+            .filter(|(m, _)| m.kind() == ferry_schemas::manifest::ManifestKind::Changes)
             .collect(),
         Err(_) => Vec::new(),
     }

@@ -331,14 +331,10 @@ pub fn ops(events: &[Value]) -> Vec<String> {
 
 /// The capture state (snapshot and backfill progress) as stored in the origin cluster.
 pub async fn capture_state(cfg: &Config) -> ferry_pipeline::store::state::CaptureState {
-    let (o, t, slot) = (
-        Cluster::new("origin", cfg.origin.kafka.clone()),
-        topics::state_topic(&cfg.capture.topic_prefix),
-        cfg.capture.slot.clone(),
-    );
-    tokio::task::spawn_blocking(move || ferry_pipeline::store::state::load(&o, &t, &slot))
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let topic = topics::state_topic(&cfg.capture.topic_prefix);
+    ferry_pipeline::store::state::load(&origin, &topic, &cfg.capture.slot)
         .await
-        .expect("task")
         .expect("state")
 }
 
@@ -347,7 +343,11 @@ pub async fn wait_backfill_done(cfg: &Config, job: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let st = capture_state(cfg).await;
-        if st.backfills.get(job).is_some_and(|b| b.status() == "done") {
+        if st
+            .backfills
+            .get(job)
+            .is_some_and(|b| b.status() == ferry_pipeline::store::state::JobState::Done)
+        {
             return;
         }
         assert!(
