@@ -282,9 +282,13 @@ pub struct Capture {
     pub slot: String,
     /// Publication name (created when missing).
     pub publication: String,
-    /// Tables to capture as `schema.table`; empty means every table of the publication (a
-    /// missing publication is then created `FOR ALL TABLES`).
+    /// Tables to capture as `schema.table`; empty means every table of an existing
+    /// publication (see `all_tables`).
     pub tables: Vec<String>,
+    /// With no `tables` and no publication yet, create it `FOR ALL TABLES`. Off by default:
+    /// such a publication needs superuser, takes in every table created later, and makes
+    /// Postgres refuse UPDATE and DELETE on any table without a replica identity.
+    pub all_tables: bool,
     /// Topics are named `<topic_prefix>.<schema>.<table>`.
     pub topic_prefix: String,
     /// How keys and values in the table topics (origin and replicated) name their schema.
@@ -296,6 +300,9 @@ pub struct Capture {
     /// Rows per snapshot chunk. 10k rows keeps a chunk's key set small in memory while making
     /// the per-chunk watermark writes negligible.
     pub snapshot_chunk_rows: usize,
+    /// Bytes a snapshot or backfill chunk may hold (the text of its rows), so wide rows make
+    /// smaller chunks: the first chunk of a table reads 100 rows to measure them.
+    pub snapshot_chunk_bytes: usize,
     /// How often the position is reported to Postgres. 1 s keeps retained WAL low at the cost
     /// of one small message per second.
     pub status_interval_ms: u64,
@@ -316,11 +323,13 @@ impl Default for Capture {
             slot: "ferry".into(),
             publication: "ferry".into(),
             tables: Vec::new(),
+            all_tables: false,
             topic_prefix: "ferry".into(),
             format: Format::SingleObject,
             partitions: 3,
             snapshot: true,
             snapshot_chunk_rows: 10_000,
+            snapshot_chunk_bytes: 64 << 20,
             status_interval_ms: 1_000,
             heartbeat_interval_ms: 10_000,
             publication_poll_ms: 5_000,

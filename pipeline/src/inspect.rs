@@ -189,7 +189,30 @@ impl Decoder {
                 body.len()
             )));
         }
-        serde_json::Value::try_from(value).map_err(ie)
+        serde_json::Value::try_from(finite(value)).map_err(ie)
+    }
+}
+
+/// JSON has no NaN or infinities: such floats are shown as Postgres spells them, as strings.
+fn finite(value: apache_avro::types::Value) -> apache_avro::types::Value {
+    use apache_avro::types::Value as V;
+    let name = |f: f64| {
+        if f.is_nan() {
+            "NaN"
+        } else if f > 0.0 {
+            "Infinity"
+        } else {
+            "-Infinity"
+        }
+    };
+    match value {
+        V::Float(f) if !f.is_finite() => V::String(name(f64::from(f)).into()),
+        V::Double(f) if !f.is_finite() => V::String(name(f).into()),
+        V::Record(fields) => V::Record(fields.into_iter().map(|(k, v)| (k, finite(v))).collect()),
+        V::Union(i, v) => V::Union(i, Box::new(finite(*v))),
+        V::Array(items) => V::Array(items.into_iter().map(finite).collect()),
+        V::Map(m) => V::Map(m.into_iter().map(|(k, v)| (k, finite(v))).collect()),
+        v => v,
     }
 }
 

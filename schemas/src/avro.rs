@@ -305,7 +305,7 @@ impl EncodedSchema {
         let field = |i: usize, nullable: bool| {
             let c = &table.columns[i];
             let ty = type_json(&c.ty);
-            json!({
+            let mut f = json!({
                 "name": field_names[i],
                 "type": if nullable { json!(["null", ty]) } else { ty },
                 "pg_name": c.name,
@@ -313,7 +313,12 @@ impl EncodedSchema {
                 "type_oid": c.type_oid,
                 "ferry_type": c.ty.to_string(),
                 "key": c.key,
-            })
+            });
+            // Only when there is one, so schemas of columns without a modifier keep their text.
+            if c.type_mod != -1 {
+                f["type_mod"] = json!(c.type_mod);
+            }
+            f
         };
         let key_indexes = table.key_indexes();
         let key = json!({
@@ -567,6 +572,11 @@ impl EncodedSchema {
                     name: text(f, "pg_name")?,
                     pg_type: text(f, "pg_type")?,
                     type_oid: f.get("type_oid").and_then(Json::as_u64).unwrap_or(0) as u32,
+                    type_mod: f
+                        .get("type_mod")
+                        .and_then(Json::as_i64)
+                        .and_then(|m| i32::try_from(m).ok())
+                        .unwrap_or(-1),
                     ty: text(f, "ferry_type")?
                         .parse()
                         .map_err(|e: String| bad(&e))?,
@@ -814,6 +824,7 @@ mod tests {
             name: name.into(),
             pg_type: pg_type.into(),
             type_oid: 0,
+            type_mod: -1,
             ty,
             key,
         }

@@ -156,6 +156,8 @@ pub struct Column {
     pub pg_type: String,
     /// The Postgres type oid (to recognise type changes that keep the name).
     pub type_oid: u32,
+    /// The type modifier (`atttypmod`: a length, precision or scale), `-1` when none.
+    pub type_mod: i32,
     /// How the column is represented.
     pub ty: ColumnType,
     /// Whether the column is part of the table's key (primary key, else replica identity).

@@ -59,6 +59,7 @@ fn table() -> TableSchema {
         name: name.into(),
         pg_type: pg.into(),
         type_oid: 0,
+        type_mod: -1,
         ty,
         key,
     };

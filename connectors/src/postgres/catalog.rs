@@ -112,20 +112,23 @@ pub async fn table_oid(
 }
 
 /// The replicated columns of a table (as pgoutput sends them: not dropped, not generated), in
-/// order, with their type oids.
+/// order, with their type oids and modifiers.
 pub async fn table_columns(
     client: &Client,
     relid: u32,
-) -> Result<Vec<(String, u32)>, tokio_postgres::Error> {
+) -> Result<Vec<(String, u32, i32)>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT attname::text, atttypid FROM pg_attribute \
+            "SELECT attname::text, atttypid, atttypmod FROM pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
              ORDER BY attnum",
             &[&relid],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Key columns: the primary key, else the replica identity index, else nothing.
@@ -160,19 +163,20 @@ pub async fn build_schema(
     database: &str,
     id: TableId,
     relid: u32,
-    columns: &[(String, u32)],
+    columns: &[(String, u32, i32)],
 ) -> Result<TableSchema, tokio_postgres::Error> {
-    let oids: Vec<u32> = columns.iter().map(|(_, oid)| *oid).collect();
+    let oids: Vec<u32> = columns.iter().map(|(_, oid, _)| *oid).collect();
     let types = resolve_types(client, &oids).await?;
     let keys = key_columns(client, relid).await?;
     let columns = columns
         .iter()
-        .map(|(name, oid)| {
+        .map(|(name, oid, type_mod)| {
             let info = types.get(oid);
             Column {
                 name: name.clone(),
                 pg_type: info.map_or_else(|| format!("oid {oid}"), |t| t.name.clone()),
                 type_oid: *oid,
+                type_mod: *type_mod,
                 ty: info.map_or(ColumnType::Other, |t| t.ty.clone()),
                 key: keys.contains(name),
             }
@@ -217,22 +221,52 @@ pub async fn publication_exists(
     Ok(row.get::<_, i64>(0) > 0)
 }
 
-/// Creates the publication when missing: for the listed tables, or for all tables when the
-/// list is empty. Tables listed in config but missing from an existing publication are added.
+/// Every ordinary and partitioned table outside the system schemas: what a publication
+/// `FOR ALL TABLES` would take in.
+pub async fn user_tables(client: &Client) -> Result<Vec<TableId>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableId::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// What [`ensure_publication`] found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publication {
+    /// It exists (tables listed but missing from it were added).
+    Ready,
+    /// It does not exist and nothing says which tables it should hold.
+    NoTables,
+}
+
+/// Creates the publication when missing: for the listed tables, or (`all_tables`) for all
+/// tables when the list is empty. Tables listed but missing from an existing publication are
+/// added.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[TableId],
-) -> Result<(), tokio_postgres::Error> {
+    all_tables: bool,
+) -> Result<Publication, tokio_postgres::Error> {
     let list = tables
         .iter()
         .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
         .collect::<Vec<_>>();
     if !publication_exists(client, publication).await? {
-        let target = if list.is_empty() {
-            "FOR ALL TABLES".to_string()
-        } else {
-            format!("FOR TABLE {}", list.join(", "))
+        let target = match (list.is_empty(), all_tables) {
+            (false, _) => format!("FOR TABLE {}", list.join(", ")),
+            (true, true) => "FOR ALL TABLES".to_string(),
+            (true, false) => return Ok(Publication::NoTables),
         };
         client
             .batch_execute(&format!(
@@ -240,7 +274,7 @@ pub async fn ensure_publication(
                 quote_ident(publication)
             ))
             .await?;
-        return Ok(());
+        return Ok(Publication::Ready);
     }
     let existing = publication_tables(client, publication).await?;
     let missing: Vec<String> = tables
@@ -258,7 +292,58 @@ pub async fn ensure_publication(
             ))
             .await?;
     }
-    Ok(())
+    Ok(Publication::Ready)
+}
+
+/// What UPDATE and DELETE on a table send, and so what capture can do with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableFacts {
+    /// `d` (default: the primary key), `f` (full row), `i` (an index), `n` (nothing).
+    pub replica_identity: char,
+    /// Whether the table has a primary key.
+    pub has_primary_key: bool,
+    /// Whether the current role may SELECT it (snapshots and backfills read it).
+    pub can_select: bool,
+}
+
+impl TableFacts {
+    /// What replicating UPDATE and DELETE will do, and whether that is a problem: Postgres
+    /// refuses them on a table that publishes them without a replica identity.
+    pub fn updates(&self) -> (bool, &'static str) {
+        match (self.replica_identity, self.has_primary_key) {
+            ('d', true) => (true, "updates and deletes match by primary key"),
+            ('i', _) => (true, "updates and deletes match by the replica identity index"),
+            ('f', true) => (true, "updates and deletes match by primary key (replica identity full)"),
+            ('f', false) => (true, "no key: updates and deletes match the full old row"),
+            _ => (
+                false,
+                "no primary key and no replica identity: Postgres refuses UPDATE and DELETE on it                  while it is in the publication, and Ferry replicates inserts only;                  ALTER TABLE … REPLICA IDENTITY FULL (or add a primary key)",
+            ),
+        }
+    }
+}
+
+/// A table's replica identity, primary key and SELECT grant; `None` when it does not exist.
+pub async fn table_facts(
+    client: &Client,
+    table: &TableId,
+) -> Result<Option<TableFacts>, tokio_postgres::Error> {
+    let qualified = format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.table)
+    );
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text,                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),                     has_table_privilege(c.oid, 'SELECT')              FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&qualified],
+        )
+        .await?;
+    Ok(row.map(|r| TableFacts {
+        replica_identity: r.get::<_, String>(0).chars().next().unwrap_or('d'),
+        has_primary_key: r.get(1),
+        can_select: r.get(2),
+    }))
 }
 
 /// A replication slot's state.

@@ -175,14 +175,17 @@ impl ChangeDecoder {
         match msg {
             Message::Relation(rel) => {
                 let id = TableId::new(rel.namespace.clone(), rel.name.clone());
-                let columns: Vec<(String, u32)> = rel
+                let columns: Vec<(String, u32, i32)> = rel
                     .columns
                     .iter()
-                    .map(|c| (c.name.clone(), c.type_oid))
+                    .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                     .collect();
                 let mut schema =
                     catalog::build_schema(client, &self.database, id, rel.oid, &columns).await?;
-                if !schema.columns.iter().any(|c| c.key) {
+                // The catalog is today's; the stream's flags say which columns identified a row
+                // when the change was written. With REPLICA IDENTITY FULL every column is
+                // flagged, which is not a key: such a table has none.
+                if !schema.columns.iter().any(|c| c.key) && rel.replica_identity != b'f' {
                     for (col, rc) in schema.columns.iter_mut().zip(&rel.columns) {
                         col.key = rc.flags & 1 == 1;
                     }

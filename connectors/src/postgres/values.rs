@@ -56,12 +56,12 @@ pub fn parse(text: &str, ty: &ColumnType) -> Result<Datum, ValueError> {
         ColumnType::Bytea => Datum::Bytes(parse_bytea(text).ok_or_else(|| e("not \\x hex"))?),
         ColumnType::Date => Datum::Int(parse_date(text).ok_or_else(|| e("not an ISO date"))?),
         ColumnType::Time => Datum::Long(parse_time(text).ok_or_else(|| e("not an ISO time"))?),
-        ColumnType::Timestamp => {
-            Datum::Long(parse_timestamp(text, false).ok_or_else(|| e("not an ISO timestamp"))?)
-        }
-        ColumnType::TimestampTz => {
-            Datum::Long(parse_timestamp(text, true).ok_or_else(|| e("not an ISO timestamp"))?)
-        }
+        ColumnType::Timestamp => Datum::Long(parse_timestamp(text, false).ok_or_else(|| {
+            e("not an ISO timestamp, or after 294247-01-10, beyond microseconds since 1970")
+        })?),
+        ColumnType::TimestampTz => Datum::Long(parse_timestamp(text, true).ok_or_else(|| {
+            e("not an ISO timestamp, or after 294247-01-10, beyond microseconds since 1970")
+        })?),
         ColumnType::Array(inner) => Datum::Array(parse_array(text, inner)?),
         ColumnType::Numeric
         | ColumnType::Text
@@ -180,7 +180,13 @@ fn parse_timestamp(text: &str, with_zone: bool) -> Option<i64> {
         (rest, 0)
     };
     let micros = parse_time(time)?;
-    Some(days * MICROS_PER_DAY + micros - offset_secs * 1_000_000)
+    // Postgres counts from 2000-01-01, so its last ~30 years (after 294247-01-10) do not fit in
+    // microseconds since 1970: such a value is refused, never wrapped. `i64::MAX`/`MIN` mean
+    // ±infinity, so they are refused too.
+    days.checked_mul(MICROS_PER_DAY)?
+        .checked_add(micros)?
+        .checked_sub(offset_secs.checked_mul(1_000_000)?)
+        .filter(|us| *us != i64::MAX && *us != i64::MIN)
 }
 
 /// Parses a one-dimensional array literal such as `{1,NULL,"a b","x\"y"}`.
@@ -314,6 +320,31 @@ mod tests {
             parse("infinity", &ColumnType::TimestampTz),
             Ok(Datum::Long(i64::MAX))
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_the_range_are_exact_or_refused_never_wrapped() {
+        for ty in [ColumnType::Timestamp, ColumnType::TimestampTz] {
+            let zone = if ty == ColumnType::TimestampTz {
+                "+00"
+            } else {
+                ""
+            };
+            let low = parse(&format!("4713-01-01 00:00:00{zone} BC"), &ty);
+            assert_eq!(low, Ok(Datum::Long(-210_863_520_000_000_000)), "{ty:?}");
+            let fits = parse(&format!("294247-01-10 04:00:54.775806{zone}"), &ty);
+            assert_eq!(fits, Ok(Datum::Long(i64::MAX - 1)), "{ty:?}");
+            for text in [
+                "294247-01-10 04:00:54.775807",
+                "294276-12-31 23:59:59.999999",
+            ] {
+                let r = parse(&format!("{text}{zone}"), &ty);
+                assert!(
+                    r.as_ref().is_err_and(|e| e.to_string().contains("294247")),
+                    "{text}: {r:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ use ferry_connectors::postgres::{quote_ident, PgConfig, Session};
 use ferry_connectors::registry::{subject, SchemaRegistry};
 use ferry_schemas::manifest::{self, Manifest, ManifestKind};
 use ferry_schemas::{
-    ChangeEvent, ColumnType, EncodedSchema, Header as WireHeader, Op, TableId, TableSchema,
+    ChangeEvent, Column, ColumnType, EncodedSchema, Header as WireHeader, Op, TableId, TableSchema,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -178,39 +178,67 @@ pub fn verify(
     Ok((m, runs))
 }
 
-/// The destination column type for a source column.
-pub fn dest_type(ty: &ColumnType, pg_type: &str) -> String {
-    match ty {
-        ColumnType::Int2 => "int2".into(),
-        ColumnType::Int4 => "int4".into(),
-        ColumnType::Int8 => "int8".into(),
-        ColumnType::Float4 => "float4".into(),
-        ColumnType::Float8 => "float8".into(),
-        ColumnType::Bool => "bool".into(),
-        ColumnType::Numeric => "numeric".into(),
-        ColumnType::Text | ColumnType::Enum => "text".into(),
-        ColumnType::Bytea => "bytea".into(),
-        ColumnType::Date => "date".into(),
-        ColumnType::Time => "time".into(),
-        ColumnType::Timestamp => "timestamp".into(),
-        ColumnType::TimestampTz => "timestamptz".into(),
-        ColumnType::Uuid => "uuid".into(),
-        ColumnType::Json => if pg_type == "jsonb" { "jsonb" } else { "json" }.into(),
-        ColumnType::Array(inner) => {
-            format!("{}[]", dest_type(inner, pg_type.trim_start_matches('_')))
-        }
-        ColumnType::Other => {
-            // A built-in type (inet, interval, …) keeps its type; anything else becomes text.
-            if !pg_type.contains('.')
-                && pg_type
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                pg_type.into()
+/// The destination column type for a source column: the origin's own type with its modifier
+/// (`bit(8)`, `character(5)`, `numeric(12,2)`, `timestamp(3) without time zone`), so every value
+/// arrives unchanged. A type from outside `pg_catalog` (a domain, enum, composite or extension
+/// type) is that type when the destination has it (`have` answers for its quoted qualified
+/// name), else `text`, holding the value's text form.
+pub fn dest_type(c: &Column, have: &dyn Fn(&str) -> bool) -> String {
+    let (base, array) = type_name(c);
+    let base = match base.split_once('.') {
+        None => builtin_with_mod(&base, c.type_mod),
+        Some((schema, name)) => {
+            let q = format!("{}.{}", quote_ident(schema), quote_ident(name));
+            if have(&q) {
+                q
             } else {
                 "text".into()
             }
         }
+    };
+    if array {
+        format!("{base}[]")
+    } else {
+        base
+    }
+}
+
+/// A column's type name without modifier (`int4`, `bpchar`, `public.mood`; for an array, its
+/// element's: `_int4` is `int4`) and whether the column is an array of it.
+fn type_name(c: &Column) -> (String, bool) {
+    let name = c.pg_type.as_str();
+    if !matches!(c.ty, ColumnType::Array(_)) {
+        return (name.to_string(), false);
+    }
+    let element = match name.rsplit_once('.') {
+        Some((schema, t)) => format!("{schema}.{}", t.strip_prefix('_').unwrap_or(t)),
+        None => name.strip_prefix('_').unwrap_or(name).to_string(),
+    };
+    (element, true)
+}
+
+/// A `pg_catalog` type spelled with its modifier, the way `format_type` spells it.
+fn builtin_with_mod(name: &str, type_mod: i32) -> String {
+    const VARHDRSZ: i32 = 4;
+    let precision = |base: &str, zone: &str| format!("{base}({type_mod}) {zone}");
+    match (name, type_mod) {
+        ("bpchar", m) if m >= VARHDRSZ => format!("character({})", m - VARHDRSZ),
+        ("varchar", m) if m >= VARHDRSZ => format!("character varying({})", m - VARHDRSZ),
+        ("bit", m) if m >= 0 => format!("bit({m})"),
+        ("varbit", m) if m >= 0 => format!("bit varying({m})"),
+        ("numeric", m) if m >= VARHDRSZ => {
+            let t = m - VARHDRSZ;
+            // Scale is an 11-bit signed field since Postgres 15 (negative scales).
+            let (p, scale) = ((t >> 16) & 0xffff, ((t & 0x7ff) ^ 1024) - 1024);
+            format!("numeric({p},{scale})")
+        }
+        ("time", m) if m >= 0 => precision("time", "without time zone"),
+        ("timetz", m) if m >= 0 => precision("time", "with time zone"),
+        ("timestamp", m) if m >= 0 => precision("timestamp", "without time zone"),
+        ("timestamptz", m) if m >= 0 => precision("timestamp", "with time zone"),
+        // `char` alone means character(1).
+        ("char", _) => "\"char\"".into(),
+        (name, _) => name.into(),
     }
 }
 
@@ -227,7 +255,10 @@ pub const LINEAGE_COLUMNS: [&str; 5] = [
 pub struct DestDb {
     session: Session,
     target: String,
-    tables: HashMap<TableId, HashSet<String>>,
+    /// Per table, the columns and destination types last made sure of.
+    tables: HashMap<TableId, Vec<(String, String)>>,
+    /// Types from outside `pg_catalog` (quoted, qualified), and whether the destination has them.
+    udts: HashMap<String, bool>,
     statements: HashMap<String, tokio_postgres::Statement>,
 }
 
@@ -266,75 +297,151 @@ impl DestDb {
             session,
             target,
             tables: HashMap::new(),
+            udts: HashMap::new(),
             statements: HashMap::new(),
         })
     }
 
-    /// Creates the table when missing and adds columns it lacks.
-    async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ApplyError> {
-        if t.key_indexes().is_empty() {
-            return Err(ApplyError::Permanent(format!(
-                "{} has no key; it cannot be applied idempotently",
-                t.id
-            )));
+    /// The destination type of a column (see [`dest_type`]).
+    fn col_type(&self, c: &Column) -> String {
+        dest_type(c, &|q| self.udts.get(q).copied().unwrap_or(false))
+    }
+
+    /// What `format_type` calls a column's destination type there: its name for `to_regtype`
+    /// and its modifier.
+    fn type_key(&self, c: &Column) -> (String, i32) {
+        let ddl = self.col_type(c);
+        let (base, array) = type_name(c);
+        let suffix = if array { "[]" } else { "" };
+        match base.split_once('.') {
+            // `char` alone would name character(1).
+            None if base == "char" => (format!("\"char\"{suffix}"), -1),
+            None => (format!("{base}{suffix}"), c.type_mod),
+            Some(_) if ddl.starts_with("text") => (format!("text{suffix}"), -1),
+            Some((schema, name)) => (
+                format!("{}.{}{suffix}", quote_ident(schema), quote_ident(name)),
+                c.type_mod,
+            ),
         }
-        if let Some(cols) = self.tables.get(&t.id) {
-            if t.columns.iter().all(|c| cols.contains(&c.name)) {
-                return Ok(());
+    }
+
+    /// Learns which of a table's types from outside `pg_catalog` the destination has.
+    async fn resolve_types(&mut self, t: &TableSchema) -> Result<(), ApplyError> {
+        for c in &t.columns {
+            let (base, _) = type_name(c);
+            let Some((schema, name)) = base.split_once('.') else {
+                continue;
+            };
+            let q = format!("{}.{}", quote_ident(schema), quote_ident(name));
+            if self.udts.contains_key(&q) {
+                continue;
             }
+            let have: bool = self
+                .session
+                .query_one("SELECT to_regtype($1) IS NOT NULL", &[&q])
+                .await
+                .map_err(db_err(&self.target, &format!("looking type {q} up")))?
+                .get(0);
+            if !have {
+                tracing::warn!(table = %t.id, column = c.name, pg_type = q,
+                    "the destination has no such type; the column is created as text, holding its text form (create the type in the destination first to keep it)");
+            }
+            self.udts.insert(q, have);
         }
-        let q = format!("{}.{}", quote_ident(&t.id.schema), quote_ident(&t.id.table));
-        let defs: Vec<String> = t
+        Ok(())
+    }
+
+    /// Creates the table when missing, adds columns it lacks, and changes the type of columns
+    /// whose type changed at the origin (`USING col::text::new`: the value's text form, so a
+    /// change that cannot hold a value fails instead of rounding it).
+    async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ApplyError> {
+        self.resolve_types(t).await?;
+        let wanted: Vec<(String, String)> = t
             .columns
             .iter()
-            .map(|c| format!("{} {}", quote_ident(&c.name), dest_type(&c.ty, &c.pg_type)))
+            .map(|c| (c.name.clone(), self.col_type(c)))
+            .collect();
+        if self.tables.get(&t.id) == Some(&wanted) {
+            return Ok(());
+        }
+        let q = format!("{}.{}", quote_ident(&t.id.schema), quote_ident(&t.id.table));
+        let defs: Vec<String> = wanted
+            .iter()
+            .map(|(name, ty)| format!("{} {ty}", quote_ident(name)))
             .collect();
         let keys: Vec<String> = t
             .key_indexes()
             .iter()
             .map(|&i| quote_ident(&t.columns[i].name))
             .collect();
+        // A table without a key gets none in the destination either: rows are matched by
+        // their whole image there.
+        let primary_key = if keys.is_empty() {
+            String::new()
+        } else {
+            format!(", PRIMARY KEY ({})", keys.join(", "))
+        };
         let ddl = format!(
             "CREATE SCHEMA IF NOT EXISTS {schema};
              CREATE TABLE IF NOT EXISTS {q} ({defs}, _ferry_lsn bigint NOT NULL, _ferry_seq bigint NOT NULL,
-               _ferry_batch text NOT NULL, _ferry_partition int NOT NULL, _ferry_offset bigint NOT NULL,
-               PRIMARY KEY ({keys}))",
+               _ferry_batch text NOT NULL, _ferry_partition int NOT NULL, _ferry_offset bigint NOT NULL{primary_key})",
             schema = quote_ident(&t.id.schema),
             defs = defs.join(", "),
-            keys = keys.join(", ")
         );
         self.session
             .batch_execute(&ddl)
             .await
             .map_err(db_err(&self.target, &format!("creating {q}")))?;
-        let existing: HashSet<String> = self
+        let existing: HashMap<String, String> = self
             .session
             .query(
-                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
-                &[&t.id.schema, &t.id.table],
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+                &[&q],
             )
             .await
             .map_err(db_err(&self.target, "reading columns"))?
             .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let (names, mods): (Vec<String>, Vec<i32>) =
+            t.columns.iter().map(|c| self.type_key(c)).unzip();
+        let canonical: Vec<Option<String>> = self
+            .session
+            .query(
+                "SELECT format_type(to_regtype(n), m) FROM unnest($1::text[], $2::int4[]) WITH ORDINALITY AS u(n, m, i) ORDER BY i",
+                &[&names, &mods],
+            )
+            .await
+            .map_err(db_err(&self.target, "naming column types"))?
+            .iter()
             .map(|r| r.get(0))
             .collect();
-        for c in &t.columns {
-            if !existing.contains(&c.name) {
-                let sql = format!(
-                    "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS {} {}",
-                    quote_ident(&c.name),
-                    dest_type(&c.ty, &c.pg_type)
-                );
-                self.session
-                    .batch_execute(&sql)
-                    .await
-                    .map_err(db_err(&self.target, &format!("adding {} to {q}", c.name)))?;
-                tracing::info!(table = %t.id, column = c.name, "column added in the destination");
+        for ((name, ty), canonical) in wanted.iter().zip(&canonical) {
+            let col = quote_ident(name);
+            match existing.get(name) {
+                None => {
+                    let sql = format!("ALTER TABLE {q} ADD COLUMN IF NOT EXISTS {col} {ty}");
+                    self.session
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(db_err(&self.target, &format!("adding {name} to {q}")))?;
+                    tracing::info!(table = %t.id, column = name, ty, "column added in the destination");
+                }
+                Some(have) if canonical.as_ref().is_some_and(|c| c != have) => {
+                    let sql = format!(
+                        "ALTER TABLE {q} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}"
+                    );
+                    self.session.batch_execute(&sql).await.map_err(db_err(
+                        &self.target,
+                        &format!("changing the type of {name} in {q} from {have} to {ty}"),
+                    ))?;
+                    tracing::info!(table = %t.id, column = name, from = have, to = ty, "column type changed in the destination");
+                }
+                Some(_) => {}
             }
         }
-        let mut cols: HashSet<String> = existing;
-        cols.extend(t.columns.iter().map(|c| c.name.clone()));
-        self.tables.insert(t.id.clone(), cols);
+        self.tables.insert(t.id.clone(), wanted);
         Ok(())
     }
 
@@ -431,11 +538,20 @@ impl DestDb {
         }
         for r in runs {
             let table = r.schema.table();
+            let keyed = !table.key_indexes().is_empty();
             for (offset, e) in &r.events {
-                let n = match e.op {
-                    Op::Create | Op::Update | Op::Read => self.upsert(table, m, *offset, e).await?,
-                    Op::Delete => self.delete(table, m, *offset, e).await?,
-                    Op::Truncate => self.truncate(table, m, e).await?,
+                let n = match (e.op, keyed) {
+                    (Op::Truncate, _) => self.truncate(table, m, e).await?,
+                    (Op::Create | Op::Update | Op::Read, true) => {
+                        self.upsert(table, m, *offset, e).await?
+                    }
+                    (Op::Delete, true) => self.delete(table, m, *offset, e).await?,
+                    (Op::Create | Op::Read, false) => self.insert_row(table, m, *offset, e).await?,
+                    (Op::Update, false) => {
+                        self.delete_one(table, e).await?;
+                        self.insert_row(table, m, *offset, e).await?
+                    }
+                    (Op::Delete, false) => self.delete_one(table, e).await?,
                 };
                 match (e.op, n) {
                     (_, 0) => stats.rows_stale_total.fetch_add(1, Ordering::Relaxed),
@@ -480,11 +596,7 @@ impl DestDb {
             }
             params.push(to_text(&after[i], &c.ty));
             cols.push(quote_ident(&c.name));
-            selects.push(format!(
-                "${}::text::{}",
-                params.len(),
-                dest_type(&c.ty, &c.pg_type)
-            ));
+            selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
         }
         let n = params.len();
         params.push(Some(e.source.lsn.to_string()));
@@ -541,6 +653,122 @@ impl DestDb {
             .map_err(db_err(&t, &format!("writing a row of {q}")))
     }
 
+    /// Inserts a row of a table without a key (no position guard: such a table's order is its
+    /// single partition's, and each batch is applied once through `applied_batches`). A value
+    /// TOAST left out of an update is taken from the old image, which REPLICA IDENTITY FULL
+    /// sends whole.
+    async fn insert_row(
+        &mut self,
+        table: &TableSchema,
+        m: &Manifest,
+        offset: i64,
+        e: &ChangeEvent,
+    ) -> Result<u64, ApplyError> {
+        let Some(after) = &e.after else { return Ok(0) };
+        let q = format!(
+            "{}.{}",
+            quote_ident(&table.id.schema),
+            quote_ident(&table.id.table)
+        );
+        let mut cols = Vec::new();
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut selects = Vec::new();
+        for (i, c) in table.columns.iter().enumerate() {
+            let mut value = &after[i];
+            if matches!(value, ferry_schemas::Datum::UnchangedToast) {
+                match e.before.as_ref().map(|b| &b[i]) {
+                    Some(old) if !matches!(old, ferry_schemas::Datum::UnchangedToast) => {
+                        value = old
+                    }
+                    _ => continue, // left to the column default rather than invented
+                }
+            }
+            params.push(to_text(value, &c.ty));
+            cols.push(quote_ident(&c.name));
+            selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
+        }
+        let n = params.len();
+        params.push(Some(e.source.lsn.to_string()));
+        params.push(Some(e.source.seq.to_string()));
+        params.push(Some(m.batch_id.clone()));
+        params.push(Some(m.origin_partition.to_string()));
+        params.push(Some(offset.to_string()));
+        params.push(Some(table.id.to_string()));
+        let sql = format!(
+            "INSERT INTO {q} ({cols}{sep}_ferry_lsn, _ferry_seq, _ferry_batch, _ferry_partition, _ferry_offset)
+             SELECT {selects}{sep}${l}::text::bigint, ${s}::text::bigint, ${b}, ${p}::text::int, ${o}::text::bigint
+             WHERE NOT EXISTS (SELECT 1 FROM ferry.truncates WHERE tbl = ${tb}
+                                 AND (lsn, seq) >= (${l}::text::bigint, ${s}::text::bigint))",
+            cols = cols.join(", "),
+            selects = selects.join(", "),
+            sep = if cols.is_empty() { "" } else { ", " },
+            l = n + 1,
+            s = n + 2,
+            b = n + 3,
+            p = n + 4,
+            o = n + 5,
+            tb = n + 6,
+        );
+        let st = self.statement(sql, params.len()).await?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as _).collect();
+        let t = self.target.clone();
+        self.session
+            .execute(&st, &refs)
+            .await
+            .map_err(db_err(&t, &format!("writing a row of {q}")))
+    }
+
+    /// Deletes one row equal to the change's old image, in a table without a key. Values are
+    /// compared as text, after a cast to the column's type in this session, so types without
+    /// an equality operator (json, xml, point) compare too and equal values match however they
+    /// were written. Without an old image (no replica identity) nothing can be matched.
+    async fn delete_one(
+        &mut self,
+        table: &TableSchema,
+        e: &ChangeEvent,
+    ) -> Result<u64, ApplyError> {
+        let Some(before) = &e.before else {
+            tracing::warn!(table = %table.id, lsn = e.source.lsn,
+                "an update or delete without its old row (the table has no replica identity); nothing matched");
+            return Ok(0);
+        };
+        let q = format!(
+            "{}.{}",
+            quote_ident(&table.id.schema),
+            quote_ident(&table.id.table)
+        );
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut conds = Vec::new();
+        for (i, c) in table.columns.iter().enumerate() {
+            if matches!(before[i], ferry_schemas::Datum::UnchangedToast) {
+                continue;
+            }
+            params.push(to_text(&before[i], &c.ty));
+            conds.push(format!(
+                "{col}::text IS NOT DISTINCT FROM (${n}::text::{ty})::text",
+                col = quote_ident(&c.name),
+                n = params.len(),
+                ty = self.col_type(c)
+            ));
+        }
+        if conds.is_empty() {
+            conds.push("true".into());
+        }
+        let sql = format!(
+            "DELETE FROM {q} WHERE ctid = (SELECT ctid FROM {q} WHERE {conds} LIMIT 1)",
+            conds = conds.join(" AND ")
+        );
+        let st = self.statement(sql, params.len()).await?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as _).collect();
+        let t = self.target.clone();
+        self.session
+            .execute(&st, &refs)
+            .await
+            .map_err(db_err(&t, &format!("deleting from {q}")))
+    }
+
     async fn delete(
         &mut self,
         table: &TableSchema,
@@ -565,7 +793,7 @@ impl DestDb {
                 "{} = ${}::text::{}",
                 quote_ident(&c.name),
                 params.len(),
-                dest_type(&c.ty, &c.pg_type)
+                self.col_type(c)
             ));
         }
         let n = params.len();
@@ -957,7 +1185,7 @@ impl<'a> Applier<'a> {
                     .map_err(|err| {
                         ApplyError::Permanent(format!("encoding a row for {topic}: {err}"))
                     })?;
-                for p in crate::record::targets(e.op, cfg.capture.partitions) {
+                for p in crate::record::targets(e.op, cfg.capture.partitions, r.schema.has_key()) {
                     let mut rec = FutureRecord::to(&topic).payload(&value);
                     if keyed {
                         rec = rec.key(&key);
@@ -1099,6 +1327,7 @@ mod tests {
             name: name.into(),
             pg_type: pg.into(),
             type_oid: 0,
+            type_mod: -1,
             ty,
             key,
         };

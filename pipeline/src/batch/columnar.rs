@@ -480,6 +480,7 @@ mod tests {
             name: name.into(),
             pg_type: "x".into(),
             type_oid: 0,
+            type_mod: -1,
             ty,
             key,
         };

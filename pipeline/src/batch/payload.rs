@@ -196,6 +196,7 @@ mod tests {
             name: name.into(),
             pg_type: pg.into(),
             type_oid: 0,
+            type_mod: -1,
             ty,
             key,
         };

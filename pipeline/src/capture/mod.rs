@@ -243,12 +243,19 @@ impl<'a> Capture<'a> {
         let c = &cfg.capture;
         let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
         check_source(&session, pgc, &target).await?;
-        catalog::ensure_publication(&session, &c.publication, &cfg.tables())
-            .await
-            .map_err(pg(
-                &target,
-                format!("creating publication {}", c.publication),
-            ))?;
+        let publication =
+            catalog::ensure_publication(&session, &c.publication, &cfg.tables(), c.all_tables)
+                .await
+                .map_err(pg(
+                    &target,
+                    format!("creating publication {}", c.publication),
+                ))?;
+        if publication == catalog::Publication::NoTables {
+            return Err(CaptureError::Setup(format!(
+                "publication {} does not exist and capture.tables is empty: name the tables                  (capture.tables = [\"public.orders\", …]), create the publication yourself, or                  set capture.all_tables = true to create it FOR ALL TABLES (needs superuser, and                  Postgres then refuses UPDATE and DELETE on tables without a replica identity)",
+                c.publication
+            )));
+        }
 
         let origin = Cluster::new("origin", cfg.origin.kafka.clone());
         let state_topic = crate::topics::state_topic(&c.topic_prefix);
@@ -272,7 +279,7 @@ impl<'a> Capture<'a> {
             &c.slot,
             &cfg.origin.region,
             &pgc.database,
-            c.snapshot_chunk_rows,
+            (c.snapshot_chunk_rows, c.snapshot_chunk_bytes),
             &target,
         );
         let tables = catalog::publication_tables(&session, &c.publication)
@@ -519,6 +526,9 @@ impl<'a> Capture<'a> {
                 Output::Event(s, e) => {
                     self.txn.live = true;
                     self.snap.observe(&s, &e);
+                    if self.snap.absorbs(&s, &e) {
+                        continue;
+                    }
                     let n = self.sink.send(&s, &e, &mut self.pending).await?;
                     self.stats
                         .encoded_bytes_total

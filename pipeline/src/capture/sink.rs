@@ -263,7 +263,7 @@ impl Sink {
                 };
                 let keyed = crate::record::encode(schema, event, headers, &mut k.key, &mut k.value)
                     .map_err(encode_err)?;
-                for partition in crate::record::targets(event.op, partitions) {
+                for partition in crate::record::targets(event.op, partitions, schema.has_key()) {
                     let mut record = FutureRecord::to(&topic).payload(&k.value);
                     if keyed {
                         record = record.key(&k.key);

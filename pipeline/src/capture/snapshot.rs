@@ -19,9 +19,13 @@
 //! database's order and no stale chunk row can overwrite a newer change. A transaction whose
 //! commit was already streamed before P is normally visible to S; in the microseconds between
 //! its commit record and its visibility it would not be, so a snapshot that still lists a
-//! recently streamed xid as in progress is discarded and taken again. Tables without a key are
-//! read by `ctid` and cannot be de-duplicated against the stream (a row inserted while its chunk
-//! is read may appear twice).
+//! recently streamed xid as in progress is discarded and taken again. A table without a key
+//! is read in one chunk (rows move between `ctid` ranges when updated, so key-less chunks could
+//! overlap), and since its rows cannot be upserted, each change is carried exactly once: until
+//! its chunk is read, and while the read could see them, the table's streamed changes are
+//! absorbed (not sent: the chunk holds their effect); a streamed update or delete the read
+//! could not see drops one chunk row equal to its old image. Its rows are held in memory
+//! until the chunk's watermark.
 //!
 //! Progress: a chunk's position is recorded (in [`crate::store::state`]) only once the rows emitted at
 //! its watermark are acknowledged; after a crash the same chunk is read again (duplicates from
@@ -50,7 +54,15 @@ struct Chunk {
     complete: bool,
     visibility: Visibility,
     seen: HashSet<Vec<u8>>,
+    /// Tables without a key: row images the stream already accounts for, with how many
+    /// chunk rows equal to each must be dropped (see [`Snapshotter::observe`]).
+    drop_images: std::collections::HashMap<String, usize>,
     truncated: bool,
+}
+
+/// A row image as the keyless de-duplication compares it: every value, in column order.
+fn image_text(row: &[Datum]) -> String {
+    format!("{row:?}")
 }
 
 /// Which transactions a read's snapshot could see (32-bit xids, as the stream reports them).
@@ -112,16 +124,32 @@ pub struct Snapshotter {
     run_id: u64,
     seq: u64,
     target: String,
+    /// Bytes a chunk may hold (its rows' text), besides its row count.
+    chunk_bytes: usize,
+    /// Per table, the mean text bytes of a row in its last chunk.
+    row_bytes: std::collections::HashMap<TableId, usize>,
 }
 
+/// Rows the first chunk of a table reads, to learn how large its rows are.
+const PROBE_ROWS: usize = 100;
+
 impl Snapshotter {
-    /// A snapshotter for one capture pipeline.
-    pub fn new(slot: &str, region: &str, database: &str, chunk_rows: usize, target: &str) -> Self {
+    /// A snapshotter for one capture pipeline: chunks of at most `chunk_rows` rows and about
+    /// `chunk_bytes` bytes.
+    pub fn new(
+        slot: &str,
+        region: &str,
+        database: &str,
+        (chunk_rows, chunk_bytes): (usize, usize),
+        target: &str,
+    ) -> Self {
         Snapshotter {
             slot: slot.into(),
             region: region.into(),
             database: database.into(),
             chunk_rows,
+            chunk_bytes: chunk_bytes.max(1),
+            row_bytes: std::collections::HashMap::new(),
             queue: VecDeque::new(),
             repairs: VecDeque::new(),
             backfills: VecDeque::new(),
@@ -294,8 +322,25 @@ impl Snapshotter {
             _ => None,
         };
         let chunk_rows = backfill.as_ref().map_or(self.chunk_rows, |(_, b)| {
-            b.chunk_rows.min(backfill_cap).max(1)
+            // A staged backfill's sample is exactly its size: no chunk reads past it.
+            let to_sample = match b.sample {
+                Some(n) if b.sample_state.is_none() && b.rows < n => (n - b.rows) as usize,
+                _ => usize::MAX,
+            };
+            b.chunk_rows.min(backfill_cap).min(to_sample).max(1)
         });
+        // A table without a key is read in one chunk: rows move between `ctid` ranges when
+        // they are updated, so a later chunk could see again a row an earlier one emitted.
+        // Otherwise a chunk holds about `chunk_bytes`, by the size of the table's rows so far
+        // (a small first chunk measures them).
+        let chunk_rows = if schema.table().key_indexes().is_empty() {
+            usize::MAX >> 1
+        } else {
+            match self.row_bytes.get(&table) {
+                Some(&b) => (self.chunk_bytes / b.max(1)).clamp(1, chunk_rows),
+                None => chunk_rows.min(PROBE_ROWS),
+            }
+        };
         let extra = backfill
             .as_ref()
             .and_then(|(_, b)| b.predicate.clone())
@@ -363,6 +408,7 @@ impl Snapshotter {
         self.emit_watermark(client, "high", &id).await?;
 
         let mut rows = Vec::new();
+        let mut bytes = 0usize;
         let mut last = after.clone();
         let mut key_buf = Vec::new();
         for m in messages {
@@ -373,6 +419,9 @@ impl Snapshotter {
                 continue; // the pg_current_snapshot() row
             }
             let mut datums = Vec::with_capacity(cols.len());
+            bytes += (1..r.len())
+                .map(|i| r.get(i).map_or(1, str::len))
+                .sum::<usize>();
             for (i, col) in cols.iter().enumerate() {
                 datums.push(match r.get(i + 1) {
                     None => Datum::Null,
@@ -408,6 +457,9 @@ impl Snapshotter {
             rows.push((key_buf.clone(), datums));
         }
         let complete = repair.is_some() || rows.len() < chunk_rows;
+        if !rows.is_empty() && repair.is_none() {
+            self.row_bytes.insert(table.clone(), bytes / rows.len());
+        }
         tracing::debug!(table = %table, rows = rows.len(), complete, "snapshot chunk read");
         self.chunk = Some(Chunk {
             id,
@@ -419,6 +471,7 @@ impl Snapshotter {
             complete,
             visibility,
             seen: HashSet::new(),
+            drop_images: std::collections::HashMap::new(),
             truncated: false,
         });
         Ok(Some(schema))
@@ -449,7 +502,16 @@ impl Snapshotter {
             return;
         }
         let xid = event.source.txid.unwrap_or_default() as u32;
-        if chunk.visibility.sees(xid) {
+        let visible = chunk.visibility.sees(xid);
+        if !schema.has_key() && !visible && matches!(event.op, Op::Update | Op::Delete) {
+            // No key to drop by: an update or delete the read could not see changed a row the
+            // chunk still holds; drop one chunk row equal to its old image. (Changes the read
+            // could see are absorbed instead: see `absorbs`.)
+            if let Some(image) = event.before.as_deref() {
+                *chunk.drop_images.entry(image_text(image)).or_default() += 1;
+            }
+        }
+        if visible {
             return;
         }
         if event.op == Op::Truncate {
@@ -462,6 +524,28 @@ impl Snapshotter {
                 chunk.seen.insert(key);
             }
         }
+    }
+
+    /// Whether a streamed change must not be sent because a snapshot row carries it: a change
+    /// to a table without a key whose snapshot has not been read yet (the read will see it:
+    /// every transaction streamed before a read is visible to it, see the module docs), or that
+    /// the chunk being read could see. A keyed table needs none of this: its rows are upserts.
+    pub fn absorbs(&self, schema: &EncodedSchema, event: &ChangeEvent) -> bool {
+        if schema.has_key() || event.op == Op::Truncate {
+            return false;
+        }
+        let table = &schema.table().id;
+        if let Some(chunk) = &self.chunk {
+            if chunk.schema.table().id == *table
+                && chunk.backfill.is_none()
+                && chunk.repair.is_none()
+            {
+                return chunk
+                    .visibility
+                    .sees(event.source.txid.unwrap_or_default() as u32);
+            }
+        }
+        self.queue.contains(table)
     }
 
     /// Handles a watermark message. At the chunk's high watermark, returns the rows to emit,
@@ -491,8 +575,15 @@ impl Snapshotter {
         let key_idx = schema.table().key_indexes();
         let mut events = Vec::new();
         let mut found: HashSet<Vec<u8>> = HashSet::new();
+        let mut drop_images = chunk.drop_images;
         if !chunk.truncated {
             for (key, row) in chunk.rows {
+                if key.is_empty() {
+                    if let Some(n) = drop_images.get_mut(&image_text(&row)).filter(|n| **n > 0) {
+                        *n -= 1;
+                        continue;
+                    }
+                }
                 found.insert(key.clone());
                 if key.is_empty() || !chunk.seen.contains(&key) {
                     events.push(ChangeEvent {
@@ -634,6 +725,7 @@ mod tests {
             name: name.to_string(),
             pg_type: pg.to_string(),
             type_oid: 0,
+            type_mod: -1,
             ty: ferry_schemas::ColumnType::Text,
             key,
         };

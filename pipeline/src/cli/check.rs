@@ -176,7 +176,7 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         facts.max_wal_senders > 0,
         format!("max_wal_senders = {}", facts.max_wal_senders),
     ));
-    match catalog::publication_exists(&session, &c.publication).await {
+    let published = match catalog::publication_exists(&session, &c.publication).await {
         Ok(true) => {
             let tables = catalog::publication_tables(&session, &c.publication)
                 .await
@@ -201,13 +201,67 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
                     )
                 },
             ));
+            tables
         }
-        Ok(false) => out.push(finding(
-            "publication",
-            true,
-            format!("{} will be created by capture", c.publication),
-        )),
-        Err(e) => out.push(finding("publication", false, e.to_string())),
+        Ok(false) if cfg.tables().is_empty() && !c.all_tables => {
+            out.push(finding(
+                "publication",
+                false,
+                format!(
+                    "{} does not exist and capture.tables is empty: name the tables, create the \
+                     publication, or set capture.all_tables = true",
+                    c.publication
+                ),
+            ));
+            Vec::new()
+        }
+        Ok(false) => {
+            out.push(finding(
+                "publication",
+                true,
+                format!("{} will be created by capture", c.publication),
+            ));
+            if cfg.tables().is_empty() {
+                catalog::user_tables(&session).await.unwrap_or_default()
+            } else {
+                Vec::new()
+            }
+        }
+        Err(e) => {
+            out.push(finding("publication", false, e.to_string()));
+            Vec::new()
+        }
+    };
+    // Per table: what UPDATE and DELETE will do (a table without a replica identity in a
+    // publication makes Postgres refuse them: an outage of the application), and the SELECT
+    // grant snapshots and backfills need.
+    let mut tables = published;
+    for t in cfg.tables() {
+        if !tables.contains(&t) {
+            tables.push(t);
+        }
+    }
+    for t in &tables {
+        let name = format!("table {t}");
+        out.push(match catalog::table_facts(&session, t).await {
+            Ok(Some(f)) => {
+                let (ok, what) = f.updates();
+                if f.can_select {
+                    finding(&name, ok, what)
+                } else {
+                    finding(
+                        &name,
+                        false,
+                        format!(
+                            "{what}; {} may not SELECT it (GRANT SELECT ON {t} TO {})",
+                            pgc.user, pgc.user
+                        ),
+                    )
+                }
+            }
+            Ok(None) => finding(&name, false, "does not exist"),
+            Err(e) => finding(&name, false, e.to_string()),
+        });
     }
     out
 }

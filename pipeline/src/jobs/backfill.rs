@@ -83,6 +83,22 @@ pub async fn request(cfg: &Config, spec: &BackfillSpec) -> Result<(String, u64),
     let pgc = &cfg.origin.postgres;
     let target = pgc.display();
     let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
+    // A backfill re-emits rows the destination may hold; without a key it would insert them
+    // again.
+    let relid = ferry_connectors::postgres::catalog::table_oid(&session, &table)
+        .await
+        .map_err(pg(&target, format!("looking up {table}")))?
+        .ok_or_else(|| CaptureError::Setup(format!("backfill: table {table} does not exist")))?;
+    let keys = ferry_connectors::postgres::catalog::key_columns(&session, relid)
+        .await
+        .map_err(pg(&target, format!("reading the key of {table}")))?;
+    if keys.is_empty() {
+        return Err(CaptureError::Setup(format!(
+            "backfill: {table} has no primary key or replica identity index, so re-emitted rows \
+             could not be told from rows the destination already has (they would be inserted \
+             twice); add a key, or drop the slot to snapshot everything again"
+        )));
+    }
     let q = format!(
         "{}.{}",
         ferry_connectors::postgres::quote_ident(&table.schema),

@@ -46,6 +46,7 @@ fn column(name: &str, ty: ColumnType, key: bool) -> Column {
         name: name.into(),
         pg_type: ty.to_string(),
         type_oid: 0,
+        type_mod: -1,
         ty,
         key,
     }

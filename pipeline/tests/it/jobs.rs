@@ -440,6 +440,7 @@ async fn backfill_reads_chunks_from_a_hot_standby_and_ends_equal() {
     cfg.origin.postgres.database = "postgres".into();
     cfg.capture.slot = format!("ferry_it_standby_{t}");
     cfg.capture.publication = cfg.capture.slot.clone();
+    cfg.capture.tables = vec!["public.acct".into()];
     cfg.capture.topic_prefix = format!("it.standby.{t}");
     cfg.capture.snapshot = false;
     cfg.capture.status_interval_ms = 200;

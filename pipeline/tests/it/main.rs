@@ -8,6 +8,7 @@ mod check;
 mod crash;
 mod interop;
 mod jobs;
+mod keyless;
 mod schema_change;
 mod ship;
 mod snapshot;

@@ -71,6 +71,8 @@ impl TestDb {
         cfg.origin.postgres.database = name.clone();
         cfg.capture.slot = name.clone();
         cfg.capture.publication = name.clone();
+        // A private database: its publication may take every table.
+        cfg.capture.all_tables = true;
         cfg.capture.topic_prefix = format!("it.{test}.{t}");
         cfg.capture.heartbeat_interval_ms = 1_000;
         cfg.capture.publication_poll_ms = 500;
@@ -152,6 +154,7 @@ bootstrap_servers = "{dkafka}"
 [capture]
 slot = "{db}"
 publication = "{db}"
+all_tables = true
 topic_prefix = "{prefix}"
 heartbeat_interval_ms = 1000
 publication_poll_ms = 500

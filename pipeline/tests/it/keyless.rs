@@ -1,0 +1,213 @@
+//! Tables without a primary key (audit and event tables, pgbench_history): snapshot, inserts,
+//! and with REPLICA IDENTITY FULL updates and deletes of rows that may be identical, all
+//! replicated exactly; `ferry check` says per table what UPDATE and DELETE will do.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_connectors::postgres::Session;
+use ferry_pipeline::apply::{self, ApplyStats};
+use ferry_pipeline::ship::{self, ShipStats};
+use tokio::sync::watch;
+
+use crate::apply::dest_db;
+use crate::support::{drop_db, start_capture, TestDb};
+
+/// Every row of `table` as text, counted and hashed in text order (a multiset: identical rows
+/// count as often as they occur). Ferry's bookkeeping columns are left out.
+async fn multiset(s: &Session, table: &str, cols: &str) -> (i64, String) {
+    let row = s
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') \
+                 FROM (SELECT ({cols})::text AS r FROM {table}) t"
+            ),
+            &[],
+        )
+        .await
+        .expect("multiset");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_a_key_replicate_exactly() {
+    let mut db = TestDb::new("keyless").await;
+    // pgbench_history's shape (no key, no replica identity: inserts only), and an audit table
+    // with REPLICA IDENTITY FULL holding identical rows.
+    db.exec(
+        "CREATE TABLE hist (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
+         CREATE TABLE audit (who text, what jsonb, n int);
+         ALTER TABLE audit REPLICA IDENTITY FULL;
+         INSERT INTO hist SELECT g, g % 3, g, g * 10, '2026-01-01'::timestamp + g * interval '1 s', NULL
+           FROM generate_series(1, 300) g;
+         INSERT INTO audit VALUES ('a', '{\"k\": 1}', 1), ('a', '{\"k\": 1}', 1), ('b', NULL, 2);",
+    )
+    .await;
+    let findings = ferry_pipeline::cli::check::run(&db.cfg).await;
+    let of = |t: &str| {
+        findings
+            .iter()
+            .find(|f| f.name == format!("table public.{t}"))
+            .unwrap_or_else(|| panic!("no finding for {t}: {findings:?}"))
+            .clone()
+    };
+    assert!(
+        !of("hist").ok,
+        "hist has no replica identity: {:?}",
+        of("hist")
+    );
+    assert!(of("hist").detail.contains("REPLICA IDENTITY FULL"));
+    assert!(of("audit").ok, "{:?}", of("audit"));
+
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.linger_ms = 100;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    let cap = start_capture(&db.cfg).await;
+    let (stop, rx) = watch::channel(false);
+    let ship = {
+        let (cfg, rx) = (db.cfg.clone(), rx.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let apply = {
+        let cfg = db.cfg.clone();
+        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+    };
+
+    // Live changes while the snapshot may still run: more inserts, an update of one of two
+    // identical rows' siblings, a delete of one of two identical rows, identical rows updated
+    // together, a NULL matched as NULL.
+    db.exec(
+        "INSERT INTO hist SELECT g, g % 3, g, -g, '2026-02-01'::timestamp, NULL FROM generate_series(301, 600) g;
+         UPDATE audit SET n = 5 WHERE who = 'b';
+         DELETE FROM audit WHERE ctid = (SELECT ctid FROM audit WHERE who = 'a' LIMIT 1);
+         INSERT INTO audit VALUES ('c', '[1, 2]', 3), ('c', '[1, 2]', 3), ('e', NULL, NULL);
+         UPDATE audit SET who = 'd' WHERE who = 'c';
+         DELETE FROM audit WHERE who = 'e';",
+    )
+    .await;
+    for i in 0..20 {
+        db.exec(&format!(
+            "BEGIN; INSERT INTO audit VALUES ('t{i}', '{{}}', {i}); UPDATE audit SET n = n + 1 WHERE who = 'd'; COMMIT"
+        ))
+        .await;
+    }
+
+    let d = dest.connect().await.expect("destination");
+    let tables = [
+        ("public.hist", "tid, bid, aid, delta, mtime, filler"),
+        ("public.audit", "who, what, n"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (table, cols) in tables {
+        let want = multiset(&db.session, table, cols).await;
+        loop {
+            let have = match d
+                .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
+                .await
+            {
+                Ok(r) if r.get::<_, bool>(0) => multiset(&d, table, cols).await,
+                _ => (0, String::new()),
+            };
+            if have == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{table}: destination {have:?}, origin {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let _ = stop.send(true);
+    ship.await.expect("join").expect("ship");
+    apply.await.expect("join").expect("apply");
+    cap.stop().await;
+    drop(d);
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
+
+/// Runs a pgbench command against the test database.
+fn pgbench(pg: &ferry_connectors::postgres::PgConfig, args: &[&str]) {
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.args(["-h", &pg.host, "-p", &pg.port.to_string(), "-U", &pg.user])
+        .args(args)
+        .arg(&pg.database);
+    if let Some(p) = pg.effective_password() {
+        cmd.env("PGPASSWORD", p.expose());
+    }
+    let out = cmd.output().expect("pgbench runs (ops/stack installs it)");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// pgbench's four tables, `pgbench_history` without a key among them, replicate exactly while
+/// pgbench runs against them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_replicates_exactly_under_load() {
+    let mut db = TestDb::new("pgbench").await;
+    pgbench(&db.cfg.origin.postgres, &["-i", "-q", "-s", "1"]);
+    // Some history before capture starts, so the keyless table has a snapshot too.
+    pgbench(&db.cfg.origin.postgres, &["-t", "200", "-c", "2"]);
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.linger_ms = 100;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    let cap = start_capture(&db.cfg).await;
+    let (stop, rx) = watch::channel(false);
+    let ship = {
+        let (cfg, rx) = (db.cfg.clone(), rx.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let apply = {
+        let cfg = db.cfg.clone();
+        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+    };
+    let pg = db.cfg.origin.postgres.clone();
+    tokio::task::spawn_blocking(move || pgbench(&pg, &["-T", "8", "-c", "2", "-j", "2"]))
+        .await
+        .expect("pgbench");
+
+    let d = dest.connect().await.expect("destination");
+    #[rustfmt::skip]
+    let tables = [
+        ("public.pgbench_accounts", "aid, bid, abalance, filler"),
+        ("public.pgbench_branches", "bid, bbalance, filler"),
+        ("public.pgbench_tellers", "tid, bid, tbalance, filler"),
+        ("public.pgbench_history", "tid, bid, aid, delta, mtime, filler"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for (table, cols) in tables {
+        let want = multiset(&db.session, table, cols).await;
+        loop {
+            let have = match d
+                .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
+                .await
+            {
+                Ok(r) if r.get::<_, bool>(0) => multiset(&d, table, cols).await,
+                _ => (0, String::new()),
+            };
+            if have == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{table}: destination {have:?}, origin {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let _ = stop.send(true);
+    ship.await.expect("join").expect("ship");
+    apply.await.expect("join").expect("apply");
+    cap.stop().await;
+    drop(d);
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
