@@ -142,6 +142,22 @@ impl StoreError {
     }
 }
 
+/// The error and its causes on one line, each cause once: errors that already print their
+/// source are not followed by it again.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// Whether a Postgres error may pass on a retry: a lost connection (no SQLSTATE) or class 08
 /// (connection), 40 (transaction rollback), 53 (resources), 55 (object in use, lock not
 /// available) or 57 (operator intervention). Syntax, privilege, data and undefined-object

@@ -91,6 +91,12 @@ pub fn batch_topic(prefix: &str, configured: &str) -> String {
     }
 }
 
+/// The destination topic holding the batches of tables apply could not write (`<prefix>._held`,
+/// keyed by table), until an operator resumes them (`ferry resume-table`).
+pub fn held_topic(prefix: &str) -> String {
+    format!("{prefix}._held")
+}
+
 /// The destination dead-letter topic for corrupt batches (`configured` when not empty).
 pub fn quarantine_topic(prefix: &str, configured: &str) -> String {
     if configured.is_empty() {

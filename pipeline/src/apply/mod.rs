@@ -98,6 +98,18 @@ impl ApplyError {
     }
 }
 
+impl ApplyError {
+    /// Whether the failure is the table's: the destination refused its rows or its DDL (a
+    /// constraint, a value out of range, a type it lacks), which holds that table and no other.
+    pub fn is_table_fault(&self) -> bool {
+        match self {
+            ApplyError::Postgres { source, .. } => !crate::error::passing(source),
+            ApplyError::Permanent(_) => true,
+            _ => false,
+        }
+    }
+}
+
 impl crate::runtime::retry::Retryable for ApplyError {
     fn is_retryable(&self) -> bool {
         ApplyError::is_retryable(self)
@@ -289,7 +301,11 @@ impl DestDb {
                    tbl text NOT NULL, key text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
                    batch text NOT NULL, PRIMARY KEY (tbl, key));
                  CREATE TABLE IF NOT EXISTS ferry.truncates (
-                   tbl text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, batch text NOT NULL);",
+                   tbl text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, batch text NOT NULL);
+                 CREATE TABLE IF NOT EXISTS ferry.held_tables (
+                   tbl text PRIMARY KEY, reason text NOT NULL, batch text NOT NULL,
+                   since timestamptz NOT NULL DEFAULT now(), batches int NOT NULL DEFAULT 1,
+                   resume_requested timestamptz);",
             )
             .await
             .map_err(db_err(&target, "creating ferry bookkeeping tables"))?;
@@ -461,6 +477,74 @@ impl DestDb {
             .map_err(db_err(&self.target, "preparing a statement"))?;
         self.statements.insert(sql, st.clone());
         Ok(st)
+    }
+
+    /// The tables held (see [`Applier::hold_table`]).
+    pub async fn held(&mut self) -> Result<HashSet<String>, ApplyError> {
+        let t = self.target.clone();
+        Ok(self
+            .session
+            .query("SELECT tbl FROM ferry.held_tables", &[])
+            .await
+            .map_err(db_err(&t, "reading held tables"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Records that `table` is held at `batch` for `reason` (a new hold, or a resume that
+    /// failed again: the resume request is cleared).
+    async fn hold(&mut self, table: &str, batch: &str, reason: &str) -> Result<(), ApplyError> {
+        let t = self.target.clone();
+        self.session
+            .execute(
+                "INSERT INTO ferry.held_tables (tbl, reason, batch) VALUES ($1, $2, $3)
+                 ON CONFLICT (tbl) DO UPDATE SET reason = EXCLUDED.reason, batch = EXCLUDED.batch,
+                   resume_requested = NULL",
+                &[&table, &reason, &batch],
+            )
+            .await
+            .map_err(db_err(&t, "recording a held table"))?;
+        Ok(())
+    }
+
+    /// Counts one more batch held for `table`.
+    async fn held_one_more(&mut self, table: &str) -> Result<(), ApplyError> {
+        let t = self.target.clone();
+        self.session
+            .execute(
+                "UPDATE ferry.held_tables SET batches = batches + 1 WHERE tbl = $1",
+                &[&table],
+            )
+            .await
+            .map_err(db_err(&t, "counting a held batch"))?;
+        Ok(())
+    }
+
+    /// Held tables an operator asked to resume.
+    async fn resume_requests(&mut self) -> Result<Vec<String>, ApplyError> {
+        let t = self.target.clone();
+        Ok(self
+            .session
+            .query(
+                "SELECT tbl FROM ferry.held_tables WHERE resume_requested IS NOT NULL ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(db_err(&t, "reading resume requests"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Ends a hold.
+    async fn release(&mut self, table: &str) -> Result<(), ApplyError> {
+        let t = self.target.clone();
+        self.session
+            .execute("DELETE FROM ferry.held_tables WHERE tbl = $1", &[&table])
+            .await
+            .map_err(db_err(&t, "releasing a held table"))?;
+        Ok(())
     }
 
     /// Whether a batch was applied before.
@@ -897,6 +981,8 @@ enum Event {
     Stop,
     /// A batch record.
     Batch(Incoming),
+    /// Time to look for held tables an operator resumed.
+    Tick,
 }
 
 /// A batch-topic record, copied out of the consumer.
@@ -929,6 +1015,11 @@ struct Applier<'a> {
     known_topics: HashSet<String>,
     /// Batch partitions stopped on a corrupt batch (`apply.on_corrupt = stop`).
     stopped: HashSet<i32>,
+    /// Tables held: their batches go to the held topic until an operator resumes them.
+    held: HashSet<String>,
+    held_topic: String,
+    /// When to look for resume requests.
+    tick: tokio::time::Interval,
 }
 
 impl<'a> Applier<'a> {
@@ -952,13 +1043,29 @@ impl<'a> Applier<'a> {
                 partitions: 1,
                 config: vec![],
             },
+            TopicSpec {
+                name: crate::topics::held_topic(&cfg.capture.topic_prefix),
+                partitions: 1,
+                // Kept until resumed, however long that takes.
+                config: vec![("retention.ms".into(), "-1".into())],
+            },
         ])
         .await?;
         let producer = dest.producer(5)?;
-        let db = match (&cfg.destination.postgres, cfg.apply.postgres) {
+        let mut db = match (&cfg.destination.postgres, cfg.apply.postgres) {
             (Some(pg), true) => Some(DestDb::connect(pg).await?),
             _ => None,
         };
+        let held = match db.as_mut() {
+            Some(db) => db.held().await?,
+            None => HashSet::new(),
+        };
+        for table in &held {
+            tracing::warn!(table, "table held: its batches wait in the held topic (`ferry resume-table {table}` once the cause is fixed)");
+            if let Ok(mut h) = stats.held.lock() {
+                h.insert(table.clone());
+            }
+        }
         let mut cc = dest.client_config();
         cc.set("group.id", &cfg.apply.group_id)
             .set("enable.auto.commit", "false")
@@ -991,6 +1098,9 @@ impl<'a> Applier<'a> {
             quarantine,
             known_topics: HashSet::new(),
             stopped: HashSet::new(),
+            held,
+            held_topic: crate::topics::held_topic(&cfg.capture.topic_prefix),
+            tick: tokio::time::interval(Duration::from_secs(2)),
         })
     }
 
@@ -1006,6 +1116,7 @@ impl<'a> Applier<'a> {
                         self.commit(b.partition, b.offset)?;
                     }
                 }
+                Event::Tick => self.on_tick().await?,
             }
         }
         Ok(())
@@ -1014,6 +1125,7 @@ impl<'a> Applier<'a> {
     async fn next_event(&mut self) -> Result<Event, ApplyError> {
         tokio::select! {
             _ = self.stop.changed() => Ok(Event::Stop),
+            _ = self.tick.tick() => Ok(Event::Tick),
             m = self.consumer.recv() => {
                 let m = m.map_err(client_err("consuming"))?;
                 Ok(Event::Batch(Incoming {
@@ -1031,7 +1143,7 @@ impl<'a> Applier<'a> {
     async fn on_batch(&mut self, b: &Incoming) -> Result<bool, ApplyError> {
         match self.check(&b.value)? {
             Ok((m, runs)) => {
-                self.on_verified(&m, &runs).await?;
+                self.on_verified(b, &m, &runs).await?;
                 Ok(true)
             }
             Err(Rejected(reason)) => self.on_corrupt(b, &reason).await,
@@ -1056,7 +1168,21 @@ impl<'a> Applier<'a> {
     /// A verified batch: replicated topics first, then the database in one transaction with
     /// the batch id. A batch the database has is in the replicated topics too (they are
     /// written first): a re-delivered copy goes to neither.
-    async fn on_verified(&mut self, m: &Manifest, runs: &[Run]) -> Result<(), ApplyError> {
+    async fn on_verified(
+        &mut self,
+        b: &Incoming,
+        m: &Manifest,
+        runs: &[Run],
+    ) -> Result<(), ApplyError> {
+        if self.held.contains(&m.table) {
+            // Behind a batch the destination refused: kept, in order, for the resume.
+            self.send_held(b, &m.table, "held behind an earlier batch of the table")
+                .await?;
+            if let Some(db) = self.db.as_mut() {
+                db.held_one_more(&m.table).await?;
+            }
+            return Ok(());
+        }
         let before = match self.db.as_mut() {
             Some(db) => db.has(&m.batch_id).await?,
             None => false,
@@ -1065,15 +1191,127 @@ impl<'a> Applier<'a> {
             self.replicate(runs).await?;
         }
         let applied = match self.db.as_mut() {
-            Some(db) if !before => db.apply(m, runs, &self.stats).await?,
-            Some(_) => false,
-            None => true,
+            Some(db) if !before => db.apply(m, runs, &self.stats).await,
+            Some(_) => Ok(false),
+            None => Ok(true),
+        };
+        let applied = match applied {
+            Err(e) if e.is_table_fault() => return self.hold_table(b, m, &e).await,
+            other => other?,
         };
         if applied {
             self.stats.applied(&m.batch_id, m.events_out);
         } else {
             self.stats.duplicate(&m.batch_id);
         }
+        Ok(())
+    }
+
+    /// The destination refused a batch of one table (a constraint, a value out of range, a
+    /// type it lacks): that table is held. The batch and every later one of the table go to
+    /// the held topic, in order, and their offsets are committed; every other table goes on.
+    /// `ferry resume-table` re-applies them, in order, once the cause is fixed.
+    async fn hold_table(
+        &mut self,
+        b: &Incoming,
+        m: &Manifest,
+        e: &ApplyError,
+    ) -> Result<(), ApplyError> {
+        let reason = crate::error::causes(e);
+        self.send_held(b, &m.table, &reason).await?;
+        if let Some(db) = self.db.as_mut() {
+            db.hold(&m.table, &m.batch_id, &reason).await?;
+        }
+        self.held.insert(m.table.clone());
+        self.stats.table_held(&m.table, &m.batch_id, &reason);
+        Ok(())
+    }
+
+    /// Appends a batch record to the held topic, keyed by its table.
+    async fn send_held(&self, b: &Incoming, table: &str, reason: &str) -> Result<(), ApplyError> {
+        let source = format!("{}/{}/{}", self.batch_topic, b.partition, b.offset);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ferry.reason",
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "ferry.source",
+                value: Some(source.as_bytes()),
+            });
+        self.producer
+            .send(
+                FutureRecord::to(&self.held_topic)
+                    .key(table)
+                    .payload(&b.value)
+                    .headers(headers),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|(e, _)| client_err(format!("holding a batch of {table}"))(e))?;
+        Ok(())
+    }
+
+    /// Resumes the held tables an operator asked for.
+    async fn on_tick(&mut self) -> Result<(), ApplyError> {
+        let Some(db) = self.db.as_mut() else {
+            return Ok(());
+        };
+        for table in db.resume_requests().await? {
+            self.resume(&table).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-applies a held table's batches from the held topic, in order (those applied before
+    /// are skipped by batch id), then lets its new batches through. A batch refused again holds
+    /// the table again, with the new reason.
+    async fn resume(&mut self, table: &str) -> Result<(), ApplyError> {
+        let tp = TopicPartition::new(&self.held_topic, 0);
+        let wanted = table.as_bytes().to_vec();
+        let (records, _) = self
+            .dest
+            .fold_partition(&tp, Span::ALL, Vec::new(), move |out, r| {
+                if r.key.as_deref() == Some(wanted.as_slice()) {
+                    out.push((r.offset, r.value.unwrap_or_default()));
+                }
+                true
+            })
+            .await?;
+        tracing::info!(table, batches = records.len(), "resuming a held table");
+        let mut applied = 0usize;
+        for (offset, value) in records {
+            let (m, runs) = match self.check(&value)? {
+                Ok(v) => v,
+                Err(Rejected(reason)) => {
+                    tracing::error!(
+                        table,
+                        offset,
+                        reason,
+                        "a held batch does not verify; skipped (it was verified when it was held)"
+                    );
+                    continue;
+                }
+            };
+            let Some(db) = self.db.as_mut() else {
+                return Ok(());
+            };
+            match db.apply(&m, &runs, &self.stats).await {
+                Ok(fresh) => applied += usize::from(fresh),
+                Err(e) if e.is_table_fault() => {
+                    let reason = crate::error::causes(&e);
+                    db.hold(table, &m.batch_id, &reason).await?;
+                    self.stats.table_held(table, &m.batch_id, &reason);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(db) = self.db.as_mut() {
+            db.release(table).await?;
+        }
+        self.held.remove(table);
+        self.stats.table_resumed(table, applied);
         Ok(())
     }
 
@@ -1206,6 +1444,49 @@ impl<'a> Applier<'a> {
                 .map_err(|(err, _)| client_err("replicating")(err))?;
         }
         Ok(())
+    }
+}
+
+/// Asks the applier to resume a held table (`ferry resume-table`); returns the batches held
+/// and why, or `None` when the table is not held.
+pub async fn request_resume(
+    pg: &PgConfig,
+    table: &TableId,
+) -> Result<Option<(i32, String)>, ApplyError> {
+    let target = pg.display();
+    let s = pg.connect().await.map_err(db_err(&target, "connecting"))?;
+    let row = s
+        .query_opt(
+            "UPDATE ferry.held_tables SET resume_requested = now() WHERE tbl = $1
+             RETURNING batches, reason",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(db_err(&target, "requesting a resume"))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The held tables: (table, batches held, reason, held since).
+pub async fn held_tables(pg: &PgConfig) -> Result<Vec<(String, i32, String, String)>, ApplyError> {
+    let target = pg.display();
+    let s = pg.connect().await.map_err(db_err(&target, "connecting"))?;
+    let rows = s
+        .query(
+            "SELECT tbl, batches, reason, since::text FROM ferry.held_tables
+             WHERE to_regclass('ferry.held_tables') IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()),
+        // Nothing applied here yet: no bookkeeping tables, nothing held.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(db_err(&target, "reading held tables")(e)),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct ApplyStats {
     pub rows_stale_total: AtomicU64,
     /// Partitions stopped on a corrupt batch.
     pub stopped: Mutex<Vec<String>>,
+    /// Tables held because the destination refused one of their batches.
+    pub held: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// `ferry_apply_batches_applied_total`.
@@ -51,6 +53,11 @@ pub const ROWS_DELETED: Family = Family::counter(
 pub const ROWS_STALE: Family = Family::counter(
     "ferry_apply_rows_stale_total",
     "changes ignored because the destination held a newer position",
+);
+/// `ferry_apply_tables_held`.
+pub const HELD: Family = Family::gauge(
+    "ferry_apply_tables_held",
+    "tables whose batches wait in the held topic (ferry resume-table)",
 );
 /// `ferry_apply_stopped_partitions`.
 pub const STOPPED: Family = Family::gauge(
@@ -97,6 +104,29 @@ impl ApplyStats {
         );
     }
 
+    /// A table is held: the destination refused one of its batches.
+    pub fn table_held(&self, table: &str, batch: &str, reason: &str) {
+        if let Ok(mut h) = self.held.lock() {
+            h.insert(table.to_string());
+        }
+        tracing::error!(
+            table,
+            batch,
+            reason,
+            "table held: the destination refused this batch; it and the table's later batches \
+             wait in the held topic, other tables go on (fix the cause, then `ferry resume-table \
+             {table}`)"
+        );
+    }
+
+    /// A held table was resumed: its held batches are applied.
+    pub fn table_resumed(&self, table: &str, batches: usize) {
+        if let Ok(mut h) = self.held.lock() {
+            h.remove(table);
+        }
+        tracing::info!(table, batches, "held table resumed");
+    }
+
     /// Renders the counters.
     pub fn render(&self, out: &mut Exposition) {
         for (family, counter) in [
@@ -111,5 +141,7 @@ impl ApplyStats {
         }
         let stopped = self.stopped.lock().map(|s| s.len()).unwrap_or(0);
         out.single(STOPPED, &[], stopped);
+        let held = self.held.lock().map(|h| h.len()).unwrap_or(0);
+        out.single(HELD, &[], held);
     }
 }

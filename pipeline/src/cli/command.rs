@@ -104,21 +104,7 @@ impl CliError {
     }
 }
 
-/// The error and its causes on one line, each cause once: errors that already print their
-/// source are not followed by it again.
-pub fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
+pub use crate::error::causes;
 
 /// Every `ferry` command, with its arguments.
 #[derive(Debug, Subcommand)]
@@ -228,6 +214,11 @@ pub enum Command {
         /// Egress cap in bytes per second.
         #[arg(long)]
         max_bytes_per_sec: Option<f64>,
+    },
+    /// Resume a table apply holds (the destination refused one of its batches): its held batches are applied in order, then its new ones.
+    ResumeTable {
+        /// The table, as schema.table.
+        table: String,
     },
     /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
     Lineage {
@@ -626,6 +617,21 @@ pub async fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         Command::Reship { batch } => {
             let (events_in, events_out) = crate::ship::reship(&cfg, &batch).await?;
             println!("re-shipped {batch}: {events_in} changes, {events_out} rows after compaction");
+        }
+        Command::ResumeTable { table } => {
+            let id = parse_table(&table)
+                .ok_or_else(|| CliError::Usage(format!("table {table:?} is not schema.table")))?;
+            let pg = destination_pg(&cfg)?;
+            match crate::apply::request_resume(&pg, &id).await? {
+                Some((batches, reason)) => println!(
+                    "resume of {id} requested: the applier re-applies its {batches} held batches in order, then its new ones (it was held for: {reason})"
+                ),
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "{id} is not held (`ferry status` lists the held tables)"
+                    )))
+                }
+            }
         }
         Command::Lineage { table, key } => {
             let id = parse_table(&table)

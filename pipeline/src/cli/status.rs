@@ -97,6 +97,19 @@ pub async fn print(cfg: &Config) -> Result<(), InspectError> {
     let (egress, unreadable) = tokio::task::spawn_blocking(move || egress(&cfg2))
         .await
         .map_err(|e| InspectError::Other(format!("reading the batch topic: {e}")))??;
+    if let Some(pg) = &cfg.destination.postgres {
+        println!("apply (destination database {})", pg.display());
+        match crate::apply::held_tables(pg).await {
+            Ok(held) if held.is_empty() => println!("  no table held"),
+            Ok(held) => {
+                for (table, batches, reason, since) in held {
+                    println!("  HELD {table}: {batches} batches since {since}: {reason}");
+                    println!("       fix the cause, then: ferry resume-table {table}");
+                }
+            }
+            Err(e) => println!("  {e}"),
+        }
+    }
     println!("egress (from batch manifests in {})", cfg.batch_topic());
     println!(
         "  {:<22} {:<28} {:>8} {:>10} {:>10} {:>11} {:>11} {:>7} {:>10}",

@@ -211,3 +211,118 @@ async fn pgbench_replicates_exactly_under_load() {
     drop_db(&dest).await;
     db.cleanup().await;
 }
+
+/// A table the destination refuses (a constraint there that the origin does not have) is held:
+/// other tables keep flowing, nothing of it is lost, and `ferry resume-table` applies its held
+/// batches in order once the cause is fixed. The applier never exits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_table_is_held_alone_and_resumes_in_order() {
+    let mut db = TestDb::new("held").await;
+    db.exec(
+        "CREATE TABLE good (id int PRIMARY KEY, v text);
+         CREATE TABLE bad (id int PRIMARY KEY, v text);
+         INSERT INTO good SELECT g, 'g' || g FROM generate_series(1, 50) g;
+         INSERT INTO bad SELECT g, 'b' || g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.linger_ms = 100;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    let cap = start_capture(&db.cfg).await;
+    let (stop, rx) = watch::channel(false);
+    let ship = {
+        let (cfg, rx) = (db.cfg.clone(), rx.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let stats = Arc::new(ApplyStats::default());
+    let apply = {
+        let (cfg, stats) = (db.cfg.clone(), stats.clone());
+        tokio::spawn(async move { apply::run(&cfg, rx, stats).await })
+    };
+    let d = dest.connect().await.expect("destination");
+    let count = |table: &'static str| {
+        let d = &d;
+        async move {
+            d.query_one(&format!("SELECT count(*) FROM public.{table}"), &[])
+                .await
+                .map_or(0, |r| r.get::<_, i64>(0))
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while count("bad").await < 50 || count("good").await < 50 {
+        assert!(Instant::now() < deadline, "the snapshot did not arrive");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A rule of the destination's own: the next change of `bad` breaks it.
+    d.batch_execute("ALTER TABLE public.bad ADD CONSTRAINT no_poison CHECK (v <> 'poison')")
+        .await
+        .expect("constraint");
+    db.exec(
+        "UPDATE bad SET v = 'poison' WHERE id = 7;
+         INSERT INTO bad SELECT g, 'b' || g FROM generate_series(51, 80) g;
+         INSERT INTO good SELECT g, 'g' || g FROM generate_series(51, 80) g;",
+    )
+    .await;
+    while count("good").await < 80 {
+        assert!(
+            Instant::now() < deadline,
+            "good stopped with bad: {}",
+            count("good").await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let table = ferry_schemas::TableId::new("public", "bad");
+    let held = apply::held_tables(&dest).await.expect("held tables");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].0, "public.bad");
+    assert!(
+        held[0].2.contains("no_poison"),
+        "the reason names the constraint: {held:?}"
+    );
+    assert_eq!(
+        count("bad").await,
+        50,
+        "nothing after the refused batch was applied"
+    );
+    assert!(
+        !apply.is_finished(),
+        "the applier must not exit for one table"
+    );
+
+    // Fixed: the held batches are applied in order, then new ones flow again.
+    d.batch_execute("ALTER TABLE public.bad DROP CONSTRAINT no_poison")
+        .await
+        .expect("drop constraint");
+    let (batches, _) = apply::request_resume(&dest, &table)
+        .await
+        .expect("resume")
+        .expect("bad is held");
+    assert!(batches >= 1);
+    db.exec("INSERT INTO bad VALUES (81, 'after the resume')")
+        .await;
+    let want = multiset(&db.session, "public.bad", "id, v").await;
+    loop {
+        if multiset(&d, "public.bad", "id, v").await == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "bad did not converge after the resume"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(apply::held_tables(&dest).await.expect("held").is_empty());
+    assert_eq!(
+        multiset(&d, "public.good", "id, v").await,
+        multiset(&db.session, "public.good", "id, v").await
+    );
+    let _ = stop.send(true);
+    ship.await.expect("join").expect("ship");
+    apply.await.expect("join").expect("apply");
+    cap.stop().await;
+    drop(d);
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
