@@ -20,13 +20,24 @@
 
 use ferry_schemas::TableId;
 
-/// The Kafka topic of a table: `<prefix>.<schema>.<table>`, with characters Kafka does not allow
-/// replaced by `_`.
+/// The Kafka topic of a table: `<prefix>.<schema>.<table>`. A schema or table name made of
+/// `[A-Za-z0-9_-]` without `--` is kept; any other (dots, spaces, quotes, non-ASCII, `--`) is
+/// escaped: the characters Kafka does not allow become `_`, then `--` and the CRC-64 of the
+/// name in hex (`app v2` is `app_v2--<crc64>`), so two tables never share a topic. The longest
+/// names Postgres allows (63 bytes) stay well within Kafka's 249 characters.
 pub fn table_topic(prefix: &str, table: &TableId) -> String {
     let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if allowed(c) { c } else { '_' })
-            .collect()
+        if !s.is_empty() && s.chars().all(allowed) && !s.contains("--") {
+            s.to_string()
+        } else {
+            ferry_schemas::avro::escaped(
+                s,
+                |c| c.is_ascii_alphanumeric() || c == '_',
+                '_',
+                "--",
+                false,
+            )
+        }
     };
     format!("{prefix}.{}.{}", clean(&table.schema), clean(&table.table))
 }
@@ -136,7 +147,40 @@ mod tests {
             assert_eq!(is_table_topic("it.x-1", &topic), table, "{topic}");
             assert_eq!(re(&topic), table, "regex on {topic}");
         }
-        assert_eq!(table_topic("p", &odd), "p.My_Schema.tab_le_");
+        let topic = table_topic("p", &odd);
+        assert!(
+            topic.starts_with("p.My_Schema--") && topic.contains(".tab_le--"),
+            "{topic}"
+        );
+    }
+
+    #[test]
+    fn no_two_tables_share_a_topic() {
+        let names = [
+            "app-v2", "app_v2", "app v2", "app.v2", "App_V2", "a--b", "a-b", "a_b", "ünï", "\"q\"",
+            "x", "select", "a.b",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for schema in ["public", "a", "a.b", "a b"] {
+            for table in names {
+                let topic = table_topic("p", &TableId::new(schema, table));
+                assert!(is_table_topic("p", &topic), "{topic}");
+                assert!(topic.len() <= 249);
+                if let Some(other) = seen.insert(topic.clone(), (schema, table)) {
+                    panic!("{schema}.{table} and {other:?} share {topic}");
+                }
+            }
+        }
+        assert_eq!(
+            table_topic("p", &TableId::new("public", "orders")),
+            "p.public.orders"
+        );
+        assert_eq!(
+            table_topic("p", &TableId::new("public", "app-v2")),
+            "p.public.app-v2"
+        );
+        let long = "x".repeat(63);
+        assert!(table_topic(&"p".repeat(60), &TableId::new(&long, &long)).len() <= 249);
     }
 
     #[test]

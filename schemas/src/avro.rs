@@ -2,7 +2,7 @@
 //!
 //! A table version gets two schemas: `<ns>.Key` (the key columns, never null) and
 //! `<ns>.Envelope` (op, before, after, source, unchanged_toast), where `<ns>` is
-//! `ferry.<database>.<schema>.<table>` with every name reduced to Avro's `[A-Za-z_][A-Za-z0-9_]*`.
+//! `ferry.<database>.<schema>.<table>` with every name in its injective Avro form ([`avro_name`]).
 //! Fields carry their Postgres type (`pg_type`, `type_oid`), the original column name
 //! (`pg_name`), Ferry's column type (`ferry_type`) and whether they are part of the key (`key`);
 //! the envelope carries `pg_database`, `pg_schema` and `pg_table`. Avro readers ignore these
@@ -206,20 +206,49 @@ pub struct EncodedSchema {
     field_names: Vec<String>,
 }
 
-/// Reduces a name to Avro's `[A-Za-z_][A-Za-z0-9_]*`.
+/// The Avro name of a database, schema, table or column: the name itself when it is a valid
+/// one (`[A-Za-z_][A-Za-z0-9_]*`) without `__`, else its escaped form (see [`escaped`]:
+/// `app-v2` is `app_v2__<crc64>`), so two names never share an Avro name (nor a fingerprint).
 pub fn avro_name(name: &str) -> String {
-    let mut out: String = name
+    let valid = name
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if out.is_empty() || out.as_bytes()[0].is_ascii_digit() {
-        out.insert(0, '_');
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid && !name.contains("__") {
+        return name.to_string();
+    }
+    escaped(name, |c| c.is_ascii_alphanumeric(), '_', "__", true)
+}
+
+/// The injective form of a name that cannot be kept as it is: disallowed characters (and runs
+/// of the separator) become one `sep`, then `marker` and the CRC-64-AVRO of the original name
+/// in hex. Kept names never contain `marker` and escaped ones always do, so no escaped name is
+/// a kept one; two escaped names are equal only if their 64-bit hashes are.
+pub fn escaped(
+    name: &str,
+    keep: impl Fn(char) -> bool,
+    sep: char,
+    marker: &str,
+    letter_first: bool,
+) -> String {
+    let mut out = String::with_capacity(name.len() + 18);
+    if letter_first && !name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+        out.push('x');
+    }
+    for c in name.chars() {
+        if keep(c) {
+            out.push(c);
+        } else if !out.ends_with(sep) {
+            out.push(sep);
+        }
+    }
+    while out.ends_with(sep) {
+        out.pop();
+    }
+    out.push_str(marker);
+    for b in crate::pcf::crc64_avro(name.as_bytes()) {
+        out.push_str(&format!("{b:02x}"));
     }
     out
 }
@@ -819,6 +848,48 @@ mod tests {
     use crate::table::{Column, TableId};
     use apache_avro::types::Value;
 
+    #[test]
+    fn avro_names_are_kept_when_valid_and_never_shared() {
+        for kept in ["orders", "pgbench_accounts", "_x", "T1", "a_b"] {
+            assert_eq!(avro_name(kept), kept);
+        }
+        let names = [
+            "app-v2",
+            "app_v2",
+            "app v2",
+            "app.v2",
+            "App_V2",
+            "a__b",
+            "a_b",
+            "1abc",
+            "_1abc",
+            "select",
+            "ünï",
+            "ün",
+            "\"q\"",
+            "",
+            "x",
+            "a-b-",
+            "a-b",
+            "a_b_",
+            "a63_________________________________________________________bytes",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for n in names {
+            let a = avro_name(n);
+            let valid = a
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            assert!(valid, "{n:?} -> {a:?} is not an Avro name");
+            if let Some(other) = seen.insert(a.clone(), n) {
+                panic!("{n:?} and {other:?} share the Avro name {a:?}");
+            }
+        }
+        assert!(avro_name("app-v2").starts_with("app_v2__"));
+    }
+
     fn col(name: &str, pg_type: &str, ty: ColumnType, key: bool) -> Column {
         Column {
             name: name.into(),
@@ -942,16 +1013,16 @@ mod tests {
             )
         );
         assert_eq!(
-            field(after, "big_text"),
+            field(after, &avro_name("big text")),
             &Value::Union(0, Box::new(Value::Null))
         );
         assert_eq!(
-            field(after, "_1st"),
+            field(after, &avro_name("1st")),
             &Value::Union(1, Box::new(Value::String("10.0.0.1/32".into())))
         );
         assert_eq!(
             field(&v, "unchanged_toast"),
-            &Value::Array(vec![Value::String("big_text".into())])
+            &Value::Array(vec![Value::String(avro_name("big text"))])
         );
         let src = field(&v, "source");
         assert_eq!(field(src, "lsn"), &Value::Long(0x16_B374_D848));

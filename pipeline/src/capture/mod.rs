@@ -525,6 +525,20 @@ impl<'a> Capture<'a> {
                 Output::Schema(s) => self.sink.register(&s).await?,
                 Output::Event(s, e) => {
                     self.txn.live = true;
+                    if e.op == ferry_schemas::Op::Create
+                        && s.has_key()
+                        && snapshot::leaves_toast_out(&e)
+                    {
+                        // A key change whose new row left an unchanged TOASTed value out (the
+                        // source sends it with neither image): read the row again, so the
+                        // destination gets the value instead of NULL.
+                        if let Some(key) =
+                            e.after.as_deref().and_then(|a| snapshot::key_texts(&s, a))
+                        {
+                            tracing::info!(table = %s.table().id, "key changed with an unsent TOASTed value; re-reading the row");
+                            self.snap.enqueue_repair(s.table().id.clone(), vec![key]);
+                        }
+                    }
                     self.snap.observe(&s, &e);
                     if self.snap.absorbs(&s, &e) {
                         continue;

@@ -60,6 +60,25 @@ struct Chunk {
     truncated: bool,
 }
 
+/// Whether a change's new row lacks a TOASTed value the source did not send.
+pub fn leaves_toast_out(event: &ChangeEvent) -> bool {
+    event
+        .after
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|d| matches!(d, Datum::UnchangedToast)))
+}
+
+/// A row's key as the text of each key column (how repairs name rows).
+pub fn key_texts(schema: &EncodedSchema, image: &[Datum]) -> Option<Vec<String>> {
+    let cols = &schema.table().columns;
+    schema
+        .table()
+        .key_indexes()
+        .iter()
+        .map(|&i| ferry_connectors::postgres::pgtext::to_text(image.get(i)?, &cols[i].ty))
+        .collect()
+}
+
 /// A row image as the keyless de-duplication compares it: every value, in column order.
 fn image_text(row: &[Datum]) -> String {
     format!("{row:?}")
@@ -521,7 +540,14 @@ impl Snapshotter {
         if let Some(image) = event.key_image() {
             let mut key = Vec::new();
             if schema.has_key() && schema.encode_key(image, &mut key).is_ok() {
-                chunk.seen.insert(key);
+                // The chunk's row for this key is dropped; if the change left a TOASTed value
+                // out, the destination may never have had it: read the row again.
+                if chunk.seen.insert(key) && leaves_toast_out(event) {
+                    if let Some(k) = key_texts(schema, image) {
+                        let table = schema.table().id.clone();
+                        self.repairs.push_back((table, vec![k]));
+                    }
+                }
             }
         }
     }

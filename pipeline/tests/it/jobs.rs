@@ -533,7 +533,13 @@ async fn backfill_reads_chunks_from_a_hot_standby_and_ends_equal() {
         },
     )
     .await;
-    let read = read_on_standby().await - before;
+    // A backend reports its statistics when it goes idle (up to 10 s later): wait for them.
+    let stats_deadline = Instant::now() + Duration::from_secs(20);
+    let mut read = read_on_standby().await - before;
+    while read < 2_900 && Instant::now() < stats_deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        read = read_on_standby().await - before;
+    }
     assert!(
         read >= 2_900,
         "the standby returned only {read} rows: chunks were not read there"
