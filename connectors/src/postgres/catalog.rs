@@ -131,6 +131,56 @@ pub async fn table_columns(
         .collect())
 }
 
+/// What a publication publishes of a table (Postgres 15+: a column list and a row filter).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The published columns (`None`: every column).
+    pub columns: Option<Vec<String>>,
+    /// The row filter, as SQL (`None`: every row).
+    pub row_filter: Option<String>,
+}
+
+impl Published {
+    /// Keeps the published columns of `columns` (as [`table_columns`] lists them).
+    pub fn keep(&self, columns: Vec<(String, u32, i32)>) -> Vec<(String, u32, i32)> {
+        match &self.columns {
+            Some(names) => columns
+                .into_iter()
+                .filter(|(n, _, _)| names.contains(n))
+                .collect(),
+            None => columns,
+        }
+    }
+}
+
+/// The column list and row filter `publication` has for `table`, so snapshots and backfills
+/// read exactly what the stream sends. Before Postgres 15 there are neither.
+pub async fn published(
+    client: &Client,
+    publication: &str,
+    table: &TableId,
+) -> Result<Published, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.table],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => Ok(Published {
+            columns: r.get(0),
+            row_filter: r.get(1),
+        }),
+        Ok(None) => Ok(Published::default()),
+        // Postgres 14 and older: no column lists, no row filters.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+            Ok(Published::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Key columns: the primary key, else the replica identity index, else nothing.
 pub async fn key_columns(
     client: &Client,

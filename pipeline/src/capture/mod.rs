@@ -276,7 +276,7 @@ impl<'a> Capture<'a> {
         prepare_slot(&session, cfg, &target, &mut state).await?;
 
         let mut snap = Snapshotter::new(
-            &c.slot,
+            (&c.slot, &c.publication),
             &cfg.origin.region,
             &pgc.database,
             (c.snapshot_chunk_rows, c.snapshot_chunk_bytes),
@@ -304,7 +304,7 @@ impl<'a> Capture<'a> {
         // Create every table's topic up front so consumers can subscribe before the first
         // change.
         for t in &tables {
-            register_table(&session, &mut sink, pgc, t, &target).await?;
+            register_table(&session, &mut sink, (pgc, &c.publication), t, &target).await?;
         }
         for (job, b) in &state.backfills {
             if b.progress != Some(TableProgress::Done) {
@@ -715,7 +715,14 @@ impl<'a> Capture<'a> {
             }
             tracing::info!(table = %t, "table added to the publication; snapshotting it");
             let pgc = &self.cfg.origin.postgres;
-            register_table(&self.session, &mut self.sink, pgc, &t, &self.target).await?;
+            register_table(
+                &self.session,
+                &mut self.sink,
+                (pgc, &c.publication),
+                &t,
+                &self.target,
+            )
+            .await?;
             if c.snapshot {
                 self.snap.enqueue(t);
             } else {
@@ -917,7 +924,7 @@ fn snap_count(snap: &Snapshotter, tables: &[TableId]) -> usize {
 async fn register_table(
     session: &Session,
     sink: &mut Sink,
-    pgc: &PgConfig,
+    (pgc, publication): (&PgConfig, &str),
     table: &TableId,
     target: &str,
 ) -> Result<(), CaptureError> {
@@ -927,9 +934,16 @@ async fn register_table(
     else {
         return Ok(());
     };
+    let published = catalog::published(session, publication, table)
+        .await
+        .map_err(pg(
+            target,
+            format!("reading what {publication} publishes of {table}"),
+        ))?;
     let columns = catalog::table_columns(session, relid)
         .await
         .map_err(pg(target, format!("reading columns of {table}")))?;
+    let columns = published.keep(columns);
     let schema = catalog::build_schema(session, &pgc.database, table.clone(), relid, &columns)
         .await
         .map_err(pg(target, format!("reading types of {table}")))?;

@@ -145,6 +145,8 @@ pub struct Snapshotter {
     target: String,
     /// Bytes a chunk may hold (its rows' text), besides its row count.
     chunk_bytes: usize,
+    /// The publication whose column lists and row filters chunks honour.
+    publication: String,
     /// Per table, the mean text bytes of a row in its last chunk.
     row_bytes: std::collections::HashMap<TableId, usize>,
 }
@@ -156,13 +158,14 @@ impl Snapshotter {
     /// A snapshotter for one capture pipeline: chunks of at most `chunk_rows` rows and about
     /// `chunk_bytes` bytes.
     pub fn new(
-        slot: &str,
+        (slot, publication): (&str, &str),
         region: &str,
         database: &str,
         (chunk_rows, chunk_bytes): (usize, usize),
         target: &str,
     ) -> Self {
         Snapshotter {
+            publication: publication.into(),
             slot: slot.into(),
             region: region.into(),
             database: database.into(),
@@ -316,9 +319,17 @@ impl Snapshotter {
             }
             return Ok(None);
         };
+        // Exactly what the stream sends: the publication's columns and rows only.
+        let published = catalog::published(client, &self.publication, &table)
+            .await
+            .map_err(pg(
+                t,
+                format!("reading what {} publishes of {table}", self.publication),
+            ))?;
         let columns = catalog::table_columns(client, relid)
             .await
             .map_err(pg(t, format!("reading columns of {table}")))?;
+        let columns = published.keep(columns);
         let schema = catalog::build_schema(client, &self.database, table.clone(), relid, &columns)
             .await
             .map_err(pg(t, format!("reading types of {table}")))?;
@@ -360,10 +371,15 @@ impl Snapshotter {
                 None => chunk_rows.min(PROBE_ROWS),
             }
         };
-        let extra = backfill
-            .as_ref()
-            .and_then(|(_, b)| b.predicate.clone())
-            .map(|p| format!("({p})"));
+        let filters: Vec<String> = [
+            published.row_filter.clone(),
+            backfill.as_ref().and_then(|(_, b)| b.predicate.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| format!("({p})"))
+        .collect();
+        let extra = (!filters.is_empty()).then(|| filters.join(" AND "));
         self.seq += 1;
         let id = format!("{} {:016x}-{}", self.slot, self.run_id, self.seq);
         let key_idx = schema.table().key_indexes();

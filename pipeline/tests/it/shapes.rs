@@ -492,3 +492,81 @@ async fn a_key_change_keeps_an_unchanged_toasted_value() {
     drop_db(&dest).await;
     db.cleanup().await;
 }
+
+/// A publication's column list and row filter (Postgres 15+) hold for the snapshot as for the
+/// stream: an unpublished column never leaves the origin, nor does an unpublished row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_honour_a_publications_column_list_and_row_filter() {
+    let mut db = TestDb::new("pubfilter").await;
+    let publication = db.cfg.capture.publication.clone();
+    db.exec(&format!(
+        "CREATE TABLE people (id int PRIMARY KEY, name text, secret text);
+         INSERT INTO people SELECT g, 'p' || g, 'ssn-' || g FROM generate_series(1, 40) g;
+         CREATE PUBLICATION {publication} FOR TABLE people (id, name) WHERE (id % 2 = 0);"
+    ))
+    .await;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    db.cfg.ship.group_id = format!("{}_ship", db.name);
+    db.cfg.ship.linger_ms = 100;
+    db.cfg.apply.group_id = format!("{}_apply", db.name);
+    let cap = start_capture(&db.cfg).await;
+    let (stop, rx) = watch::channel(false);
+    let ship = {
+        let (cfg, rx) = (db.cfg.clone(), rx.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+    };
+    let apply = {
+        let cfg = db.cfg.clone();
+        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+    };
+    db.exec("INSERT INTO people SELECT g, 'p' || g, 'ssn-' || g FROM generate_series(41, 60) g")
+        .await;
+    let d = dest.connect().await.expect("destination");
+    let want = db
+        .session
+        .query_one(
+            "SELECT count(*), md5(string_agg(id || ':' || name, ',' ORDER BY id)) FROM people WHERE id % 2 = 0",
+            &[],
+        )
+        .await
+        .expect("origin");
+    let want: (i64, String) = (want.get(0), want.get(1));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let have = match d
+            .query_one(
+                "SELECT count(*), coalesce(md5(string_agg(id || ':' || name, ',' ORDER BY id)), '') FROM public.people",
+                &[],
+            )
+            .await
+        {
+            Ok(r) => (r.get(0), r.get(1)),
+            Err(_) => (0, String::new()),
+        };
+        if have == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination {have:?}, origin's published rows {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let secret: i64 = d
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'people' AND column_name = 'secret'",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .get(0);
+    assert_eq!(secret, 0, "an unpublished column reached the destination");
+    let _ = stop.send(true);
+    ship.await.expect("join").expect("ship");
+    apply.await.expect("join").expect("apply");
+    cap.stop().await;
+    drop(d);
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
