@@ -347,6 +347,9 @@ impl EncodedSchema {
             if c.type_mod != -1 {
                 f["type_mod"] = json!(c.type_mod);
             }
+            if let Some(m) = &c.missing {
+                f["pg_missing"] = json!(m);
+            }
             f
         };
         let key_indexes = table.key_indexes();
@@ -606,6 +609,10 @@ impl EncodedSchema {
                         .and_then(Json::as_i64)
                         .and_then(|m| i32::try_from(m).ok())
                         .unwrap_or(-1),
+                    missing: f
+                        .get("pg_missing")
+                        .and_then(Json::as_str)
+                        .map(str::to_string),
                     ty: text(f, "ferry_type")?
                         .parse()
                         .map_err(|e: String| bad(&e))?,
@@ -896,6 +903,7 @@ mod tests {
             pg_type: pg_type.into(),
             type_oid: 0,
             type_mod: -1,
+            missing: None,
             ty,
             key,
         }

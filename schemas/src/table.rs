@@ -158,6 +158,9 @@ pub struct Column {
     pub type_oid: u32,
     /// The type modifier (`atttypmod`: a length, precision or scale), `-1` when none.
     pub type_mod: i32,
+    /// The value rows that existed when the column was added with a default hold (Postgres's
+    /// `attmissingval`, as text), so the destination's existing rows get it too.
+    pub missing: Option<String>,
     /// How the column is represented.
     pub ty: ColumnType,
     /// Whether the column is part of the table's key (primary key, else replica identity).

@@ -60,6 +60,7 @@ fn table() -> TableSchema {
         pg_type: pg.into(),
         type_oid: 0,
         type_mod: -1,
+        missing: None,
         ty,
         key,
     };

@@ -131,6 +131,27 @@ pub async fn table_columns(
         .collect())
 }
 
+/// Whether any of `columns` of `table` has a default.
+pub async fn any_default(
+    client: &Client,
+    table: &TableId,
+    columns: &[String],
+) -> Result<bool, tokio_postgres::Error> {
+    let qualified = format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.table)
+    );
+    let row = client
+        .query_one(
+            "SELECT coalesce(bool_or(atthasdef), false) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = ANY($2)",
+            &[&qualified, &columns],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// What a publication publishes of a table (Postgres 15+: a column list and a row filter).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Published {
@@ -218,6 +239,31 @@ pub async fn build_schema(
     let oids: Vec<u32> = columns.iter().map(|(_, oid, _)| *oid).collect();
     let types = resolve_types(client, &oids).await?;
     let keys = key_columns(client, relid).await?;
+    // Columns added with a default: the value rows older than the column hold.
+    let missing: HashMap<String, String> = client
+        .query(
+            "SELECT attname::text, attmissingval::text FROM pg_attribute \
+             WHERE attrelid = $1 AND atthasmissing AND NOT attisdropped",
+            &[&relid],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| {
+            let name: String = r.get(0);
+            let text: Option<String> = r.get(1);
+            let value = match super::values::parse(
+                text.as_deref()?,
+                &ColumnType::Array(Box::new(ColumnType::Text)),
+            ) {
+                Ok(ferry_schemas::Datum::Array(v)) => match v.into_iter().next()? {
+                    ferry_schemas::Datum::Text(t) => t,
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            Some((name, value))
+        })
+        .collect();
     let columns = columns
         .iter()
         .map(|(name, oid, type_mod)| {
@@ -227,6 +273,7 @@ pub async fn build_schema(
                 pg_type: info.map_or_else(|| format!("oid {oid}"), |t| t.name.clone()),
                 type_oid: *oid,
                 type_mod: *type_mod,
+                missing: missing.get(name).cloned(),
                 ty: info.map_or(ColumnType::Other, |t| t.ty.clone()),
                 key: keys.contains(name),
             }

@@ -22,7 +22,7 @@ pub mod stats;
 
 pub use stats::ApplyStats;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -271,6 +271,13 @@ pub struct DestDb {
     tables: HashMap<TableId, Vec<(String, String)>>,
     /// Types from outside `pg_catalog` (quoted, qualified), and whether the destination has them.
     udts: HashMap<String, bool>,
+    /// Per table, columns added at the origin with a default, and the value rows older than
+    /// them hold there (see [`DestDb::older_rows`]).
+    missing: HashMap<TableId, BTreeMap<String, (String, String)>>,
+    /// Per table, the highest source position a schema version was applied with: only a
+    /// version at least that new may change column types (batches of different partitions
+    /// arrive in any order, and an older version must never change a type back).
+    newest: HashMap<TableId, (u64, u64)>,
     statements: HashMap<String, tokio_postgres::Statement>,
 }
 
@@ -314,8 +321,24 @@ impl DestDb {
             target,
             tables: HashMap::new(),
             udts: HashMap::new(),
+            missing: HashMap::new(),
+            newest: HashMap::new(),
             statements: HashMap::new(),
         })
+    }
+
+    /// A row written under an older version of `table` lacks the columns added since; at the
+    /// origin such a row holds each one's default (`attmissingval`). Those of them this version
+    /// lacks, as (quoted column, value, type): an insert under the old version writes them.
+    fn older_rows(&self, table: &TableSchema) -> Vec<(String, String, String)> {
+        let Some(missing) = self.missing.get(&table.id) else {
+            return Vec::new();
+        };
+        missing
+            .iter()
+            .filter(|(name, _)| !table.columns.iter().any(|c| &c.name == *name))
+            .map(|(name, (value, ty))| (quote_ident(name), value.clone(), ty.clone()))
+            .collect()
     }
 
     /// The destination type of a column (see [`dest_type`]).
@@ -370,8 +393,24 @@ impl DestDb {
     /// Creates the table when missing, adds columns it lacks, and changes the type of columns
     /// whose type changed at the origin (`USING col::text::new`: the value's text form, so a
     /// change that cannot hold a value fails instead of rounding it).
-    async fn ensure_table(&mut self, t: &TableSchema) -> Result<(), ApplyError> {
+    async fn ensure_table(
+        &mut self,
+        t: &TableSchema,
+        position: (u64, u64),
+    ) -> Result<(), ApplyError> {
         self.resolve_types(t).await?;
+        let newest = self.newest.entry(t.id.clone()).or_default();
+        let forward = position >= *newest;
+        *newest = (*newest).max(position);
+        let added: Vec<(String, (String, String))> = t
+            .columns
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), (c.missing.clone()?, self.col_type(c)))))
+            .collect();
+        let known = self.missing.entry(t.id.clone()).or_default();
+        for (name, value) in added {
+            known.entry(name).or_insert(value);
+        }
         let wanted: Vec<(String, String)> = t
             .columns
             .iter()
@@ -437,14 +476,28 @@ impl DestDb {
             let col = quote_ident(name);
             match existing.get(name) {
                 None => {
-                    let sql = format!("ALTER TABLE {q} ADD COLUMN IF NOT EXISTS {col} {ty}");
+                    // A column added at the origin with a default: rows older than it hold that
+                    // value there, so they get it here too.
+                    let missing = t
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == name)
+                        .and_then(|c| c.missing.as_deref());
+                    let sql = match missing {
+                        Some(v) => format!(
+                            "ALTER TABLE {q} ADD COLUMN IF NOT EXISTS {col} {ty} DEFAULT {}::{ty};
+                             ALTER TABLE {q} ALTER COLUMN {col} DROP DEFAULT",
+                            ferry_connectors::postgres::quote_literal(v)
+                        ),
+                        None => format!("ALTER TABLE {q} ADD COLUMN IF NOT EXISTS {col} {ty}"),
+                    };
                     self.session
                         .batch_execute(&sql)
                         .await
                         .map_err(db_err(&self.target, &format!("adding {name} to {q}")))?;
                     tracing::info!(table = %t.id, column = name, ty, "column added in the destination");
                 }
-                Some(have) if canonical.as_ref().is_some_and(|c| c != have) => {
+                Some(have) if forward && canonical.as_ref().is_some_and(|c| c != have) => {
                     let sql = format!(
                         "ALTER TABLE {q} ALTER COLUMN {col} TYPE {ty} USING {col}::text::{ty}"
                     );
@@ -570,7 +623,14 @@ impl DestDb {
         stats: &ApplyStats,
     ) -> Result<bool, ApplyError> {
         for r in runs {
-            self.ensure_table(r.schema.table()).await?;
+            // Versions change within a transaction too: order them by (lsn, seq).
+            let position = r
+                .events
+                .iter()
+                .map(|(_, e)| (e.source.lsn, e.source.seq))
+                .max()
+                .unwrap_or_default();
+            self.ensure_table(r.schema.table(), position).await?;
         }
         let t = self.target.clone();
         self.session
@@ -682,6 +742,13 @@ impl DestDb {
             cols.push(quote_ident(&c.name));
             selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
         }
+        // Written on insert only: an existing row keeps what it has.
+        let set_cols = cols.clone();
+        for (col, value, ty) in self.older_rows(table) {
+            params.push(Some(value));
+            cols.push(col);
+            selects.push(format!("${}::text::{ty}", params.len()));
+        }
         let n = params.len();
         params.push(Some(e.source.lsn.to_string()));
         params.push(Some(e.source.seq.to_string()));
@@ -695,7 +762,7 @@ impl DestDb {
             .iter()
             .map(|&i| quote_ident(&table.columns[i].name))
             .collect();
-        let set: Vec<String> = cols
+        let set: Vec<String> = set_cols
             .iter()
             .chain(
                 LINEAGE_COLUMNS
@@ -770,6 +837,11 @@ impl DestDb {
             params.push(to_text(value, &c.ty));
             cols.push(quote_ident(&c.name));
             selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
+        }
+        for (col, value, ty) in self.older_rows(table) {
+            params.push(Some(value));
+            cols.push(col);
+            selects.push(format!("${}::text::{ty}", params.len()));
         }
         let n = params.len();
         params.push(Some(e.source.lsn.to_string()));
@@ -1609,6 +1681,7 @@ mod tests {
             pg_type: pg.into(),
             type_oid: 0,
             type_mod: -1,
+            missing: None,
             ty,
             key,
         };

@@ -481,6 +481,7 @@ mod tests {
             pg_type: "x".into(),
             type_oid: 0,
             type_mod: -1,
+            missing: None,
             ty,
             key,
         };

@@ -197,6 +197,7 @@ mod tests {
             pg_type: pg.into(),
             type_oid: 0,
             type_mod: -1,
+            missing: None,
             ty,
             key,
         };

@@ -23,7 +23,7 @@ pub mod stats;
 
 pub use stats::Stats;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,6 +227,8 @@ struct Capture<'a> {
     /// Transactions streamed most recently, for the snapshot visibility check.
     recent_xids: VecDeque<u32>,
     ticks: Ticks,
+    /// The newest schema version the stream announced per table.
+    last_schema: HashMap<TableId, Arc<EncodedSchema>>,
 }
 
 impl<'a> Capture<'a> {
@@ -303,8 +305,13 @@ impl<'a> Capture<'a> {
         }
         // Create every table's topic up front so consumers can subscribe before the first
         // change.
+        let mut last_schema = HashMap::new();
         for t in &tables {
-            register_table(&session, &mut sink, (pgc, &c.publication), t, &target).await?;
+            if let Some(s) =
+                register_table(&session, &mut sink, (pgc, &c.publication), t, &target).await?
+            {
+                last_schema.insert(t.clone(), s);
+            }
         }
         for (job, b) in &state.backfills {
             if b.progress != Some(TableProgress::Done) {
@@ -360,6 +367,7 @@ impl<'a> Capture<'a> {
             acker,
             txn: Txn::default(),
             recent_xids: VecDeque::with_capacity(RECENT_XIDS),
+            last_schema,
             ticks: Ticks {
                 throttle: tokio::time::interval(THROTTLE_TICK),
                 heartbeat: every(c.heartbeat_interval_ms),
@@ -522,7 +530,10 @@ impl<'a> Capture<'a> {
             .await?;
         for out in std::mem::take(&mut self.outputs) {
             match out {
-                Output::Schema(s) => self.sink.register(&s).await?,
+                Output::Schema(s) => {
+                    self.sink.register(&s).await?;
+                    self.on_new_version(s).await?;
+                }
                 Output::Event(s, e) => {
                     self.txn.live = true;
                     if e.op == ferry_schemas::Op::Create
@@ -553,6 +564,39 @@ impl<'a> Capture<'a> {
         }
         if self.pending.len() >= ACK_SLICE {
             self.hand_to_acker(None).await?;
+        }
+        Ok(())
+    }
+
+    /// A new schema version of a table. A column added with a default whose value the rows
+    /// that existed got is not in the change log when the table was rewritten (a volatile
+    /// default, or another ALTER in the same breath): no change carries it, so the table is
+    /// snapshotted again (upserts: the destination ends with the origin's values).
+    async fn on_new_version(&mut self, s: Arc<EncodedSchema>) -> Result<(), CaptureError> {
+        let id = s.table().id.clone();
+        let Some(prev) = self.last_schema.insert(id.clone(), s.clone()) else {
+            return Ok(());
+        };
+        let added: Vec<String> = s
+            .table()
+            .columns
+            .iter()
+            .filter(|c| c.missing.is_none())
+            .filter(|c| !prev.table().columns.iter().any(|p| p.name == c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        if added.is_empty() || !s.has_key() || !self.cfg.capture.snapshot || self.snap.covers(&id) {
+            return Ok(());
+        }
+        let has_default = catalog::any_default(&self.session, &id, &added)
+            .await
+            .map_err(pg(&self.target, format!("reading the defaults of {id}")))?;
+        if has_default {
+            tracing::info!(table = %id, columns = ?added,
+                "columns added with a default the change log does not carry (the table was rewritten); snapshotting the table again");
+            self.state.tables.remove(&id.to_string());
+            self.snap.enqueue(id);
+            self.txn.moved_state = true;
         }
         Ok(())
     }
@@ -715,7 +759,7 @@ impl<'a> Capture<'a> {
             }
             tracing::info!(table = %t, "table added to the publication; snapshotting it");
             let pgc = &self.cfg.origin.postgres;
-            register_table(
+            let registered = register_table(
                 &self.session,
                 &mut self.sink,
                 (pgc, &c.publication),
@@ -723,6 +767,9 @@ impl<'a> Capture<'a> {
                 &self.target,
             )
             .await?;
+            if let Some(s) = registered {
+                self.last_schema.insert(t.clone(), s);
+            }
             if c.snapshot {
                 self.snap.enqueue(t);
             } else {
@@ -927,12 +974,12 @@ async fn register_table(
     (pgc, publication): (&PgConfig, &str),
     table: &TableId,
     target: &str,
-) -> Result<(), CaptureError> {
+) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
     let Some(relid) = catalog::table_oid(session, table)
         .await
         .map_err(pg(target, format!("looking up {table}")))?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let published = catalog::published(session, publication, table)
         .await
@@ -951,5 +998,6 @@ async fn register_table(
         lsn: Lsn::ZERO,
         source,
     })?;
-    sink.register(&encoded).await
+    sink.register(&encoded).await?;
+    Ok(Some(Arc::new(encoded)))
 }

@@ -768,6 +768,7 @@ mod tests {
             pg_type: pg.to_string(),
             type_oid: 0,
             type_mod: -1,
+            missing: None,
             ty: ferry_schemas::ColumnType::Text,
             key,
         };

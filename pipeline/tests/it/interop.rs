@@ -47,6 +47,7 @@ fn column(name: &str, ty: ColumnType, key: bool) -> Column {
         pg_type: ty.to_string(),
         type_oid: 0,
         type_mod: -1,
+        missing: None,
         ty,
         key,
     }
