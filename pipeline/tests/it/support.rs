@@ -297,8 +297,12 @@ pub async fn start_capture(cfg: &Config) -> Running {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !task.is_finished() && Instant::now() < deadline {
             let exists = session
+                // The slot is listed while Postgres still creates it (it waits for the
+                // transactions running on the whole server, pgbench's of another test
+                // included); only once it has a confirmed position are changes committed
+                // from then on sure to be streamed.
                 .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
                     &[&cfg.capture.slot],
                 )
                 .await
