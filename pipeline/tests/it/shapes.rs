@@ -57,6 +57,23 @@ async fn multiset_if_any(s: &Session, table: &str, cols: &str) -> (i64, String) 
     .map_or((0, String::new()), |row| (row.get(0), row.get(1)))
 }
 
+/// Waits until `table` holds the same rows in the destination as in the origin (the
+/// destination table may not exist yet), failing at `deadline`.
+async fn converge(origin: &Session, dest: &Session, table: &str, cols: &str, deadline: Instant) {
+    let want = multiset(origin, table, cols).await;
+    loop {
+        let have = multiset_if_any(dest, table, cols).await;
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table}: destination {have:?}, origin {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_without_a_key_replicate_exactly() {
     let mut db = TestDb::new("keyless").await;
@@ -129,24 +146,7 @@ async fn tables_without_a_key_replicate_exactly() {
     ];
     let deadline = Instant::now() + Duration::from_secs(120);
     for (table, cols) in tables {
-        let want = multiset(&db.session, table, cols).await;
-        loop {
-            let have = match d
-                .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
-                .await
-            {
-                Ok(r) if r.get::<_, bool>(0) => multiset(&d, table, cols).await,
-                _ => (0, String::new()),
-            };
-            if have == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{table}: destination {have:?}, origin {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        converge(&db.session, &d, table, cols, deadline).await;
     }
     let _ = stop.send(true);
     ship.await.expect("join").expect("ship");
@@ -212,24 +212,7 @@ async fn pgbench_replicates_exactly_under_load() {
     ];
     let deadline = Instant::now() + Duration::from_secs(180);
     for (table, cols) in tables {
-        let want = multiset(&db.session, table, cols).await;
-        loop {
-            let have = match d
-                .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
-                .await
-            {
-                Ok(r) if r.get::<_, bool>(0) => multiset(&d, table, cols).await,
-                _ => (0, String::new()),
-            };
-            if have == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{table}: destination {have:?}, origin {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        converge(&db.session, &d, table, cols, deadline).await;
     }
     let _ = stop.send(true);
     ship.await.expect("join").expect("ship");
@@ -403,30 +386,7 @@ async fn odd_identifiers_never_share_a_topic_schema_or_table() {
     ];
     let deadline = Instant::now() + Duration::from_secs(90);
     for (table, cols) in tables {
-        let want = multiset(&db.session, table, cols).await;
-        loop {
-            let have = match d
-                .query_one(
-                    &format!(
-                        "SELECT to_regclass('{}') IS NOT NULL",
-                        table.replace('\'', "''")
-                    ),
-                    &[],
-                )
-                .await
-            {
-                Ok(r) if r.get::<_, bool>(0) => multiset(&d, table, cols).await,
-                _ => (0, String::new()),
-            };
-            if have == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{table}: destination {have:?}, origin {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        converge(&db.session, &d, table, cols, deadline).await;
     }
     let _ = stop.send(true);
     ship.await.expect("join").expect("ship");
