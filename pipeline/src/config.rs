@@ -289,6 +289,11 @@ pub struct Capture {
     /// such a publication needs superuser, takes in every table created later, and makes
     /// Postgres refuse UPDATE and DELETE on any table without a replica identity.
     pub all_tables: bool,
+    /// Install an event trigger (`ferry_columns`, needs superuser) that writes each altered
+    /// table's column numbers into the WAL at the DDL, so a renamed column is followed as a
+    /// rename in the destination even when capture reads the change later. Without it (or
+    /// when it cannot be installed) renames are recognised only while capture keeps up.
+    pub ddl_trigger: bool,
     /// Topics are named `<topic_prefix>.<schema>.<table>`.
     pub topic_prefix: String,
     /// How keys and values in the table topics (origin and replicated) name their schema.
@@ -324,6 +329,7 @@ impl Default for Capture {
             publication: "ferry".into(),
             tables: Vec::new(),
             all_tables: false,
+            ddl_trigger: true,
             topic_prefix: "ferry".into(),
             format: Format::SingleObject,
             partitions: 3,

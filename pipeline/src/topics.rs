@@ -108,6 +108,13 @@ pub fn held_topic(prefix: &str) -> String {
     format!("{prefix}._held")
 }
 
+/// The origin topic holding the changes of tables capture stopped (`<prefix>._held_changes`,
+/// keyed by table, one partition so they keep WAL order), as the stream sent them, until an
+/// operator resumes the table (`ferry resume-table`).
+pub fn capture_held_topic(prefix: &str) -> String {
+    format!("{prefix}._held_changes")
+}
+
 /// The destination dead-letter topic for corrupt batches (`configured` when not empty).
 pub fn quarantine_topic(prefix: &str, configured: &str) -> String {
     if configured.is_empty() {

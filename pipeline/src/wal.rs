@@ -32,16 +32,23 @@ pub enum Kind {
     Repair,
     /// A periodic empty message that keeps WAL moving past an idle slot.
     Heartbeat,
+    /// Resume a table capture stopped ([`TableResume`], JSON).
+    TableResume,
+    /// A table's column numbers, written by the DDL event trigger at each `ALTER TABLE`
+    /// (`catalog::install_ddl_trigger`), never by Ferry's code.
+    Columns,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Watermark,
         Kind::Backfill,
         Kind::JobControl,
         Kind::Repair,
         Kind::Heartbeat,
+        Kind::TableResume,
+        Kind::Columns,
     ];
 
     /// The prefix in the WAL.
@@ -52,6 +59,8 @@ impl Kind {
             Kind::JobControl => "ferry.job",
             Kind::Repair => "ferry.repair",
             Kind::Heartbeat => "ferry.heartbeat",
+            Kind::TableResume => "ferry.resume-table",
+            Kind::Columns => ferry_connectors::postgres::catalog::COLUMNS_MESSAGE,
         }
     }
 
@@ -74,6 +83,8 @@ impl Kind {
             Kind::JobControl => "writing the job control message",
             Kind::Repair => "writing the repair request",
             Kind::Heartbeat => "writing a heartbeat",
+            Kind::TableResume => "writing the table resume request",
+            Kind::Columns => "writing column numbers",
         }
     }
 }
@@ -128,7 +139,17 @@ macro_rules! for_slot {
     )*};
 }
 
-for_slot!(JobControl, BackfillRequest, RepairRequest);
+for_slot!(JobControl, BackfillRequest, RepairRequest, TableResume);
+
+/// Resume a table capture stopped: its held changes are sent in order at this point of the
+/// stream, then its changes flow again (`ferry resume-table`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct TableResume {
+    /// The capture pipeline (slot).
+    pub slot: String,
+    /// `schema.table`.
+    pub table: String,
+}
 
 /// Pause, resume or cancel a backfill job; carried through the WAL so it takes effect in stream
 /// order and survives restarts through the capture state.

@@ -350,6 +350,9 @@ impl EncodedSchema {
             if let Some(m) = &c.missing {
                 f["pg_missing"] = json!(m);
             }
+            if let Some(n) = c.attnum {
+                f["pg_attnum"] = json!(n);
+            }
             f
         };
         let key_indexes = table.key_indexes();
@@ -613,6 +616,10 @@ impl EncodedSchema {
                         .get("pg_missing")
                         .and_then(Json::as_str)
                         .map(str::to_string),
+                    attnum: f
+                        .get("pg_attnum")
+                        .and_then(Json::as_i64)
+                        .and_then(|n| i16::try_from(n).ok()),
                     ty: text(f, "ferry_type")?
                         .parse()
                         .map_err(|e: String| bad(&e))?,
@@ -904,6 +911,7 @@ mod tests {
             type_oid: 0,
             type_mod: -1,
             missing: None,
+            attnum: None,
             ty,
             key,
         }

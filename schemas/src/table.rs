@@ -161,6 +161,10 @@ pub struct Column {
     /// The value rows that existed when the column was added with a default hold (Postgres's
     /// `attmissingval`, as text), so the destination's existing rows get it too.
     pub missing: Option<String>,
+    /// The column's number in the source table (`attnum`): it stays the same across a
+    /// rename and is never reused, so the destination can tell a rename from a drop and an
+    /// add. `None` when unknown.
+    pub attnum: Option<i16>,
     /// How the column is represented.
     pub ty: ColumnType,
     /// Whether the column is part of the table's key (primary key, else replica identity).

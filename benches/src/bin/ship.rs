@@ -61,6 +61,7 @@ fn table() -> TableSchema {
         type_oid: 0,
         type_mod: -1,
         missing: None,
+        attnum: None,
         ty,
         key,
     };

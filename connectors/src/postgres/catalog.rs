@@ -236,44 +236,67 @@ pub async fn build_schema(
     relid: u32,
     columns: &[(String, u32, i32)],
 ) -> Result<TableSchema, tokio_postgres::Error> {
+    build_schema_at(client, database, id, relid, columns, None).await
+}
+
+/// [`build_schema`] with the column numbers the stream gave (`numbers`, by name: the DDL event
+/// trigger's, exact at the change's place in the stream). A column they do not name gets
+/// today's number for its name, trusted only while the type is still the one the change had;
+/// a column without a number has no missing value either (it is looked up by number).
+pub async fn build_schema_at(
+    client: &Client,
+    database: &str,
+    id: TableId,
+    relid: u32,
+    columns: &[(String, u32, i32)],
+    numbers: Option<&HashMap<String, i16>>,
+) -> Result<TableSchema, tokio_postgres::Error> {
     let oids: Vec<u32> = columns.iter().map(|(_, oid, _)| *oid).collect();
     let types = resolve_types(client, &oids).await?;
     let keys = key_columns(client, relid).await?;
-    // Columns added with a default: the value rows older than the column hold.
-    let missing: HashMap<String, String> = client
+    // Today's catalog: number and type by name, and the value rows older than a column added
+    // with a default hold (`attmissingval`), by number.
+    let mut today: HashMap<String, (i16, u32)> = HashMap::new();
+    let mut missing: HashMap<i16, String> = HashMap::new();
+    for r in client
         .query(
-            "SELECT attname::text, attmissingval::text FROM pg_attribute \
-             WHERE attrelid = $1 AND atthasmissing AND NOT attisdropped",
+            "SELECT attname::text, attnum, atttypid, attmissingval::text FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
             &[&relid],
         )
         .await?
-        .iter()
-        .filter_map(|r| {
-            let name: String = r.get(0);
-            let text: Option<String> = r.get(1);
-            let value = match super::values::parse(
-                text.as_deref()?,
-                &ColumnType::Array(Box::new(ColumnType::Text)),
-            ) {
+    {
+        let (name, num, ty): (String, i16, u32) = (r.get(0), r.get(1), r.get(2));
+        let text: Option<String> = r.get(3);
+        // attmissingval is a one-element array of the column's type; its text is the value.
+        let value = text.as_deref().and_then(|t| {
+            match super::values::parse(t, &ColumnType::Array(Box::new(ColumnType::Text))) {
                 Ok(ferry_schemas::Datum::Array(v)) => match v.into_iter().next()? {
-                    ferry_schemas::Datum::Text(t) => t,
-                    _ => return None,
+                    ferry_schemas::Datum::Text(t) => Some(t),
+                    _ => None,
                 },
-                _ => return None,
-            };
-            Some((name, value))
-        })
-        .collect();
+                _ => None,
+            }
+        });
+        if let Some(v) = value {
+            missing.insert(num, v);
+        }
+        today.insert(name, (num, ty));
+    }
     let columns = columns
         .iter()
         .map(|(name, oid, type_mod)| {
             let info = types.get(oid);
+            let attnum = numbers
+                .and_then(|n| n.get(name).copied())
+                .or_else(|| today.get(name).filter(|(_, ty)| ty == oid).map(|(n, _)| *n));
             Column {
                 name: name.clone(),
                 pg_type: info.map_or_else(|| format!("oid {oid}"), |t| t.name.clone()),
                 type_oid: *oid,
                 type_mod: *type_mod,
-                missing: missing.get(name).cloned(),
+                missing: attnum.and_then(|n| missing.get(&n).cloned()),
+                attnum,
                 ty: info.map_or(ColumnType::Other, |t| t.ty.clone()),
                 key: keys.contains(name),
             }
@@ -344,6 +367,63 @@ pub enum Publication {
     Ready,
     /// It does not exist and nothing says which tables it should hold.
     NoTables,
+}
+
+/// The prefix of the logical message the DDL event trigger writes (see [`install_ddl_trigger`]).
+pub const COLUMNS_MESSAGE: &str = "ferry.columns";
+
+/// Installs (or replaces) the event trigger `ferry_columns` and its function
+/// `ferry_ddl.columns()` (its own schema: a schema named `ferry` would catch the unqualified
+/// tables of a role named `ferry`, through `search_path = "$user", public`): at the end of every `ALTER TABLE`, it writes a transactional logical
+/// message `ferry.columns` with the altered table's oid and its columns' numbers and names
+/// (`{"relid": 16384, "columns": [[1, "id"], [3, "renamed"]]}`), so capture learns each
+/// column's identity at the DDL's place in the stream. It never makes the DDL fail (without
+/// logical WAL or the right to emit messages it writes nothing). A DDL inside a savepoint is
+/// sent at the end of its transaction (Postgres decodes a subtransaction's messages after its
+/// parent's changes). Needs superuser.
+pub async fn install_ddl_trigger(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS ferry_ddl;
+             CREATE OR REPLACE FUNCTION ferry_ddl.columns() RETURNS event_trigger
+             LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+             DECLARE r record;
+             BEGIN
+               -- Never make the user's DDL fail (no message then; a rename read late may arrive
+               -- as a new column). No EXCEPTION block: it would open a subtransaction, and
+               -- logical decoding sends a subtransaction's messages after the changes of its
+               -- parent, past the changes they describe.
+               IF current_setting('wal_level') <> 'logical' OR NOT has_function_privilege(
+                    'pg_logical_emit_message(boolean, text, text)', 'EXECUTE') THEN
+                 RETURN;
+               END IF;
+               FOR r IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands()
+                        WHERE classid = 'pg_class'::regclass
+                          AND object_type IN ('table', 'table column') LOOP
+                 PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+                   'relid', r.objid::bigint,
+                   'columns', (SELECT json_agg(json_build_array(attnum, attname) ORDER BY attnum)
+                               FROM pg_attribute
+                               WHERE attrelid = r.objid AND attnum > 0 AND NOT attisdropped))::text);
+               END LOOP;
+             END $fn$;
+             DROP EVENT TRIGGER IF EXISTS ferry_columns;
+             CREATE EVENT TRIGGER ferry_columns ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+               EXECUTE FUNCTION ferry_ddl.columns();",
+            prefix = quote_literal(COLUMNS_MESSAGE)
+        ))
+        .await
+}
+
+/// Whether the DDL event trigger is installed and enabled.
+pub async fn has_ddl_trigger(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_event_trigger WHERE evtname = 'ferry_columns' AND evtenabled <> 'D'",
+            &[],
+        )
+        .await?
+        .is_some())
 }
 
 /// Creates the publication when missing: for the listed tables, or (`all_tables`) for all

@@ -263,6 +263,20 @@ pub const LINEAGE_COLUMNS: [&str; 5] = [
     "_ferry_offset",
 ];
 
+/// A column's identity across versions: its number at the origin when known, else its name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ColumnKey {
+    Number(i16),
+    Name(String),
+}
+
+impl ColumnKey {
+    fn of(c: &Column) -> ColumnKey {
+        c.attnum
+            .map_or_else(|| ColumnKey::Name(c.name.clone()), ColumnKey::Number)
+    }
+}
+
 /// The destination database.
 pub struct DestDb {
     session: Session,
@@ -273,11 +287,17 @@ pub struct DestDb {
     udts: HashMap<String, bool>,
     /// Per table, columns added at the origin with a default, and the value rows older than
     /// them hold there (see [`DestDb::older_rows`]).
-    missing: HashMap<TableId, BTreeMap<String, (String, String)>>,
+    /// Keyed by the column's number when known (so a later rename does not lose it), else by
+    /// its name.
+    missing: HashMap<TableId, BTreeMap<ColumnKey, (String, String)>>,
     /// Per table, the highest source position a schema version was applied with: only a
     /// version at least that new may change column types (batches of different partitions
     /// arrive in any order, and an older version must never change a type back).
     newest: HashMap<TableId, (u64, u64)>,
+    /// Per table, the destination name of each origin column by its number (`attnum`): a
+    /// column renamed at the origin is renamed here, and rows of older versions are written to
+    /// it under its new name. Kept in `ferry.columns`.
+    names: HashMap<TableId, HashMap<i16, String>>,
     statements: HashMap<String, tokio_postgres::Statement>,
 }
 
@@ -312,7 +332,10 @@ impl DestDb {
                  CREATE TABLE IF NOT EXISTS ferry.held_tables (
                    tbl text PRIMARY KEY, reason text NOT NULL, batch text NOT NULL,
                    since timestamptz NOT NULL DEFAULT now(), batches int NOT NULL DEFAULT 1,
-                   resume_requested timestamptz);",
+                   resume_requested timestamptz);
+                 CREATE TABLE IF NOT EXISTS ferry.columns (
+                   tbl text NOT NULL, attnum smallint NOT NULL, name text NOT NULL,
+                   PRIMARY KEY (tbl, attnum));",
             )
             .await
             .map_err(db_err(&target, "creating ferry bookkeeping tables"))?;
@@ -323,6 +346,7 @@ impl DestDb {
             udts: HashMap::new(),
             missing: HashMap::new(),
             newest: HashMap::new(),
+            names: HashMap::new(),
             statements: HashMap::new(),
         })
     }
@@ -334,11 +358,121 @@ impl DestDb {
         let Some(missing) = self.missing.get(&table.id) else {
             return Vec::new();
         };
+        let written: HashSet<String> = table
+            .columns
+            .iter()
+            .map(|c| self.col_name(&table.id, c))
+            .collect();
         missing
             .iter()
-            .filter(|(name, _)| !table.columns.iter().any(|c| &c.name == *name))
-            .map(|(name, (value, ty))| (quote_ident(name), value.clone(), ty.clone()))
+            .filter(|(key, _)| !table.columns.iter().any(|c| ColumnKey::of(c) == **key))
+            .filter_map(|(key, (value, ty))| {
+                let dest = match key {
+                    ColumnKey::Number(n) => quote_ident(self.names.get(&table.id)?.get(n)?),
+                    ColumnKey::Name(name) => quote_ident(name),
+                };
+                (!written.contains(&dest)).then(|| (dest, value.clone(), ty.clone()))
+            })
             .collect()
+    }
+
+    /// The destination column a column of `table` is written to, quoted.
+    fn col_name(&self, table: &TableId, c: &Column) -> String {
+        let renamed = c
+            .attnum
+            .and_then(|n| self.names.get(table).and_then(|m| m.get(&n)));
+        quote_ident(renamed.unwrap_or(&c.name))
+    }
+
+    /// Renames in the destination the columns renamed at the origin (known by their number,
+    /// `ferry.columns`), and records where each column of this version is written. Only the
+    /// newest version renames (`forward`); an older one writes to the renamed column.
+    /// `existing` (name → type) is updated.
+    async fn follow_renames(
+        &mut self,
+        t: &TableSchema,
+        q: &str,
+        forward: bool,
+        existing: &mut HashMap<String, String>,
+    ) -> Result<(), ApplyError> {
+        let tbl = t.id.to_string();
+        let recorded: HashMap<i16, String> = self
+            .session
+            .query(
+                "SELECT attnum, name FROM ferry.columns WHERE tbl = $1",
+                &[&tbl],
+            )
+            .await
+            .map_err(db_err(&self.target, "reading ferry.columns"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut candidates = Vec::new();
+        let mut names = HashMap::new();
+        for c in &t.columns {
+            let Some(n) = c.attnum else { continue };
+            match recorded.get(&n) {
+                Some(d) if d != &c.name && existing.contains_key(d) => {
+                    if forward {
+                        candidates.push((n, d.clone(), c.name.clone()));
+                    }
+                    names.insert(n, d.clone());
+                }
+                _ => {
+                    names.insert(n, c.name.clone());
+                }
+            }
+        }
+        // A target may be taken only by a column that is itself renamed away (a swap).
+        let leaving: HashSet<&String> = candidates.iter().map(|(_, from, _)| from).collect();
+        let (renames, blocked): (Vec<_>, Vec<_>) = candidates
+            .iter()
+            .partition(|(_, _, to)| !existing.contains_key(to) || leaving.contains(to));
+        for (_, from, to) in &blocked {
+            tracing::warn!(table = %t.id, from, to,
+                "column renamed at the origin, but the destination already has a column of the new name; writing to the old one");
+        }
+        if !renames.is_empty() {
+            // Through temporary names, in one transaction, so that swaps work.
+            let mut sql = String::new();
+            for (i, (_, from, _)) in renames.iter().enumerate() {
+                sql += &format!(
+                    "ALTER TABLE {q} RENAME COLUMN {} TO {};\n",
+                    quote_ident(from),
+                    quote_ident(&format!("_ferry_renaming_{i}"))
+                );
+            }
+            for (i, (n, from, to)) in renames.iter().enumerate() {
+                sql += &format!(
+                    "ALTER TABLE {q} RENAME COLUMN {} TO {};\n",
+                    quote_ident(&format!("_ferry_renaming_{i}")),
+                    quote_ident(to)
+                );
+                names.insert(*n, to.clone());
+                tracing::info!(table = %t.id, from, to, "column renamed in the destination");
+            }
+            self.session
+                .batch_execute(&format!("BEGIN;\n{sql}COMMIT"))
+                .await
+                .map_err(db_err(&self.target, &format!("renaming columns of {q}")))?;
+            let moved: Vec<(String, String)> = renames
+                .iter()
+                .filter_map(|(_, from, to)| Some((to.clone(), existing.remove(from)?)))
+                .collect();
+            existing.extend(moved);
+        }
+        let (nums, dest): (Vec<i16>, Vec<String>) =
+            names.iter().map(|(n, d)| (*n, d.clone())).unzip();
+        self.session
+            .execute(
+                "INSERT INTO ferry.columns SELECT $1, n, d FROM unnest($2::int2[], $3::text[]) AS u(n, d)
+                 ON CONFLICT (tbl, attnum) DO UPDATE SET name = EXCLUDED.name",
+                &[&tbl, &nums, &dest],
+            )
+            .await
+            .map_err(db_err(&self.target, "recording ferry.columns"))?;
+        self.names.insert(t.id.clone(), names);
+        Ok(())
     }
 
     /// The destination type of a column (see [`dest_type`]).
@@ -402,10 +536,10 @@ impl DestDb {
         let newest = self.newest.entry(t.id.clone()).or_default();
         let forward = position >= *newest;
         *newest = (*newest).max(position);
-        let added: Vec<(String, (String, String))> = t
+        let added: Vec<(ColumnKey, (String, String))> = t
             .columns
             .iter()
-            .filter_map(|c| Some((c.name.clone(), (c.missing.clone()?, self.col_type(c)))))
+            .filter_map(|c| Some((ColumnKey::of(c), (c.missing.clone()?, self.col_type(c)))))
             .collect();
         let known = self.missing.entry(t.id.clone()).or_default();
         for (name, value) in added {
@@ -447,7 +581,7 @@ impl DestDb {
             .batch_execute(&ddl)
             .await
             .map_err(db_err(&self.target, &format!("creating {q}")))?;
-        let existing: HashMap<String, String> = self
+        let mut existing: HashMap<String, String> = self
             .session
             .query(
                 "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
@@ -459,6 +593,7 @@ impl DestDb {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        self.follow_renames(t, &q, forward, &mut existing).await?;
         let (names, mods): (Vec<String>, Vec<i32>) =
             t.columns.iter().map(|c| self.type_key(c)).unzip();
         let canonical: Vec<Option<String>> = self
@@ -472,9 +607,14 @@ impl DestDb {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        for ((name, ty), canonical) in wanted.iter().zip(&canonical) {
-            let col = quote_ident(name);
-            match existing.get(name) {
+        for (((name, ty), canonical), c) in wanted.iter().zip(&canonical).zip(&t.columns) {
+            // Where this column lives in the destination (renamed there, maybe).
+            let col = self.col_name(&t.id, c);
+            let here = c
+                .attnum
+                .and_then(|n| self.names.get(&t.id).and_then(|m| m.get(&n)))
+                .unwrap_or(name);
+            match existing.get(here) {
                 None => {
                     // A column added at the origin with a default: rows older than it hold that
                     // value there, so they get it here too.
@@ -739,7 +879,7 @@ impl DestDb {
                 continue; // never overwrite with an invented value
             }
             params.push(to_text(&after[i], &c.ty));
-            cols.push(quote_ident(&c.name));
+            cols.push(self.col_name(&table.id, c));
             selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
         }
         // Written on insert only: an existing row keeps what it has.
@@ -760,7 +900,7 @@ impl DestDb {
         let keys: Vec<String> = table
             .key_indexes()
             .iter()
-            .map(|&i| quote_ident(&table.columns[i].name))
+            .map(|&i| self.col_name(&table.id, &table.columns[i]))
             .collect();
         let set: Vec<String> = set_cols
             .iter()
@@ -835,7 +975,7 @@ impl DestDb {
                 }
             }
             params.push(to_text(value, &c.ty));
-            cols.push(quote_ident(&c.name));
+            cols.push(self.col_name(&table.id, c));
             selects.push(format!("${}::text::{}", params.len(), self.col_type(c)));
         }
         for (col, value, ty) in self.older_rows(table) {
@@ -903,7 +1043,7 @@ impl DestDb {
             params.push(to_text(&before[i], &c.ty));
             conds.push(format!(
                 "{col}::text IS NOT DISTINCT FROM (${n}::text::{ty})::text",
-                col = quote_ident(&c.name),
+                col = self.col_name(&table.id, c),
                 n = params.len(),
                 ty = self.col_type(c)
             ));
@@ -947,7 +1087,7 @@ impl DestDb {
             params.push(to_text(&before[i], &c.ty));
             conds.push(format!(
                 "{} = ${}::text::{}",
-                quote_ident(&c.name),
+                self.col_name(&table.id, c),
                 params.len(),
                 self.col_type(c)
             ));
@@ -1682,6 +1822,7 @@ mod tests {
             type_oid: 0,
             type_mod: -1,
             missing: None,
+            attnum: None,
             ty,
             key,
         };

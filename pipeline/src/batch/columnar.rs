@@ -482,6 +482,7 @@ mod tests {
             type_oid: 0,
             type_mod: -1,
             missing: None,
+            attnum: None,
             ty,
             key,
         };

@@ -198,6 +198,7 @@ mod tests {
             type_oid: 0,
             type_mod: -1,
             missing: None,
+            attnum: None,
             ty,
             key,
         };

@@ -14,9 +14,11 @@
 //! confirmed position, so nothing is lost and only the unacknowledged tail is produced twice.
 //! A keepalive's position is confirmed only between transactions, behind the same queue, which
 //! is what lets an idle database's slot advance; a periodic heartbeat message keeps WAL moving.
-//! A malformed message or value stops capture with an error naming the LSN and relation; nothing
-//! after it is acknowledged.
+//! A value capture cannot read stops only its table ([`hold`]): its changes are kept in order in
+//! the held topic, and the others go on. A malformed message stops capture with an error naming
+//! the LSN; nothing after it is acknowledged.
 
+pub mod hold;
 pub mod sink;
 pub mod snapshot;
 pub mod stats;
@@ -37,11 +39,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::error::{pg, CaptureError};
-use crate::store::state::{self, Backfill, CaptureState, SampleState, TableProgress};
+use crate::store::state::{self, Backfill, CaptureState, SampleState, Stopped, TableProgress};
 use crate::throttle::backfill::{BackfillThrottle, THROTTLE_TICK};
-use crate::wal::{self, BackfillRequest, JobAction, JobControl, RepairRequest};
+use crate::wal::{self, BackfillRequest, JobAction, JobControl, RepairRequest, TableResume};
+use ferry_connectors::postgres::changes::RawChange;
 use sink::{AckBatch, Sink};
-use snapshot::Snapshotter;
+use snapshot::{ChunkStart, Snapshotter};
 
 /// Where capture sends events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +232,21 @@ struct Capture<'a> {
     ticks: Ticks,
     /// The newest schema version the stream announced per table.
     last_schema: HashMap<TableId, Arc<EncodedSchema>>,
+    /// Every schema version by fingerprint, for decoding held changes again.
+    versions: hold::Versions,
+}
+
+/// How a replay of a stopped table's held changes ended.
+enum Replay {
+    /// Every held change was sent (`sent` events), or, for a keyed row that still cannot be
+    /// read, its key is to be read again from the table (`repairs`).
+    Done {
+        sent: u64,
+        repairs: Vec<Vec<String>>,
+    },
+    /// A held change still cannot be read (and cannot be replaced by a read): the table stays
+    /// stopped from it.
+    Unreadable { since: (u64, u64), reason: String },
 }
 
 impl<'a> Capture<'a> {
@@ -252,6 +270,15 @@ impl<'a> Capture<'a> {
                     &target,
                     format!("creating publication {}", c.publication),
                 ))?;
+        if c.ddl_trigger {
+            match catalog::install_ddl_trigger(&session).await {
+                Ok(()) => tracing::debug!("DDL event trigger ferry_columns installed"),
+                Err(e) => tracing::warn!(error = %crate::error::causes(&e),
+                    "could not install the DDL event trigger ferry_columns (it needs superuser); \
+                     renamed columns are followed only while capture keeps up with the DDL \
+                     (set capture.ddl_trigger = false to silence this)"),
+            }
+        }
         if publication == catalog::Publication::NoTables {
             return Err(CaptureError::Setup(format!(
                 "publication {} does not exist and capture.tables is empty: name the tables                  (capture.tables = [\"public.orders\", …]), create the publication yourself, or                  set capture.all_tables = true to create it FOR ALL TABLES (needs superuser, and                  Postgres then refuses UPDATE and DELETE on tables without a replica identity)",
@@ -318,7 +345,23 @@ impl<'a> Capture<'a> {
                 snap.enqueue_backfill(job.clone());
             }
         }
+        let mut decoder = ChangeDecoder::new(cfg.origin.region.clone(), pgc.database.clone());
+        for (name, st) in &state.stopped {
+            if let Some(t) = crate::config::parse_table(name) {
+                tracing::error!(table = name, since = %Lsn(st.since.0), reason = st.reason,
+                    "table is stopped: its changes are held until `ferry resume-table {name}`");
+                decoder.hold(t.clone());
+                snap.set_table_stopped(&t, true);
+            }
+        }
+        stats
+            .tables_stopped
+            .store(state.stopped.len() as u64, Ordering::Relaxed);
         sync_backfills(&mut snap, &state);
+        let mut versions = hold::Versions::default();
+        for s in last_schema.values() {
+            versions.add(s);
+        }
         tracing::info!(
             slot = c.slot,
             publication = c.publication,
@@ -359,7 +402,7 @@ impl<'a> Capture<'a> {
             snap,
             throttle: BackfillThrottle::new(cfg),
             repl,
-            decoder: ChangeDecoder::new(cfg.origin.region.clone(), pgc.database.clone()),
+            decoder,
             outputs: Vec::new(),
             pending: Vec::new(),
             ack_tx,
@@ -368,6 +411,7 @@ impl<'a> Capture<'a> {
             txn: Txn::default(),
             recent_xids: VecDeque::with_capacity(RECENT_XIDS),
             last_schema,
+            versions,
             ticks: Ticks {
                 throttle: tokio::time::interval(THROTTLE_TICK),
                 heartbeat: every(c.heartbeat_interval_ms),
@@ -454,8 +498,23 @@ impl<'a> Capture<'a> {
                 cap,
             )
             .await?;
-        if let Some(schema) = started {
-            self.sink.register(&schema).await?;
+        match started {
+            ChunkStart::Nothing => {}
+            ChunkStart::Started(schema) => {
+                self.sink.register(&schema).await?;
+                self.versions.add(&schema);
+            }
+            ChunkStart::Unreadable { table, reason } => {
+                // Between transactions: everything later of this table is held; the state is
+                // saved behind the positions already handed to the acker.
+                let since = (self.decoder.txn_lsn() + 1, 0);
+                self.stop_table(&table, since, reason);
+                let at = self
+                    .state_after
+                    .back()
+                    .map_or(Lsn(self.decoder.txn_lsn()), |(l, _)| *l);
+                self.state_after.push_back((at, self.state.clone()));
+            }
         }
         Ok(())
     }
@@ -463,9 +522,9 @@ impl<'a> Capture<'a> {
     /// Everything up to `safe` is acknowledged: confirm it to Postgres, and save the states
     /// that waited for it.
     async fn on_acknowledged(&mut self, safe: Lsn) -> Result<(), CaptureError> {
-        self.repl
-            .update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
-        self.stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
+        // States first: a position is confirmed only once the state that goes with it is
+        // saved (a stopped table must still be stopped after a crash, or its held changes
+        // would be skipped).
         while self.state_after.front().is_some_and(|(l, _)| *l <= safe) {
             let Some((_, st)) = self.state_after.pop_front() else {
                 break;
@@ -482,6 +541,9 @@ impl<'a> Capture<'a> {
                 .snapshots_done_total
                 .store(done as u64, Ordering::Relaxed);
         }
+        self.repl
+            .update_applied_lsn(pgwire_replication::Lsn::from_u64(safe.0));
+        self.stats.confirmed_lsn.store(safe.0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -532,7 +594,16 @@ impl<'a> Capture<'a> {
             match out {
                 Output::Schema(s) => {
                     self.sink.register(&s).await?;
+                    self.versions.add(&s);
                     self.on_new_version(s).await?;
+                }
+                Output::Held {
+                    schema,
+                    change,
+                    reason,
+                } => {
+                    self.txn.live = true;
+                    self.on_held(schema, change, reason).await?;
                 }
                 Output::Event(s, e) => {
                     self.txn.live = true;
@@ -550,15 +621,7 @@ impl<'a> Capture<'a> {
                             self.snap.enqueue_repair(s.table().id.clone(), vec![key]);
                         }
                     }
-                    self.snap.observe(&s, &e);
-                    if self.snap.absorbs(&s, &e) {
-                        continue;
-                    }
-                    let n = self.sink.send(&s, &e, &mut self.pending).await?;
-                    self.stats
-                        .encoded_bytes_total
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.stats.events_total.fetch_add(1, Ordering::Relaxed);
+                    self.emit(&s, &e).await?;
                 }
             }
         }
@@ -566,6 +629,233 @@ impl<'a> Capture<'a> {
             self.hand_to_acker(None).await?;
         }
         Ok(())
+    }
+
+    /// Sends one streamed (or replayed) change, unless a pending snapshot absorbs it.
+    async fn emit(
+        &mut self,
+        s: &Arc<EncodedSchema>,
+        e: &ferry_schemas::ChangeEvent,
+    ) -> Result<(), CaptureError> {
+        self.snap.observe(s, e);
+        if self.snap.absorbs(s, e) {
+            return Ok(());
+        }
+        let n = self.sink.send(s, e, &mut self.pending).await?;
+        self.stats
+            .encoded_bytes_total
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.events_total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A change of a stopped table, or one whose value cannot be read (`reason`), which stops
+    /// its table: kept in the held topic, in WAL order, with the transaction's other records.
+    async fn on_held(
+        &mut self,
+        schema: Arc<EncodedSchema>,
+        change: RawChange,
+        reason: Option<String>,
+    ) -> Result<(), CaptureError> {
+        let table = schema.table().id.clone();
+        let name = table.to_string();
+        if let Some(reason) = &reason {
+            let key = change
+                .key_texts(&schema.table().key_indexes())
+                .filter(|_| schema.has_key())
+                .map_or_else(String::new, |k| format!(" (key {})", k.join(", ")));
+            self.stop_table(&table, (change.lsn, change.seq), format!("{reason}{key}"));
+            self.txn.moved_state = true;
+        }
+        let lsn = Lsn(change.lsn);
+        let record = hold::HeldChange {
+            table: name,
+            value_fingerprint: schema.value_fp.to_string(),
+            reason,
+            change,
+        };
+        let json = serde_json::to_vec(&record)
+            .map_err(|e| CaptureError::Setup(format!("internal: encoding a held change: {e}")))?;
+        self.sink
+            .hold(&table, &json, lsn, &mut self.pending)
+            .await?;
+        self.stats
+            .held_changes_total
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops a table: from `since` on its changes are held, its snapshot, backfills and
+    /// repairs wait, and the other tables go on.
+    fn stop_table(&mut self, table: &TableId, since: (u64, u64), reason: String) {
+        let name = table.to_string();
+        if self.state.stopped.contains_key(&name) {
+            return;
+        }
+        tracing::error!(table = name, lsn = %Lsn(since.0), reason,
+            held_in = crate::topics::capture_held_topic(&self.cfg.capture.topic_prefix),
+            "table stopped: capture cannot read a change of it; its changes are held in order \
+             and every other table goes on. Fix the cause, then: ferry resume-table {name}");
+        self.state.stopped.insert(
+            name,
+            Stopped {
+                since,
+                reason,
+                at_ms: hold::now_ms(),
+            },
+        );
+        self.decoder.hold(table.clone());
+        self.snap.set_table_stopped(table, true);
+        sync_backfills(&mut self.snap, &self.state);
+        self.stats
+            .tables_stopped
+            .store(self.state.stopped.len() as u64, Ordering::Relaxed);
+    }
+
+    /// An operator resumed a stopped table: its held changes are sent in order, at this point
+    /// of the stream, then its changes flow again.
+    async fn on_table_resume(&mut self, r: TableResume) -> Result<(), CaptureError> {
+        let Some(stopped) = self.state.stopped.get(&r.table).cloned() else {
+            tracing::info!(
+                table = r.table,
+                "resume of a table capture has not stopped; ignored"
+            );
+            return Ok(());
+        };
+        let Some(table) = crate::config::parse_table(&r.table) else {
+            tracing::warn!(
+                table = r.table,
+                "resume of a table that is not schema.table; ignored"
+            );
+            return Ok(());
+        };
+        self.txn.moved_state = true;
+        match self.replay_held(&table, stopped.since).await? {
+            Replay::Unreadable { since, reason } => {
+                tracing::error!(table = r.table, lsn = %Lsn(since.0), reason,
+                    "resumed table stopped again: a held change still cannot be read; it stays held from there");
+                self.state.stopped.insert(
+                    r.table.clone(),
+                    Stopped {
+                        since,
+                        reason,
+                        at_ms: hold::now_ms(),
+                    },
+                );
+            }
+            Replay::Done { sent, repairs } => {
+                self.state.stopped.remove(&r.table);
+                self.decoder.release(&table);
+                self.snap.set_table_stopped(&table, false);
+                sync_backfills(&mut self.snap, &self.state);
+                let reread = repairs.len();
+                if !repairs.is_empty() {
+                    self.snap.enqueue_repair(table.clone(), repairs);
+                }
+                self.stats
+                    .tables_stopped
+                    .store(self.state.stopped.len() as u64, Ordering::Relaxed);
+                tracing::info!(
+                    table = r.table,
+                    held_changes_sent = sent,
+                    rows_read_again = reread,
+                    "table resumed: its held changes were sent in order; its changes flow again"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a stopped table's held changes from `since` on, decoded again, in order.
+    async fn replay_held(
+        &mut self,
+        table: &TableId,
+        since: (u64, u64),
+    ) -> Result<Replay, CaptureError> {
+        let Some((cluster, prefix)) = self.sink.cluster() else {
+            return Ok(Replay::Done {
+                sent: 0,
+                repairs: Vec::new(),
+            });
+        };
+        let (cluster, prefix) = (cluster.clone(), prefix.to_string());
+        // Every held record produced so far is in the topic before it is read.
+        self.sink.flush(Duration::from_secs(30));
+        let name = table.to_string();
+        let (mut from, mut sent) = (0, 0u64);
+        let mut seen = HashSet::new();
+        let mut repairs = Vec::new();
+        loop {
+            let (records, end) = hold::page(&cluster, &prefix, &name, from).await?;
+            for (offset, parsed) in records {
+                from = offset + 1;
+                let h = match parsed {
+                    Ok(h) => h,
+                    Err(e) => {
+                        return Ok(Replay::Unreadable {
+                            since,
+                            reason: format!(
+                                "held record at offset {offset} of {} does not parse: {e}",
+                                crate::topics::capture_held_topic(&prefix)
+                            ),
+                        })
+                    }
+                };
+                let pos = (h.change.lsn, h.change.seq);
+                // Before `since`: an earlier stop's. Twice: produced again after a restart.
+                if pos < since || !seen.insert(pos) {
+                    continue;
+                }
+                let Some(schema) = self
+                    .versions
+                    .get(&cluster, &prefix, &h.value_fingerprint)
+                    .await?
+                else {
+                    return Ok(Replay::Unreadable {
+                        since: pos,
+                        reason: format!(
+                            "schema version {} of a held change is not in the schema topic",
+                            h.value_fingerprint
+                        ),
+                    });
+                };
+                match self.decoder.redecode(&schema, &h.change) {
+                    Ok(events) => {
+                        self.sink.register(&schema).await?;
+                        for e in &events {
+                            self.emit(&schema, e).await?;
+                            sent += 1;
+                        }
+                    }
+                    Err(e) => match h
+                        .change
+                        .key_texts(&schema.table().key_indexes())
+                        .filter(|_| schema.has_key())
+                    {
+                        Some(key) => {
+                            tracing::warn!(table = name, key = ?key, lsn = %Lsn(pos.0), error = %e,
+                                "a held change still cannot be read; its row is read again from the table instead");
+                            if !repairs.contains(&key) {
+                                repairs.push(key);
+                            }
+                        }
+                        None => {
+                            return Ok(Replay::Unreadable {
+                                since: pos,
+                                reason: e.to_string(),
+                            })
+                        }
+                    },
+                }
+                if self.pending.len() >= ACK_SLICE {
+                    self.hand_to_acker(None).await?;
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        Ok(Replay::Done { sent, repairs })
     }
 
     /// A new schema version of a table. A column added with a default whose value the rows
@@ -634,6 +924,16 @@ impl<'a> Capture<'a> {
             Some(wal::Kind::Repair) => {
                 if let Some(r) = self.request::<RepairRequest>(content, "repair request") {
                     self.on_repair_request(r);
+                }
+            }
+            Some(wal::Kind::Columns) => {
+                if let Err(e) = self.decoder.columns_message(content) {
+                    tracing::warn!(error = e, "unreadable column-number message; ignored");
+                }
+            }
+            Some(wal::Kind::TableResume) => {
+                if let Some(r) = self.request::<TableResume>(content, "table resume") {
+                    self.on_table_resume(r).await?;
                 }
             }
             Some(wal::Kind::Heartbeat) | None => {}
@@ -768,6 +1068,7 @@ impl<'a> Capture<'a> {
             )
             .await?;
             if let Some(s) = registered {
+                self.versions.add(&s);
                 self.last_schema.insert(t.clone(), s);
             }
             if c.snapshot {
@@ -908,6 +1209,35 @@ impl<'a> Capture<'a> {
     }
 }
 
+/// The tables capture stopped, from the stored capture state.
+pub async fn stopped_tables(
+    cfg: &Config,
+) -> Result<std::collections::BTreeMap<String, Stopped>, CaptureError> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let topic = crate::topics::state_topic(&cfg.capture.topic_prefix);
+    Ok(state::load(&origin, &topic, &cfg.capture.slot)
+        .await?
+        .stopped)
+}
+
+/// Asks capture to resume a table it stopped (a message in the WAL, acted on in stream
+/// order, so it also waits while capture is down). Returns why the table was stopped, or
+/// `None` when it is not.
+pub async fn request_resume(cfg: &Config, table: &TableId) -> Result<Option<String>, CaptureError> {
+    let Some(stopped) = stopped_tables(cfg).await?.remove(&table.to_string()) else {
+        return Ok(None);
+    };
+    let pgc = &cfg.origin.postgres;
+    let target = pgc.display();
+    let session = pgc.connect().await.map_err(pg(&target, "connecting"))?;
+    let request = TableResume {
+        slot: cfg.capture.slot.clone(),
+        table: table.to_string(),
+    };
+    wal::emit_json(&session, &target, wal::Kind::TableResume, &request).await?;
+    Ok(Some(stopped.reason))
+}
+
 /// Whether the origin can be captured from: logical WAL, a role that may replicate.
 async fn check_source(session: &Session, pgc: &PgConfig, target: &str) -> Result<(), CaptureError> {
     let facts = catalog::server_facts(session)
@@ -958,8 +1288,9 @@ async fn connect_replication(cfg: &Config) -> Result<ReplicationClient, CaptureE
 /// Tells the snapshotter which backfill jobs may read (see `CaptureState::backfill_wait`) and
 /// in which order (tier, then request order).
 fn sync_backfills(snap: &mut Snapshotter, state: &CaptureState) {
-    for job in state.backfills.keys() {
-        snap.set_backfill_blocked(job, state.backfill_wait(job).is_some());
+    for (job, b) in &state.backfills {
+        let blocked = state.backfill_wait(job).is_some() || state.stopped.contains_key(&b.table);
+        snap.set_backfill_blocked(job, blocked);
     }
     snap.order_backfills(|job| state.backfills.get(job).map_or(u32::MAX, |b| b.tier));
 }

@@ -18,7 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::CaptureError;
-use crate::topics::{schema_topic, state_topic, table_topic};
+use crate::topics::{capture_held_topic, schema_topic, state_topic, table_topic};
 
 /// Records of one transaction (or one slice of a large one) and the LSN that becomes safe once
 /// they are all acknowledged (`None` for a slice in the middle of a transaction).
@@ -120,6 +120,12 @@ impl Sink {
             .ensure_topics(&[
                 compacted(schema_topic(prefix)),
                 compacted(state_topic(prefix)),
+                TopicSpec {
+                    name: capture_held_topic(prefix),
+                    partitions: 1,
+                    // Kept until resumed, however long that takes.
+                    config: vec![("retention.ms".into(), "-1".into())],
+                },
             ])
             .await?;
         let producer = cluster.producer(linger_ms)?;
@@ -285,6 +291,43 @@ impl Sink {
                 }
                 Ok(k.key.len() + k.value.len())
             }
+        }
+    }
+
+    /// Sends one held change of a stopped table (`record`, JSON) to the held topic, keyed by
+    /// the table; its delivery joins `pending` like any other record of the transaction.
+    pub async fn hold(
+        &mut self,
+        table: &TableId,
+        record: &[u8],
+        lsn: Lsn,
+        pending: &mut Vec<(String, DeliveryFuture)>,
+    ) -> Result<(), CaptureError> {
+        let Sink::Kafka(k) = self else {
+            return Ok(());
+        };
+        let topic = capture_held_topic(&k.prefix);
+        let key = table.to_string();
+        let d = ferry_connectors::kafka::enqueue(
+            &k.producer,
+            FutureRecord::to(&topic)
+                .key(key.as_bytes())
+                .payload(record)
+                .partition(0),
+        )
+        .await
+        .map_err(|e| {
+            crate::error::undelivered(topic.clone(), lsn.to_string(), &e, key.len() + record.len())
+        })?;
+        pending.push((topic, d));
+        Ok(())
+    }
+
+    /// The origin cluster and the topic prefix (`None` for the null sink).
+    pub fn cluster(&self) -> Option<(&Cluster, &str)> {
+        match self {
+            Sink::Kafka(k) => Some((&k.cluster, &k.prefix)),
+            Sink::Null { .. } => None,
         }
     }
 

@@ -129,6 +129,21 @@ pub struct ChunkDone {
     pub progress: Option<TableProgress>,
 }
 
+/// What [`Snapshotter::start_chunk`] did.
+pub enum ChunkStart {
+    /// Nothing was due.
+    Nothing,
+    /// A chunk was read, with this schema version (register it before its rows are sent).
+    Started(Arc<EncodedSchema>),
+    /// A value in the chunk cannot be read: the table must be stopped.
+    Unreadable {
+        /// The table.
+        table: TableId,
+        /// Which row and column, and why.
+        reason: String,
+    },
+}
+
 /// Runs snapshots one chunk at a time. See the module docs.
 pub struct Snapshotter {
     slot: String,
@@ -139,6 +154,8 @@ pub struct Snapshotter {
     repairs: VecDeque<(TableId, Vec<Vec<String>>)>,
     backfills: VecDeque<String>,
     blocked: HashSet<String>,
+    /// Tables capture stopped: nothing of theirs is read until they are resumed.
+    stopped: HashSet<TableId>,
     chunk: Option<Chunk>,
     run_id: u64,
     seq: u64,
@@ -176,6 +193,7 @@ impl Snapshotter {
             repairs: VecDeque::new(),
             backfills: VecDeque::new(),
             blocked: HashSet::new(),
+            stopped: HashSet::new(),
             chunk: None,
             run_id: rand::random(),
             seq: 0,
@@ -217,6 +235,40 @@ impl Snapshotter {
         } else {
             self.blocked.remove(job);
         }
+    }
+
+    /// Stops or resumes reading a table (snapshot, repairs; its backfill jobs are blocked by
+    /// the caller). Stopping abandons its chunk in flight, to be read again on resume.
+    pub fn set_table_stopped(&mut self, table: &TableId, stopped: bool) {
+        if !stopped {
+            self.stopped.remove(table);
+            return;
+        }
+        self.stopped.insert(table.clone());
+        if self
+            .chunk
+            .as_ref()
+            .is_some_and(|c| &c.schema.table().id == table)
+        {
+            if let Some(c) = self.chunk.take() {
+                if let Some(keys) = c.repair {
+                    self.repairs.push_front((table.clone(), keys));
+                }
+                tracing::info!(table = %table, "chunk in flight abandoned; it is read again on resume");
+            }
+        }
+    }
+
+    /// The next table to snapshot that is not stopped.
+    fn next_table(&self) -> Option<&TableId> {
+        self.queue.iter().find(|t| !self.stopped.contains(*t))
+    }
+
+    /// Where the next repair that is not for a stopped table waits.
+    fn next_repair(&self) -> Option<usize> {
+        self.repairs
+            .iter()
+            .position(|(t, _)| !self.stopped.contains(t))
     }
 
     /// Orders queued backfill jobs by `rank` (their tier), keeping request order within one.
@@ -267,8 +319,8 @@ impl Snapshotter {
     /// (`backfill_allowed`), so live capture and snapshots always go first.
     pub fn wants_chunk(&self, backfill_allowed: bool) -> bool {
         self.chunk.is_none()
-            && (!self.queue.is_empty()
-                || !self.repairs.is_empty()
+            && (self.next_table().is_some()
+                || self.next_repair().is_some()
                 || (backfill_allowed && self.has_backfill()))
     }
 
@@ -283,23 +335,23 @@ impl Snapshotter {
         state: &CaptureState,
         recent_xids: &HashSet<u32>,
         backfill_cap: usize,
-    ) -> Result<Option<Arc<EncodedSchema>>, CaptureError> {
-        let repair = self.repairs.pop_front();
+    ) -> Result<ChunkStart, CaptureError> {
+        let repair = self.next_repair().and_then(|i| self.repairs.remove(i));
         let mut backfill: Option<(String, crate::store::state::Backfill)> = None;
-        let table = match (&repair, self.queue.front()) {
+        let table = match (&repair, self.next_table()) {
             (Some((t, _)), _) => t.clone(),
             (None, Some(t)) => t.clone(),
             (None, None) => {
                 let Some(job) = self.next_backfill().cloned() else {
-                    return Ok(None);
+                    return Ok(ChunkStart::Nothing);
                 };
                 let Some(b) = state.backfills.get(&job).cloned() else {
                     self.backfills.retain(|j| *j != job);
-                    return Ok(None);
+                    return Ok(ChunkStart::Nothing);
                 };
                 let Some(t) = crate::config::parse_table(&b.table) else {
                     self.backfills.retain(|j| *j != job);
-                    return Ok(None);
+                    return Ok(ChunkStart::Nothing);
                 };
                 backfill = Some((job, b));
                 t
@@ -315,9 +367,9 @@ impl Snapshotter {
             if let Some((job, _)) = &backfill {
                 self.backfills.retain(|j| j != job);
             } else if repair.is_none() {
-                self.queue.pop_front();
+                self.queue.retain(|q| *q != table);
             }
-            return Ok(None);
+            return Ok(ChunkStart::Nothing);
         };
         // Exactly what the stream sends: the publication's columns and rows only.
         let published = catalog::published(client, &self.publication, &table)
@@ -393,7 +445,7 @@ impl Snapshotter {
             chunk_rows,
         ) else {
             tracing::warn!(table = %table, "repair needs a key; ignored");
-            return Ok(None);
+            return Ok(ChunkStart::Nothing);
         };
         // A backfill chunk may read from a replica; its snapshot is checked against the
         // stream exactly like the primary's (a lagging replica is waited for below).
@@ -460,16 +512,33 @@ impl Snapshotter {
             for (i, col) in cols.iter().enumerate() {
                 datums.push(match r.get(i + 1) {
                     None => Datum::Null,
-                    Some(text) => text_datum(text.as_bytes(), &col.ty).map_err(|source| {
-                        CaptureError::Change(
-                            ferry_connectors::postgres::changes::ChangeError::Value {
-                                lsn: ferry_schemas::Lsn::ZERO,
+                    Some(text) => match text_datum(text.as_bytes(), &col.ty) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            // The chunk is dropped (its watermark finds nothing); the caller
+                            // stops the table, and the chunk is read again on resume.
+                            let key: Vec<&str> = if keyed {
+                                key_idx
+                                    .iter()
+                                    .map(|&k| r.get(k + 1).unwrap_or("NULL"))
+                                    .collect()
+                            } else {
+                                vec![r.get(0).unwrap_or_default()]
+                            };
+                            if let Some(keys) = repair {
+                                self.repairs.push_front((table.clone(), keys));
+                            }
+                            return Ok(ChunkStart::Unreadable {
                                 table: table.clone(),
-                                column: col.name.clone(),
-                                source,
-                            },
-                        )
-                    })?,
+                                reason: format!(
+                                    "snapshot of {table}, row {} ({}): column {:?}: {e}",
+                                    if keyed { "key" } else { "ctid" },
+                                    key.join(", "),
+                                    col.name
+                                ),
+                            });
+                        }
+                    },
                 });
             }
             last = Some(if keyed {
@@ -509,7 +578,7 @@ impl Snapshotter {
             drop_images: std::collections::HashMap::new(),
             truncated: false,
         });
-        Ok(Some(schema))
+        Ok(ChunkStart::Started(schema))
     }
 
     async fn emit_watermark(
@@ -671,7 +740,7 @@ impl Snapshotter {
             if let Some(job) = &chunk.backfill {
                 self.backfills.retain(|j| j != job);
             } else {
-                self.queue.pop_front();
+                self.queue.retain(|q| *q != table);
             }
             Some(TableProgress::Done)
         } else {
@@ -769,6 +838,7 @@ mod tests {
             type_oid: 0,
             type_mod: -1,
             missing: None,
+            attnum: None,
             ty: ferry_schemas::ColumnType::Text,
             key,
         };

@@ -21,6 +21,10 @@ pub struct Stats {
     pub confirmed_lsn: AtomicU64,
     /// Tables whose snapshot is complete.
     pub snapshots_done_total: AtomicU64,
+    /// Tables stopped (a change capture cannot read): their changes are held.
+    pub tables_stopped: AtomicU64,
+    /// Changes written to the held topic.
+    pub held_changes_total: AtomicU64,
 }
 
 /// `ferry_capture_events_total`.
@@ -54,6 +58,17 @@ pub const SNAPSHOTS_DONE: Family = Family::gauge(
     "tables whose initial snapshot is complete",
 );
 
+/// `ferry_capture_tables_stopped`.
+pub const TABLES_STOPPED: Family = Family::gauge(
+    "ferry_capture_tables_stopped",
+    "tables capture stopped (a change it cannot read); their changes are held",
+);
+/// `ferry_capture_held_changes_total`.
+pub const HELD_CHANGES: Family = Family::counter(
+    "ferry_capture_held_changes_total",
+    "changes of stopped tables written to the held topic",
+);
+
 impl Stats {
     /// Renders the counters, labelled with the slot.
     pub fn render(&self, slot: &str, out: &mut Exposition) {
@@ -66,6 +81,8 @@ impl Stats {
             (RETRIES, &self.retries_total),
             (CONFIRMED_LSN, &self.confirmed_lsn),
             (SNAPSHOTS_DONE, &self.snapshots_done_total),
+            (TABLES_STOPPED, &self.tables_stopped),
+            (HELD_CHANGES, &self.held_changes_total),
         ] {
             out.single(family, &labels, counter.load(Ordering::Relaxed));
         }

@@ -105,6 +105,23 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             ),
         )
     });
+    if cfg.capture.ddl_trigger {
+        out.push(match catalog::has_ddl_trigger(&session).await {
+            Ok(true) => finding(
+                "DDL trigger",
+                true,
+                "ferry_columns is installed: renamed columns are followed exactly",
+            ),
+            // Not a failure: capture installs it when it can, and works without it.
+            Ok(false) => finding(
+                "DDL trigger",
+                true,
+                "ferry_columns is not installed yet (capture installs it when its role is a superuser); \
+                 without it a renamed column is followed only while capture keeps up with the DDL",
+            ),
+            Err(e) => finding("DDL trigger", false, e.to_string()),
+        });
+    }
     out.push(if facts.can_replicate {
         finding(
             "replication privilege",

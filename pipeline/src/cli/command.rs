@@ -215,7 +215,7 @@ pub enum Command {
         #[arg(long)]
         max_bytes_per_sec: Option<f64>,
     },
-    /// Resume a table apply holds (the destination refused one of its batches): its held batches are applied in order, then its new ones.
+    /// Resume a table capture stopped (a change it could not read) or apply holds (the destination refused one of its batches): its held changes or batches go on in order, then its new ones.
     ResumeTable {
         /// The table, as schema.table.
         table: String,
@@ -621,16 +621,25 @@ pub async fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         Command::ResumeTable { table } => {
             let id = parse_table(&table)
                 .ok_or_else(|| CliError::Usage(format!("table {table:?} is not schema.table")))?;
-            let pg = destination_pg(&cfg)?;
-            match crate::apply::request_resume(&pg, &id).await? {
-                Some((batches, reason)) => println!(
-                    "resume of {id} requested: the applier re-applies its {batches} held batches in order, then its new ones (it was held for: {reason})"
-                ),
-                None => {
-                    return Err(CliError::Usage(format!(
-                        "{id} is not held (`ferry status` lists the held tables)"
-                    )))
+            let mut resumed = false;
+            if let Some(reason) = crate::capture::request_resume(&cfg, &id).await? {
+                println!(
+                    "resume of {id} requested from capture: its held changes are sent in order, then its new ones (it was stopped for: {reason})"
+                );
+                resumed = true;
+            }
+            if let Some(pg) = &cfg.destination.postgres {
+                if let Some((batches, reason)) = crate::apply::request_resume(pg, &id).await? {
+                    println!(
+                        "resume of {id} requested from apply: the applier re-applies its {batches} held batches in order, then its new ones (it was held for: {reason})"
+                    );
+                    resumed = true;
                 }
+            }
+            if !resumed {
+                return Err(CliError::Usage(format!(
+                    "{id} is neither stopped by capture nor held by apply (`ferry status` lists both)"
+                )));
             }
         }
         Command::Lineage { table, key } => {

@@ -67,7 +67,7 @@ pub async fn follow(
         let rows = list(cfg).await?;
         let mine: Vec<&JobRow> = rows
             .iter()
-            .filter(|r| r.kind != JobKind::Live)
+            .filter(|r| !matches!(r.kind, JobKind::Live | JobKind::Table))
             .filter(|r| jobs.is_empty() || jobs.contains(&r.job))
             .collect();
         for r in &mine {

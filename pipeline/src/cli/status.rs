@@ -79,6 +79,20 @@ pub async fn print(cfg: &Config) -> Result<(), InspectError> {
         },
         Err(e) => println!("  postgres {}: {e}", pgc.display()),
     }
+    match crate::capture::stopped_tables(cfg).await {
+        Ok(stopped) if stopped.is_empty() => println!("  no table stopped"),
+        Ok(stopped) => {
+            for (table, st) in stopped {
+                println!(
+                    "  STOPPED {table}: changes held since LSN {}: {}",
+                    ferry_schemas::Lsn(st.since.0),
+                    st.reason
+                );
+                println!("       fix the cause, then: ferry resume-table {table}");
+            }
+        }
+        Err(e) => println!("  capture state: {e}"),
+    }
 
     println!("ship (group {})", cfg.ship.group_id);
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());

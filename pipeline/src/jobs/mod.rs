@@ -66,6 +66,8 @@ pub enum JobKind {
     Backfill,
     /// A replay of an origin range.
     Replay,
+    /// A table stopped by capture or held by apply.
+    Table,
 }
 
 impl std::fmt::Display for JobKind {
@@ -74,6 +76,7 @@ impl std::fmt::Display for JobKind {
             JobKind::Live => "live",
             JobKind::Backfill => "backfill",
             JobKind::Replay => "replay",
+            JobKind::Table => "table",
         })
     }
 }
@@ -177,6 +180,26 @@ pub async fn list(cfg: &Config) -> Result<Vec<JobRow>, JobsError> {
         });
     }
 
+    for (table, st) in &capture.stopped {
+        rows.push(stopped_row(
+            table,
+            "capture",
+            format!("{}; then: ferry resume-table {table}", st.reason),
+        ));
+    }
+    if let Some(pg) = &cfg.destination.postgres {
+        // The destination may be down or not set up yet; jobs still lists the rest.
+        if let Ok(held) = crate::apply::held_tables(pg).await {
+            for (table, batches, reason, _) in held {
+                rows.push(stopped_row(
+                    &table,
+                    "apply",
+                    format!("{batches} batches held: {reason}; then: ferry resume-table {table}"),
+                ));
+            }
+        }
+    }
+
     let replays: std::collections::BTreeMap<String, Checkpoint> =
         state::load_all(&origin, &state_topic, |k| k.starts_with("job/")).await?;
     for (key, cp) in replays {
@@ -207,6 +230,23 @@ pub async fn list(cfg: &Config) -> Result<Vec<JobRow>, JobsError> {
         });
     }
     Ok(rows)
+}
+
+/// A `ferry jobs` line for a table a stage stopped.
+fn stopped_row(table: &str, stage: &str, note: String) -> JobRow {
+    JobRow {
+        job: format!("{stage}:{table}"),
+        kind: JobKind::Table,
+        target: table.to_string(),
+        state: JobState::Stopped,
+        done: 0,
+        total: 0,
+        rate: 0.0,
+        limited_by: String::new(),
+        tier: None,
+        after: Vec::new(),
+        note,
+    }
 }
 
 /// The outcome of a staged backfill's sample check.

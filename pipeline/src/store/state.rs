@@ -1,4 +1,5 @@
-//! Capture state: which tables' snapshots are complete, and how far an unfinished one got.
+//! Capture state: which tables' snapshots are complete, how far an unfinished one got, the
+//! backfill jobs, and the tables capture stopped.
 //!
 //! Stored as JSON in the origin cluster's compacted `<prefix>._state` topic, keyed
 //! `capture/<slot>`, written only after every record it vouches for has been acknowledged.
@@ -32,6 +33,22 @@ pub struct CaptureState {
     /// Backfill jobs by name.
     #[serde(default)]
     pub backfills: BTreeMap<String, Backfill>,
+    /// Tables capture stopped (a value it cannot read), by `schema.table`: their changes go to
+    /// the held topic until an operator resumes them.
+    #[serde(default)]
+    pub stopped: BTreeMap<String, Stopped>,
+}
+
+/// A table capture stopped, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopped {
+    /// The first held change: (commit LSN, sequence number in its transaction). Held records
+    /// before it belong to an earlier stop.
+    pub since: (u64, u64),
+    /// What could not be read, naming the column, key and LSN.
+    pub reason: String,
+    /// When, epoch milliseconds.
+    pub at_ms: i64,
 }
 
 /// An online backfill of a table (`ferry backfill`), read in key-ordered chunks like a
@@ -117,6 +134,8 @@ pub enum JobState {
     Cancelled,
     /// Finished.
     Done,
+    /// A table stopped by capture or held by apply, waiting for `ferry resume-table`.
+    Stopped,
 }
 
 impl JobState {
@@ -129,6 +148,7 @@ impl JobState {
             JobState::Sampled => "sampled",
             JobState::Cancelled => "cancelled",
             JobState::Done => "done",
+            JobState::Stopped => "stopped",
         }
     }
 

@@ -48,6 +48,7 @@ fn column(name: &str, ty: ColumnType, key: bool) -> Column {
         type_oid: 0,
         type_mod: -1,
         missing: None,
+        attnum: None,
         ty,
         key,
     }
