@@ -416,12 +416,11 @@ impl LagReader {
             })?;
             let (mut done, mut end, mut claimed) = (0, 0, false);
             for e in committed.elements() {
-                let (lo, hi) = consumer
-                    .fetch_watermarks(&t, e.partition(), timeout)
-                    .map_err(|err| {
-                        self.cluster
-                            .err(format!("reading watermarks of {t}[{}]", e.partition()), err)
-                    })?;
+                let tp = TopicPartition::new(t.clone(), e.partition());
+                // Gone since the metadata was read: nothing to count.
+                let Some((lo, hi)) = self.cluster.watermarks_with(consumer, &tp)? else {
+                    continue;
+                };
                 end += hi;
                 done += match e.offset() {
                     rdkafka::Offset::Offset(o) => {
@@ -541,10 +540,21 @@ impl Cluster {
         reader: &Reader,
         tp: &TopicPartition,
     ) -> Result<Option<(i64, i64)>, KafkaError> {
-        match reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10)) {
-            Ok(w) => Ok(Some(w)),
-            Err(e) if unknown_topic(&e) => Ok(None),
-            Err(e) => Err(self.err(format!("reading the watermarks of {tp}"), e)),
+        // A leader moving or a connection being re-established answers with a passing error;
+        // ask again for a while before reporting it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10)) {
+                Ok(w) => return Ok(Some(w)),
+                Err(e) if unknown_topic(&e) => return Ok(None),
+                Err(e) => {
+                    let e = self.err(format!("reading the watermarks of {tp}"), e);
+                    if !e.is_retryable() || std::time::Instant::now() > deadline {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
         }
     }
 
@@ -592,7 +602,15 @@ impl Cluster {
                 // The end now: `to` lies beyond the last record (transaction markers, or
                 // records compacted away).
                 Some(Err(RdError::PartitionEOF(_))) => return Ok(read),
-                Some(Err(e)) => return Err(self.err(format!("reading {tp}"), e)),
+                Some(Err(e)) => {
+                    // A passing condition (all connections down for a moment, a leader
+                    // moving): the client recovers by itself; only a stall ends the read.
+                    let e = self.err(format!("reading {tp}"), e);
+                    if !e.is_retryable() || last_record.elapsed() > READ_STALL {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 Some(Ok(m)) => {
                     last_record = std::time::Instant::now();
                     if m.offset() >= to {

@@ -106,7 +106,8 @@ struct Side {
     scope: String,
     /// (column, type) in origin column order.
     columns: Vec<(String, String)>,
-    keys: Vec<(String, String)>,
+    /// (column, type, whether it has a collation) of the key columns.
+    keys: Vec<(String, String, bool)>,
 }
 
 impl Side {
@@ -125,7 +126,7 @@ impl Side {
         let rows = session
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                        coalesce(a.attnum = ANY(i.indkey), false)
+                        coalesce(a.attnum = ANY(i.indkey), false), a.attcollation <> 0
                  FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
                  ORDER BY a.attnum",
@@ -141,12 +142,13 @@ impl Side {
         let mut columns = Vec::new();
         let mut keys = Vec::new();
         for r in rows {
-            let (name, ty, key): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+            let (name, ty, key, collated): (String, String, bool, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
             if name.starts_with("_ferry_") || only.is_some_and(|o| !o.contains(&name)) {
                 continue;
             }
             if key {
-                keys.push((name.clone(), ty.clone()));
+                keys.push((name.clone(), ty.clone(), collated));
             }
             columns.push((name, ty));
         }
@@ -165,10 +167,18 @@ impl Side {
         })
     }
 
+    /// The key columns in comparison order. Text keys compare by bytes (`COLLATE "C"`) on both
+    /// sides, so a range holds the same rows whatever collation each database gives them.
     fn order(&self) -> String {
         self.keys
             .iter()
-            .map(|(k, _)| quote_ident(k))
+            .map(|(k, _, collated)| {
+                if *collated {
+                    format!("{} COLLATE \"C\"", quote_ident(k))
+                } else {
+                    quote_ident(k)
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -177,7 +187,7 @@ impl Side {
     fn key_texts(&self) -> Vec<String> {
         self.keys
             .iter()
-            .map(|(k, _)| format!("{}::text", quote_ident(k)))
+            .map(|(k, _, _)| format!("{}::text", quote_ident(k)))
             .collect()
     }
 
@@ -195,7 +205,7 @@ impl Side {
             .keys
             .iter()
             .zip(key)
-            .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
+            .map(|((_, ty, _), v)| format!("{}::{ty}", quote_literal(v)))
             .collect();
         format!("({})", vals.join(", "))
     }

@@ -620,6 +620,8 @@ pub struct ServerFacts {
     pub max_wal_senders: i64,
     /// Whether the current user may replicate (REPLICATION attribute or superuser).
     pub can_replicate: bool,
+    /// Whether the current user is a superuser.
+    pub superuser: bool,
 }
 
 /// Reads [`ServerFacts`].
@@ -630,7 +632,8 @@ pub async fn server_facts(client: &Client) -> Result<ServerFacts, tokio_postgres
                     current_setting('max_replication_slots')::bigint, \
                     (SELECT count(*) FROM pg_replication_slots), \
                     current_setting('max_wal_senders')::bigint, \
-                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
             &[],
         )
         .await?;
@@ -641,5 +644,6 @@ pub async fn server_facts(client: &Client) -> Result<ServerFacts, tokio_postgres
         slots_used: r.get(3),
         max_wal_senders: r.get(4),
         can_replicate: r.get(5),
+        superuser: r.get(6),
     })
 }

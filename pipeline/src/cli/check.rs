@@ -138,6 +138,20 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             ),
         )
     });
+    if facts.superuser {
+        // Not a failure (a development stack runs so), but more than capture needs.
+        out.push(finding(
+            "least privilege",
+            true,
+            format!(
+                "WARNING: user {0} is a superuser, more than capture needs: REPLICATION, SELECT on \
+                 the captured tables and ownership of the publication (a superuser only once, to \
+                 create a publication FOR ALL TABLES or the DDL trigger). Consider: CREATE ROLE \
+                 ferry_capture LOGIN REPLICATION; GRANT SELECT ON <tables> TO ferry_capture",
+                pgc.user
+            ),
+        ));
+    }
     let c = &cfg.capture;
     let slot = catalog::slot(&session, &c.slot).await;
     let free = facts.max_replication_slots - facts.slots_used;
