@@ -405,7 +405,7 @@ impl ChangeDecoder {
             Message::Truncate { relations, .. } => {
                 for oid in relations {
                     let schema = self.relation(lsn, oid)?;
-                    if self.held.contains(&schema.table().id) {
+                    if !self.held.is_empty() && self.held.contains(&schema.table().id) {
                         let change = self.raw(RawOp::Truncate, None, None);
                         out.push(Output::Held {
                             schema,
@@ -442,7 +442,7 @@ impl ChangeDecoder {
         out: &mut Vec<Output>,
     ) -> Result<(), ChangeError> {
         let schema = self.relation(lsn, relation)?;
-        if self.held.contains(&schema.table().id) {
+        if !self.held.is_empty() && self.held.contains(&schema.table().id) {
             let change = self.raw(op, old, new);
             out.push(Output::Held {
                 schema,

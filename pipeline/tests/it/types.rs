@@ -153,8 +153,8 @@ async fn every_type_arrives_equal_in_the_destination() {
         ("tr", "tstzrange", &["[2026-01-01 00:00:00+00,infinity)"]),
         ("mr", "int4multirange", &["{[1,3), [5,7)}"]),
         ("ai", "int4[]", &["{1,NULL,3}", "{}"]),
-        // Not yet: a multi-dimensional value (or one with lower bounds other than 1) in an
-        // array column stops capture with the column named (README, "Types").
+        // Not yet: a multi-dimensional value in an array column stops its table (shapes::
+        // a_value_capture_cannot_read_stops_only_its_table); lower bounds other than 1 are reset.
         ("at", "text[]", &["{\"a b\",NULL,\"\\\"\"}"]),
         ("dom", "posint", &["7"]),
         ("en", "mood", &["happy"]),
