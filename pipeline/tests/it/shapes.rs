@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_connectors::postgres::Session;
+use ferry_connectors::postgres::{PgConfig, Session};
 use ferry_pipeline::apply::{self, ApplyStats};
 use ferry_pipeline::ship::{self, ShipStats};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::apply::dest_db;
-use crate::support::{drop_db, start_capture, TestDb};
+use crate::support::{drop_db, start_capture, Running, TestDb};
 
 /// Every row of `table` as text, counted and hashed in text order (a multiset: identical rows
 /// count as often as they occur). Ferry's bookkeeping columns are left out.
@@ -74,6 +75,76 @@ async fn converge(origin: &Session, dest: &Session, table: &str, cols: &str, dea
     }
 }
 
+/// The whole pipeline on a test database: capture, ship and apply into a fresh destination
+/// database (`dest`).
+struct Live {
+    capture: Option<Running>,
+    stop: watch::Sender<bool>,
+    ship: JoinHandle<Result<(), ship::ShipError>>,
+    apply: JoinHandle<Result<(), apply::ApplyError>>,
+    dest: PgConfig,
+}
+
+impl Live {
+    async fn start(db: &mut TestDb) -> Live {
+        let dest = dest_db(db, "dest").await;
+        db.cfg.destination.postgres = Some(dest.clone());
+        db.cfg.ship.group_id = format!("{}_ship", db.name);
+        db.cfg.ship.linger_ms = 100;
+        db.cfg.apply.group_id = format!("{}_apply", db.name);
+        let capture = Some(start_capture(&db.cfg).await);
+        let (stop, rx) = watch::channel(false);
+        let ship = {
+            let (cfg, rx) = (db.cfg.clone(), rx.clone());
+            tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
+        };
+        let apply = {
+            let cfg = db.cfg.clone();
+            tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
+        };
+        Live {
+            capture,
+            stop,
+            ship,
+            apply,
+            dest,
+        }
+    }
+
+    fn capture(&self) -> &Running {
+        self.capture.as_ref().expect("capture is running")
+    }
+
+    async fn stop_capture(&mut self) {
+        if let Some(c) = self.capture.take() {
+            c.stop().await;
+        }
+    }
+
+    async fn start_capture(&mut self, cfg: &ferry_pipeline::config::Config) {
+        self.capture = Some(start_capture(cfg).await);
+    }
+
+    /// Stops everything cleanly (each must end without error) and drops both databases.
+    async fn finish(self, db: TestDb) {
+        let Live {
+            capture,
+            stop,
+            ship,
+            apply,
+            dest,
+        } = self;
+        let _ = stop.send(true);
+        ship.await.expect("join").expect("ship");
+        apply.await.expect("join").expect("apply");
+        if let Some(c) = capture {
+            c.stop().await;
+        }
+        drop_db(&dest).await;
+        db.cleanup().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tables_without_a_key_replicate_exactly() {
     let mut db = TestDb::new("keyless").await;
@@ -104,21 +175,8 @@ async fn tables_without_a_key_replicate_exactly() {
     assert!(of("hist").detail.contains("REPLICA IDENTITY FULL"));
     assert!(of("audit").ok, "{:?}", of("audit"));
 
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
 
     // Live changes while the snapshot may still run: more inserts, an update of one of two
     // identical rows' siblings, a delete of one of two identical rows, identical rows updated
@@ -148,13 +206,8 @@ async fn tables_without_a_key_replicate_exactly() {
     for (table, cols) in tables {
         converge(&db.session, &d, table, cols, deadline).await;
     }
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// Runs a pgbench command against the test database.
@@ -182,21 +235,8 @@ async fn pgbench_replicates_exactly_under_load() {
     pgbench(&db.cfg.origin.postgres, &["-i", "-q", "-s", "1"]);
     // Some history before capture starts, so the keyless table has a snapshot too.
     pgbench(&db.cfg.origin.postgres, &["-t", "200", "-c", "2"]);
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let pg = db.cfg.origin.postgres.clone();
     tokio::task::spawn_blocking(move || pgbench(&pg, &["-T", "8", "-c", "2", "-j", "2"]))
         .await
@@ -214,13 +254,8 @@ async fn pgbench_replicates_exactly_under_load() {
     for (table, cols) in tables {
         converge(&db.session, &d, table, cols, deadline).await;
     }
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// A table the destination refuses (a constraint there that the origin does not have) is held:
@@ -236,22 +271,8 @@ async fn a_refused_table_is_held_alone_and_resumes_in_order() {
          INSERT INTO bad SELECT g, 'b' || g FROM generate_series(1, 50) g;",
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let stats = Arc::new(ApplyStats::default());
-    let apply = {
-        let (cfg, stats) = (db.cfg.clone(), stats.clone());
-        tokio::spawn(async move { apply::run(&cfg, rx, stats).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let d = dest.connect().await.expect("destination");
     let count = |table: &'static str| {
         let d = &d;
@@ -299,7 +320,7 @@ async fn a_refused_table_is_held_alone_and_resumes_in_order() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count("bad").await, at_hold, "a held table was written");
     assert!(
-        !apply.is_finished(),
+        !live.apply.is_finished(),
         "the applier must not exit for one table"
     );
 
@@ -330,13 +351,8 @@ async fn a_refused_table_is_held_alone_and_resumes_in_order() {
         multiset(&d, "public.good", "id, v").await,
         multiset(&db.session, "public.good", "id, v").await
     );
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// Names that differ only in characters outside `[A-Za-z0-9_]` (and names with quotes, spaces,
@@ -357,21 +373,8 @@ async fn odd_identifiers_never_share_a_topic_schema_or_table() {
            INSERT INTO "My Schema"."Order.Items ü" VALUES (1, 'sel', 'dash col', 'underscore col');"#,
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     db.exec(r#"INSERT INTO "app-v2" VALUES (4, 'dash live'); INSERT INTO app_v2 VALUES (4, 'underscore live');"#)
         .await;
     let d = dest.connect().await.expect("destination");
@@ -388,13 +391,8 @@ async fn odd_identifiers_never_share_a_topic_schema_or_table() {
     for (table, cols) in tables {
         converge(&db.session, &d, table, cols, deadline).await;
     }
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// A primary-key change of a row whose large (TOASTed) value did not change: the source sends
@@ -410,21 +408,8 @@ async fn a_key_change_keeps_an_unchanged_toasted_value() {
          FROM generate_series(1, 3) g;",
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let d = dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(90);
     let cols = "id, note, md5(blob)";
@@ -453,13 +438,8 @@ async fn a_key_change_keeps_an_unchanged_toasted_value() {
         .expect("count")
         .get(0);
     assert_eq!(nulls, 0);
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// A publication's column list and row filter (Postgres 15+) hold for the snapshot as for the
@@ -474,21 +454,8 @@ async fn snapshots_honour_a_publications_column_list_and_row_filter() {
          CREATE PUBLICATION {publication} FOR TABLE people (id, name) WHERE (id % 2 = 0);"
     ))
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     db.exec("INSERT INTO people SELECT g, 'p' || g, 'ssn-' || g FROM generate_series(41, 60) g")
         .await;
     let d = dest.connect().await.expect("destination");
@@ -531,13 +498,8 @@ async fn snapshots_honour_a_publications_column_list_and_row_filter() {
         .expect("columns")
         .get(0);
     assert_eq!(secret, 0, "an unpublished column reached the destination");
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// DDL while the pipeline runs: a column added with a default (existing rows get it in the
@@ -551,21 +513,8 @@ async fn ddl_reaches_the_destination_with_the_right_data() {
          INSERT INTO t SELECT g, g, 'n' || g FROM generate_series(1, 20) g;",
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let d = dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
     let converge = |cols: &'static str| {
@@ -663,13 +612,8 @@ async fn ddl_reaches_the_destination_with_the_right_data() {
         .expect("type")
         .get(0);
     assert_eq!(ty, "numeric(12,2)");
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// A value capture cannot read (a two-dimensional value in an `int[]` column, which Postgres
@@ -690,21 +634,8 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
          UPDATE snap_bad SET a = '{{1,2},{3,4}}' WHERE id = 5;",
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let mut cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let mut live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let d = dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
@@ -771,17 +702,18 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(
-        cap.stats
+        live.capture()
+            .stats
             .tables_stopped
             .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
 
     // A restart keeps both stopped, and holds what comes meanwhile.
-    cap.stop().await;
+    live.stop_capture().await;
     db.exec("INSERT INTO arr VALUES (31, '{31}', 'while capture was down')")
         .await;
-    cap = start_capture(&db.cfg).await;
+    live.start_capture(&db.cfg).await;
     db.exec("INSERT INTO good VALUES (41, 'after the restart')")
         .await;
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
@@ -817,13 +749,8 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
         .expect("stopped");
     assert!(stopped.is_empty(), "{stopped:?}");
     assert!(apply::held_tables(&dest).await.expect("held").is_empty());
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
 
 /// `ferry verify` finds no difference where there is none, whatever collation each side gives
@@ -843,21 +770,8 @@ async fn verify_is_exact_across_collations_and_char_keys() {
            ON CONFLICT DO NOTHING;"#,
     )
     .await;
-    let dest = dest_db(&db, "dest").await;
-    db.cfg.destination.postgres = Some(dest.clone());
-    db.cfg.ship.group_id = format!("{}_ship", db.name);
-    db.cfg.ship.linger_ms = 100;
-    db.cfg.apply.group_id = format!("{}_apply", db.name);
-    let cap = start_capture(&db.cfg).await;
-    let (stop, rx) = watch::channel(false);
-    let ship = {
-        let (cfg, rx) = (db.cfg.clone(), rx.clone());
-        tokio::spawn(async move { ship::run(&cfg, rx, Arc::new(ShipStats::default())).await })
-    };
-    let apply = {
-        let cfg = db.cfg.clone();
-        tokio::spawn(async move { apply::run(&cfg, rx, Arc::new(ApplyStats::default())).await })
-    };
+    let live = Live::start(&mut db).await;
+    let dest = live.dest.clone();
     let d = dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.words", "k, v", deadline).await;
@@ -880,11 +794,6 @@ async fn verify_is_exact_across_collations_and_char_keys() {
         assert_eq!(report.origin_rows, report.destination_rows);
         assert!(report.origin_rows > 0);
     }
-    let _ = stop.send(true);
-    ship.await.expect("join").expect("ship");
-    apply.await.expect("join").expect("apply");
-    cap.stop().await;
     drop(d);
-    drop_db(&dest).await;
-    db.cleanup().await;
+    live.finish(db).await;
 }
