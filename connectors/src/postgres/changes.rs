@@ -414,20 +414,22 @@ impl ChangeDecoder {
                         });
                         continue;
                     }
-                    let source = self.source(schema.table());
-                    out.push(Output::Event(
-                        schema,
-                        ChangeEvent {
-                            op: Op::Truncate,
-                            before: None,
-                            after: None,
-                            source,
-                        },
-                    ));
+                    let event = self.truncate(&schema);
+                    out.push(Output::Event(schema, event));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The truncate event of a table, next in the transaction.
+    fn truncate(&mut self, schema: &EncodedSchema) -> ChangeEvent {
+        ChangeEvent {
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            source: self.source(schema.table()),
+        }
     }
 
     /// One row change: its events, or, for a held table or a value that cannot be read, the
@@ -523,16 +525,8 @@ impl ChangeDecoder {
             .map(|c| c.iter().map(RawCell::to_cell).collect());
         let mut out = Vec::new();
         let done = if raw.op == RawOp::Truncate {
-            let source = self.source(schema.table());
-            out.push(Output::Event(
-                schema.clone(),
-                ChangeEvent {
-                    op: Op::Truncate,
-                    before: None,
-                    after: None,
-                    source,
-                },
-            ));
+            let event = self.truncate(schema);
+            out.push(Output::Event(schema.clone(), event));
             Ok(())
         } else {
             self.events(
