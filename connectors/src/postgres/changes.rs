@@ -641,14 +641,7 @@ impl ChangeDecoder {
             (RawOp::Delete, _) => {
                 let cells = match old {
                     Some(OldTuple::Full(c)) | Some(OldTuple::Key(c)) => c,
-                    None => {
-                        return Err(ChangeError::Arity {
-                            lsn,
-                            table: schema.table().id.clone(),
-                            expected: schema.table().columns.len(),
-                            got: 0,
-                        })
-                    }
+                    None => return Err(no_tuple(lsn, &schema)),
                 };
                 let before = row(lsn, &schema, cells)?;
                 let source = self.source(schema.table());
@@ -662,14 +655,7 @@ impl ChangeDecoder {
                     },
                 ));
             }
-            _ => {
-                return Err(ChangeError::Arity {
-                    lsn,
-                    table: schema.table().id.clone(),
-                    expected: schema.table().columns.len(),
-                    got: 0,
-                })
-            }
+            _ => return Err(no_tuple(lsn, &schema)),
         }
         Ok(())
     }
@@ -679,6 +665,16 @@ impl ChangeDecoder {
             .get(&oid)
             .cloned()
             .ok_or(ChangeError::UnknownRelation { lsn, oid })
+    }
+}
+
+/// A change that lacks the tuple its kind needs (a row image of no columns).
+fn no_tuple(lsn: Lsn, schema: &EncodedSchema) -> ChangeError {
+    ChangeError::Arity {
+        lsn,
+        table: schema.table().id.clone(),
+        expected: schema.table().columns.len(),
+        got: 0,
     }
 }
 
