@@ -7,7 +7,10 @@
 //! (`pg_name`), Ferry's column type (`ferry_type`) and whether they are part of the key (`key`);
 //! the envelope carries `pg_database`, `pg_schema` and `pg_table`. Avro readers ignore these
 //! attributes and they are not part of the fingerprint; they let [`EncodedSchema::from_json`]
-//! rebuild the exact table version from the published schema alone.
+//! rebuild the exact table version from the published schema alone. A column whose type has a
+//! text form (arrays, timestamps: `ColumnType::has_text_form`) is a union with a last `string`
+//! branch, which carries the Postgres text of a value the typed branch cannot hold (a
+//! two-dimensional array, a timestamp after 294247-01-10).
 //!
 //! Records are written with the specification's single-object encoding: `C3 01`, the 8-byte
 //! little-endian CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form, then
@@ -23,7 +26,7 @@ use serde_json::{json, Value as Json};
 
 use crate::event::{ChangeEvent, Datum, Op};
 use crate::pcf::{canonical_form, crc64_avro, PcfError};
-use crate::table::{ColumnType, TableSchema};
+use crate::table::{Column, ColumnType, TableSchema};
 
 /// The two bytes that open every single-object encoded record.
 pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
@@ -333,10 +336,23 @@ impl EncodedSchema {
             .collect();
         let field = |i: usize, nullable: bool| {
             let c = &table.columns[i];
-            let ty = type_json(&c.ty);
+            // A column with a text form also takes a string: the Postgres text of a value its
+            // typed form cannot hold (see `ColumnType::has_text_form`).
+            let mut branches = vec![type_json(&c.ty)];
+            if c.ty.has_text_form() {
+                branches.push(json!("string"));
+            }
+            if nullable {
+                branches.insert(0, json!("null"));
+            }
+            let ty = if branches.len() == 1 {
+                branches.remove(0)
+            } else {
+                Json::Array(branches)
+            };
             let mut f = json!({
                 "name": field_names[i],
-                "type": if nullable { json!(["null", ty]) } else { ty },
+                "type": ty,
                 "pg_name": c.name,
                 "pg_type": c.pg_type,
                 "type_oid": c.type_oid,
@@ -443,7 +459,7 @@ impl EncodedSchema {
                         column: column.name.clone(),
                     })
                 }
-                d => self.write_datum(&column.name, &column.ty, d, out)?,
+                d => self.write_present(column, d, false, out)?,
             }
         }
         Ok(())
@@ -481,10 +497,7 @@ impl EncodedSchema {
                                     toasted.push(&self.field_names[i]);
                                 }
                             }
-                            d => {
-                                write_long(out, 1);
-                                self.write_datum(&column.name, &column.ty, d, out)?;
-                            }
+                            d => self.write_present(column, d, true, out)?,
                         }
                     }
                 }
@@ -526,6 +539,32 @@ impl EncodedSchema {
                 got: row.len(),
             })
         }
+    }
+
+    /// Writes a non-null value of `column` with its union branch: the typed one (after `null`
+    /// when `nullable`), or for a column with a text form, its `string` branch when the value is
+    /// text.
+    fn write_present(
+        &self,
+        column: &Column,
+        d: &Datum,
+        nullable: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroError> {
+        let typed = i64::from(nullable);
+        match d {
+            Datum::Text(t) if column.ty.has_text_form() => {
+                write_long(out, typed + 1);
+                write_bytes(out, t.as_bytes());
+            }
+            d => {
+                if nullable || column.ty.has_text_form() {
+                    write_long(out, typed);
+                }
+                self.write_datum(&column.name, &column.ty, d, out)?;
+            }
+        }
+        Ok(())
     }
 
     fn write_datum(
@@ -603,7 +642,7 @@ impl EncodedSchema {
         let columns = row
             .iter()
             .map(|f| {
-                Ok(crate::table::Column {
+                Ok(Column {
                     name: text(f, "pg_name")?,
                     pg_type: text(f, "pg_type")?,
                     type_oid: f.get("type_oid").and_then(Json::as_u64).unwrap_or(0) as u32,
@@ -667,6 +706,7 @@ impl EncodedSchema {
                         row.push(match r.long()? {
                             0 => Datum::Null,
                             1 => r.datum(&c.ty)?,
+                            2 if c.ty.has_text_form() => Datum::Text(r.string()?),
                             _ => return Err(r.err("union index out of range")),
                         });
                     }
@@ -1130,6 +1170,62 @@ mod tests {
         // Every truncation is an error, never a panic.
         for len in 0..buf.len() {
             assert!(again.decode_value(&buf[..len]).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn values_typed_forms_cannot_hold_take_the_string_branch() {
+        let ints = ColumnType::Array(Box::new(ColumnType::Int4));
+        let t = TableSchema {
+            database: "db".into(),
+            id: TableId::new("public", "shapes"),
+            columns: vec![
+                col("at", "timestamp", ColumnType::Timestamp, true),
+                col("grid", "_int4", ints.clone(), true),
+                col("n", "int4", ColumnType::Int4, false),
+                col("tags", "_int4", ints, false),
+            ],
+        };
+        let s = EncodedSchema::new(&t).expect("schema");
+        let far = Datum::Text("294276-12-31 23:59:59.999999".into());
+        let grid = Datum::Text("{{1,2},{3,NULL}}".into());
+        for (key, value) in [
+            (
+                [far.clone(), grid.clone()],
+                Datum::Text("[0:1]={1,2}".into()),
+            ),
+            (
+                [Datum::Long(5), Datum::Array(vec![Datum::Int(1)])],
+                Datum::Array(vec![Datum::Null]),
+            ),
+        ] {
+            let text = matches!(key[0], Datum::Text(_));
+            let row = vec![key[0].clone(), key[1].clone(), Datum::Int(1), value.clone()];
+            let mut buf = Vec::new();
+            s.encode_key(&row, &mut buf).expect("key encodes");
+            let k = decode(&s.key_json, &buf);
+            let Value::Union(branch, _) = field(&k, "at") else {
+                panic!("a key column with a text form is a union: {k:?}")
+            };
+            assert_eq!(*branch, u32::from(text));
+            let event = ChangeEvent {
+                op: Op::Create,
+                before: None,
+                after: Some(row),
+                source: source(),
+            };
+            buf.clear();
+            s.encode_value(&event, &mut buf).expect("value encodes");
+            let v = decode(&s.value_json, &buf);
+            let Value::Union(1, after) = field(&v, "after") else {
+                panic!("after missing")
+            };
+            let Value::Union(branch, _) = field(after, "tags") else {
+                panic!("tags is a union")
+            };
+            assert_eq!(*branch, if text { 2 } else { 1 });
+            assert_eq!(field(after, "n"), &Value::Union(1, Box::new(Value::Int(1))));
+            assert_eq!(s.decode_value(&buf).expect("decodes back"), event);
         }
     }
 

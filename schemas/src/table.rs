@@ -84,10 +84,25 @@ pub enum ColumnType {
     Json,
     /// A Postgres enum; values are their labels.
     Enum,
-    /// A one-dimensional array of the element type.
+    /// An array of the element type: one-dimensional with lower bound 1 as an Avro `array`;
+    /// any other shape (more dimensions, other bounds) as its text (see
+    /// [`ColumnType::has_text_form`]).
     Array(Box<ColumnType>),
     /// Anything else: the value's Postgres text form; the type name is in [`Column::pg_type`].
     Other,
+}
+
+impl ColumnType {
+    /// Whether some of the type's values do not fit its typed form and travel as their
+    /// Postgres text instead ([`crate::Datum::Text`], a `string` branch in Avro): arrays that
+    /// are not one-dimensional from 1, timestamps after 294247-01-10 (beyond microseconds since
+    /// 1970), and arrays whose elements are such values. Every other type's values all fit.
+    pub fn has_text_form(&self) -> bool {
+        matches!(
+            self,
+            ColumnType::Array(_) | ColumnType::Timestamp | ColumnType::TimestampTz
+        )
+    }
 }
 
 impl fmt::Display for ColumnType {

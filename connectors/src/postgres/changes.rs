@@ -716,5 +716,31 @@ pub fn text_datum(bytes: &[u8], ty: &ferry_schemas::ColumnType) -> Result<Datum,
         ty: format!("{ty:?}"),
         reason: format!("not UTF-8: {e}"),
     })?;
+    if let Some(marker) = unreadable_marker() {
+        if text.contains(marker) {
+            return Err(ValueError {
+                text: text.chars().take(200).collect(),
+                ty: format!("{ty:?}"),
+                reason: format!("refused by fault injection ({UNREADABLE_MARKER_VAR})"),
+            });
+        }
+    }
     values::parse(text, ty)
+}
+
+/// Fault injection for tests: a value whose text contains this variable's (non-empty) value
+/// is refused as unreadable, so the path that stops one table and holds its changes runs
+/// against real Postgres and Kafka. Every value Postgres sends is readable otherwise (text
+/// that is not UTF-8 cannot reach capture: the server refuses to send it).
+pub const UNREADABLE_MARKER_VAR: &str = "FERRY_FAULT_UNREADABLE_VALUE";
+
+fn unreadable_marker() -> Option<&'static str> {
+    static MARKER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    MARKER
+        .get_or_init(|| {
+            std::env::var(UNREADABLE_MARKER_VAR)
+                .ok()
+                .filter(|m| !m.is_empty())
+        })
+        .as_deref()
 }

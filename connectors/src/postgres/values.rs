@@ -36,8 +36,19 @@ fn err(text: &str, ty: &ColumnType, reason: impl Into<String>) -> ValueError {
 const DAYS_1970_TO_2000: i64 = 10_957;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
-/// Parses one value's text form.
+/// Parses one value's text form. For a type with a text form
+/// ([`ColumnType::has_text_form`]), a value its typed form cannot hold (a two-dimensional
+/// array, bounds other than 1, a timestamp after 294247-01-10) comes back as the text itself,
+/// which the destination reads as the same value.
 pub fn parse(text: &str, ty: &ColumnType) -> Result<Datum, ValueError> {
+    match typed(text, ty) {
+        Err(_) if ty.has_text_form() => Ok(Datum::Text(text.to_string())),
+        parsed => parsed,
+    }
+}
+
+/// [`parse`] into the typed form only.
+fn typed(text: &str, ty: &ColumnType) -> Result<Datum, ValueError> {
     let e = |reason: &str| err(text, ty, reason);
     Ok(match ty {
         ColumnType::Int2 | ColumnType::Int4 => {
@@ -189,16 +200,16 @@ fn parse_timestamp(text: &str, with_zone: bool) -> Option<i64> {
         .filter(|us| *us != i64::MAX && *us != i64::MIN)
 }
 
-/// Parses a one-dimensional array literal such as `{1,NULL,"a b","x\"y"}`.
+/// Parses a one-dimensional array literal with lower bound 1, such as `{1,NULL,"a b","x\"y"}`;
+/// its elements must be typed values too.
 fn parse_array(text: &str, inner: &ColumnType) -> Result<Vec<Datum>, ValueError> {
     let ty = ColumnType::Array(Box::new(inner.clone()));
     let e = |reason: &str| err(text, &ty, reason);
-    // Arrays with non-default lower bounds carry a `[lo:hi]=` prefix; the values are the same.
-    let body = match text.find("={") {
-        Some(i) if text.starts_with('[') => &text[i + 1..],
-        _ => text,
-    };
-    let inside = body
+    if text.starts_with('[') {
+        // `[0:1]={1,2}`: a list would lose the bounds, which Postgres compares.
+        return Err(e("lower bound other than 1"));
+    }
+    let inside = text
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .ok_or_else(|| e("not enclosed in braces"))?;
@@ -246,7 +257,7 @@ fn parse_array(text: &str, inner: &ColumnType) -> Result<Vec<Datum>, ValueError>
         if !quoted && raw.eq_ignore_ascii_case("NULL") {
             out.push(Datum::Null);
         } else {
-            out.push(parse(&raw, inner)?);
+            out.push(typed(&raw, inner)?);
         }
         match bytes.get(i) {
             None => break,
@@ -323,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_at_the_ends_of_the_range_are_exact_or_refused_never_wrapped() {
+    fn timestamps_at_the_ends_of_the_range_are_exact_or_text_never_wrapped() {
         for ty in [ColumnType::Timestamp, ColumnType::TimestampTz] {
             let zone = if ty == ColumnType::TimestampTz {
                 "+00"
@@ -338,7 +349,9 @@ mod tests {
                 "294247-01-10 04:00:54.775807",
                 "294276-12-31 23:59:59.999999",
             ] {
-                let r = parse(&format!("{text}{zone}"), &ty);
+                let text = format!("{text}{zone}");
+                assert_eq!(parse(&text, &ty), Ok(Datum::Text(text.clone())));
+                let r = typed(&text, &ty);
                 assert!(
                     r.as_ref().is_err_and(|e| e.to_string().contains("294247")),
                     "{text}: {r:?}"
@@ -359,10 +372,6 @@ mod tests {
             ]))
         );
         assert_eq!(parse("{}", &ints), Ok(Datum::Array(vec![])));
-        assert_eq!(
-            parse("[0:1]={5,6}", &ints),
-            Ok(Datum::Array(vec![Datum::Int(5), Datum::Int(6)]))
-        );
         let texts = ColumnType::Array(Box::new(ColumnType::Text));
         assert_eq!(
             parse(r#"{plain,"with space","q\"uote","NULL",NULL}"#, &texts),
@@ -386,14 +395,31 @@ mod tests {
             ("00ff", ColumnType::Bytea),
             ("2020-13-01", ColumnType::Date),
             ("25:00:00", ColumnType::Time),
-            ("2020-01-01", ColumnType::Timestamp),
-            ("{1,2", ColumnType::Array(Box::new(ColumnType::Int4))),
-            ("{{1},{2}}", ColumnType::Array(Box::new(ColumnType::Int4))),
-            (r#"{"open}"#, ColumnType::Array(Box::new(ColumnType::Text))),
         ];
         for (text, ty) in cases {
             let e = parse(text, ty).expect_err(text);
             assert!(!e.reason.is_empty());
         }
+    }
+
+    #[test]
+    fn values_the_typed_form_cannot_hold_stay_text() {
+        let ints = ColumnType::Array(Box::new(ColumnType::Int4));
+        let stamps = ColumnType::Array(Box::new(ColumnType::Timestamp));
+        let cases: &[(&str, &ColumnType)] = &[
+            ("{{1,2},{3,NULL}}", &ints),
+            ("[0:1]={5,6}", &ints),
+            ("[2:2][1:1]={{7}}", &ints),
+            ("{\"294276-12-31 23:59:59.999999\",NULL}", &stamps),
+            ("294276-12-31 23:59:59.999999", &ColumnType::Timestamp),
+            ("294276-12-31 23:59:59.999999+00", &ColumnType::TimestampTz),
+        ];
+        for (text, ty) in cases {
+            assert_eq!(parse(text, ty), Ok(Datum::Text(text.to_string())), "{ty:?}");
+        }
+        assert_eq!(
+            parse("{NULL}", &stamps),
+            Ok(Datum::Array(vec![Datum::Null]))
+        );
     }
 }

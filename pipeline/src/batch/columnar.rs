@@ -3,7 +3,10 @@
 //! One row per change. Metadata columns (`_op`, `_lsn`, `_seq`, `_offset`, `_txid`,
 //! `_commit_ts_us`, `_snapshot`, `_has_before`, `_has_after`, `_toast`) are followed by the after
 //! image (`a0`, `a1`, …) and the before image (`b0`, `b1`, …), one column per table column, typed
-//! like the Avro field. Per-batch constants (region, database, table) live in the manifest and
+//! like the Avro field. Then, for each image, one `Utf8` column per column whose type has a
+//! text form (`a3_text`, `b3_text`: see `ColumnType::has_text_form`): a value the typed column
+//! cannot hold (a two-dimensional array, a timestamp after 294247-01-10) is null there and its
+//! Postgres text is here. Per-batch constants (region, database, table) live in the manifest and
 //! the schema, not in every row. Columns that are mostly null (before images) or repeat
 //! (metadata) cost almost nothing after zstd.
 
@@ -72,7 +75,22 @@ pub fn arrow_schema(table: &TableSchema) -> SchemaRef {
             fields.push(Field::new(format!("{prefix}{i}"), arrow_type(&c.ty), true));
         }
     }
+    for prefix in ["a", "b"] {
+        for i in text_form_columns(table) {
+            fields.push(Field::new(text_column(prefix, i), DataType::Utf8, true));
+        }
+    }
     Arc::new(Schema::new(fields))
+}
+
+/// The positions of the columns whose type has a text form, in column order.
+fn text_form_columns(table: &TableSchema) -> impl Iterator<Item = usize> + '_ {
+    (0..table.columns.len()).filter(|&i| table.columns[i].ty.has_text_form())
+}
+
+/// The name of the text column of image `prefix`'s column `i`.
+fn text_column(prefix: &str, i: usize) -> String {
+    format!("{prefix}{i}_text")
 }
 
 /// Every `Int64` column (positions, timestamps, bigint keys) is stored as the difference to the
@@ -294,16 +312,39 @@ pub fn to_batch(
                 .collect::<Vec<_>>(),
         )),
     ];
+    let values = |image: usize, i: usize| -> Vec<Option<&Datum>> {
+        events
+            .iter()
+            .map(|(_, e)| {
+                let img = if image == 0 { &e.after } else { &e.before };
+                img.as_ref().and_then(|r| r.get(i))
+            })
+            .collect()
+    };
     for image in [0, 1] {
         for (i, c) in table.columns.iter().enumerate() {
-            let values: Vec<Option<&Datum>> = events
-                .iter()
-                .map(|(_, e)| {
-                    let img = if image == 0 { &e.after } else { &e.before };
-                    img.as_ref().and_then(|r| r.get(i))
+            let mut values = values(image, i);
+            if c.ty.has_text_form() {
+                // Text goes to the text column; the typed one is null there.
+                for v in &mut values {
+                    if matches!(v, Some(Datum::Text(_))) {
+                        *v = None;
+                    }
+                }
+            }
+            cols.push(build(&c.name, &c.ty, &values)?);
+        }
+    }
+    for image in [0, 1] {
+        for i in text_form_columns(table) {
+            let texts: Vec<Option<&str>> = values(image, i)
+                .into_iter()
+                .map(|v| match v {
+                    Some(Datum::Text(t)) => Some(t.as_str()),
+                    _ => None,
                 })
                 .collect();
-            cols.push(build(&c.name, &c.ty, &values)?);
+            cols.push(Arc::new(StringArray::from(texts)));
         }
     }
     Ok(RecordBatch::try_new(schema, cols)?)
@@ -377,16 +418,35 @@ pub fn from_batch(
     batch: &RecordBatch,
 ) -> Result<Vec<(i64, ChangeEvent)>, ColumnarError> {
     let n_cols = table.columns.len();
-    if batch.num_columns() != META_COLUMNS + 2 * n_cols {
+    let n_text = text_form_columns(table).count();
+    // Payloads from before text columns existed have none.
+    let with_text = batch.num_columns() == META_COLUMNS + 2 * (n_cols + n_text);
+    if !with_text && batch.num_columns() != META_COLUMNS + 2 * n_cols {
         return Err(shape(
             "*",
             format!(
                 "row group has {} columns, table version needs {}",
                 batch.num_columns(),
-                META_COLUMNS + 2 * n_cols
+                META_COLUMNS + 2 * (n_cols + n_text)
             ),
         ));
     }
+    // Per image, per column: its text column, if it has one.
+    let texts = |prefix: &str| -> Result<Vec<Option<&StringArray>>, ColumnarError> {
+        let mut out = vec![None; n_cols];
+        if with_text {
+            for i in text_form_columns(table) {
+                let name = text_column(prefix, i);
+                let idx = batch
+                    .schema()
+                    .index_of(&name)
+                    .map_err(|_| shape(&name, "missing text column"))?;
+                out[i] = Some(col::<StringArray>(batch, idx)?);
+            }
+        }
+        Ok(out)
+    };
+    let (after_text, before_text) = (texts("a")?, texts("b")?);
     let op = col::<UInt8Array>(batch, 0)?;
     let lsn = col::<Int64Array>(batch, 1)?;
     let seq = col::<Int64Array>(batch, 2)?;
@@ -399,16 +459,20 @@ pub fn from_batch(
     let toast = col::<StringArray>(batch, 9)?;
     let mut out = Vec::with_capacity(batch.num_rows());
     for r in 0..batch.num_rows() {
-        let image = |base: usize| -> Result<Vec<Datum>, ColumnarError> {
-            table
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| datum_at(&c.name, &c.ty, batch.column(base + i).as_ref(), r))
-                .collect()
-        };
+        let image =
+            |base: usize, text: &[Option<&StringArray>]| -> Result<Vec<Datum>, ColumnarError> {
+                table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match text[i] {
+                        Some(t) if !t.is_null(r) => Ok(Datum::Text(t.value(r).to_string())),
+                        _ => datum_at(&c.name, &c.ty, batch.column(base + i).as_ref(), r),
+                    })
+                    .collect()
+            };
         let mut after = if has_after.value(r) {
-            Some(image(META_COLUMNS)?)
+            Some(image(META_COLUMNS, &after_text)?)
         } else {
             None
         };
@@ -425,7 +489,7 @@ pub fn from_batch(
             }
         }
         let before = if has_before.value(r) {
-            Some(image(META_COLUMNS + n_cols)?)
+            Some(image(META_COLUMNS + n_cols, &before_text)?)
         } else {
             None
         };
@@ -497,6 +561,7 @@ mod tests {
                 c("n", ColumnType::Array(Box::new(ColumnType::Int4)), false),
                 c("big", ColumnType::Text, false),
                 c("ok", ColumnType::Bool, false),
+                c("at", ColumnType::TimestampTz, false),
             ],
         };
         let source = |lsn| Source {
@@ -518,15 +583,18 @@ mod tests {
             Datum::Array(vec![]),
             Datum::UnchangedToast,
             Datum::Bool(false),
+            Datum::Text("294276-12-31 23:59:59.999999+00".into()),
         ];
+        // Values only the text columns hold, in the before image.
         let nulls = vec![
             Datum::Long(2),
             Datum::Null,
             Datum::Null,
             Datum::Null,
+            Datum::Text("{{1,2},{3,NULL}}".into()),
             Datum::Null,
             Datum::Null,
-            Datum::Null,
+            Datum::Long(5),
         ];
         let events = [
             ChangeEvent {
@@ -562,5 +630,12 @@ mod tests {
         let expected: Vec<(i64, ChangeEvent)> =
             input.iter().map(|(o, e)| (*o, (*e).clone())).collect();
         assert_eq!(back, expected);
+        // A row group written before text columns existed still reads.
+        let typed_only = batch.project(&(0..META_COLUMNS + 16).collect::<Vec<_>>());
+        let old = from_batch(&table, "eu", &typed_only.expect("project")).expect("old shape");
+        assert_eq!(
+            old[1].1.before.as_ref().map(|b| b[7].clone()),
+            Some(Datum::Long(5))
+        );
     }
 }

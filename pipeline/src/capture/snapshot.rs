@@ -455,13 +455,35 @@ impl Snapshotter {
         };
         let waiting_since = std::time::Instant::now();
         let (visibility, messages) = loop {
-            let read = reader
+            let read = match reader
                 .simple_query(&format!(
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
                      SELECT pg_current_snapshot()::text; {sql}; COMMIT"
                 ))
                 .await
-                .map_err(pg(t, format!("reading a snapshot chunk of {table}")))?;
+            {
+                Ok(read) => read,
+                Err(e) if is_table_data_error(&e) => {
+                    // This table's rows cannot be read (a value the server cannot send, a
+                    // revoked grant): the table stops, the others go on.
+                    reader
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .map_err(pg(t, "ending a failed snapshot read"))?;
+                    self.emit_watermark(client, "high", &id).await?;
+                    if let Some(keys) = repair {
+                        self.repairs.push_front((table.clone(), keys));
+                    }
+                    let from = after.as_ref().map_or(String::new(), |k| {
+                        format!(", rows after key ({})", k.join(", "))
+                    });
+                    return Ok(ChunkStart::Unreadable {
+                        table: table.clone(),
+                        reason: format!("snapshot of {table}{from}: {}", pg_message(&e)),
+                    });
+                }
+                Err(e) => return Err(pg(t, format!("reading a snapshot chunk of {table}"))(e)),
+            };
             let snapshot_text = read.iter().find_map(|m| match m {
                 SimpleQueryMessage::Row(r) if r.columns().len() == 1 => {
                     r.get(0).map(str::to_string)
@@ -505,49 +527,58 @@ impl Snapshotter {
             if r.columns().len() != cols.len() + 1 {
                 continue; // the pg_current_snapshot() row
             }
+            // A text value that is not UTF-8 (a `SQL_ASCII` database) reads as an error.
+            let cells: Vec<Result<Option<&str>, String>> = (0..r.len())
+                .map(|i| r.try_get(i).map_err(|e| e.to_string()))
+                .collect();
+            let cell = |i: usize| cells[i].as_ref().ok().copied().flatten();
             let mut datums = Vec::with_capacity(cols.len());
             bytes += (1..r.len())
-                .map(|i| r.get(i).map_or(1, str::len))
+                .map(|i| cell(i).map_or(1, str::len))
                 .sum::<usize>();
             for (i, col) in cols.iter().enumerate() {
-                datums.push(match r.get(i + 1) {
-                    None => Datum::Null,
-                    Some(text) => match text_datum(text.as_bytes(), &col.ty) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            // The chunk is dropped (its watermark finds nothing); the caller
-                            // stops the table, and the chunk is read again on resume.
-                            let key: Vec<&str> = if keyed {
-                                key_idx
-                                    .iter()
-                                    .map(|&k| r.get(k + 1).unwrap_or("NULL"))
-                                    .collect()
-                            } else {
-                                vec![r.get(0).unwrap_or_default()]
-                            };
-                            if let Some(keys) = repair {
-                                self.repairs.push_front((table.clone(), keys));
-                            }
-                            return Ok(ChunkStart::Unreadable {
-                                table: table.clone(),
-                                reason: format!(
-                                    "snapshot of {table}, row {} ({}): column {:?}: {e}",
-                                    if keyed { "key" } else { "ctid" },
-                                    key.join(", "),
-                                    col.name
-                                ),
-                            });
+                let datum = match &cells[i + 1] {
+                    Ok(None) => Ok(Datum::Null),
+                    Ok(Some(text)) => {
+                        text_datum(text.as_bytes(), &col.ty).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(format!("not UTF-8: {e}")),
+                };
+                match datum {
+                    Ok(d) => datums.push(d),
+                    Err(e) => {
+                        // The chunk is dropped (its watermark finds nothing); the caller
+                        // stops the table, and the chunk is read again on resume.
+                        let key: Vec<&str> = if keyed {
+                            key_idx
+                                .iter()
+                                .map(|&k| cell(k + 1).unwrap_or("NULL"))
+                                .collect()
+                        } else {
+                            vec![cell(0).unwrap_or_default()]
+                        };
+                        if let Some(keys) = repair {
+                            self.repairs.push_front((table.clone(), keys));
                         }
-                    },
-                });
+                        return Ok(ChunkStart::Unreadable {
+                            table: table.clone(),
+                            reason: format!(
+                                "snapshot of {table}, row {} ({}): column {:?}: {e}",
+                                if keyed { "key" } else { "ctid" },
+                                key.join(", "),
+                                col.name
+                            ),
+                        });
+                    }
+                }
             }
             last = Some(if keyed {
                 key_idx
                     .iter()
-                    .map(|&i| r.get(i + 1).unwrap_or_default().to_string())
+                    .map(|&i| cell(i + 1).unwrap_or_default().to_string())
                     .collect()
             } else {
-                vec![r.get(0).unwrap_or_default().to_string()]
+                vec![cell(0).unwrap_or_default().to_string()]
             });
             key_buf.clear();
             if keyed {
@@ -753,6 +784,22 @@ impl Snapshotter {
             table,
             progress,
         })
+    }
+}
+
+/// Whether a failed read concerns this table's data or rights only (SQLSTATE class 22, data
+/// exception, e.g. 22021 for text the server cannot convert; 42501, insufficient privilege),
+/// not the connection or the server.
+fn is_table_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code() == "42501")
+}
+
+/// The server's message and SQLSTATE of a failed statement.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 

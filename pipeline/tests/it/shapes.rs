@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::apply::dest_db;
-use crate::support::{drop_db, start_capture, Running, TestDb};
+use crate::support::{drop_db, start_capture, Running, TestDb, UNREADABLE};
 
 /// Every row of `table` as text, counted and hashed in text order (a multiset: identical rows
 /// count as often as they occur). Ferry's bookkeeping columns are left out.
@@ -616,22 +616,24 @@ async fn ddl_reaches_the_destination_with_the_right_data() {
     live.finish(db).await;
 }
 
-/// A value capture cannot read (a two-dimensional value in an `int[]` column, which Postgres
-/// allows) stops only its table, in the stream and in a snapshot: its changes are held in
+/// A value capture cannot read (every value Postgres sends is readable now, so the test
+/// marks some with the fault-injection text `UNREADABLE`) stops only its table, in the stream and in a snapshot: its changes are held in
 /// order, the other tables converge, the slot advances, the stop survives a capture restart,
 /// and after the fix one resume per table sends the held changes in order (a row still
 /// unreadable in a held change is read again from the table) and the table converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_capture_cannot_read_stops_only_its_table() {
     let mut db = TestDb::new("poison").await;
+    let poison = format!("'bad {UNREADABLE}'");
     db.exec(
-        "CREATE TABLE good (id int PRIMARY KEY, v text);
-         CREATE TABLE arr (id int PRIMARY KEY, a int[], v text);
-         CREATE TABLE snap_bad (id int PRIMARY KEY, a int[]);
+        &"CREATE TABLE good (id int PRIMARY KEY, v text);
+         CREATE TABLE arr (id int PRIMARY KEY, a text, v text);
+         CREATE TABLE snap_bad (id int PRIMARY KEY, a text);
          INSERT INTO good SELECT g, 'g' || g FROM generate_series(1, 20) g;
-         INSERT INTO arr SELECT g, ARRAY[g, g + 1], 'a' || g FROM generate_series(1, 20) g;
-         INSERT INTO snap_bad SELECT g, ARRAY[g] FROM generate_series(1, 10) g;
-         UPDATE snap_bad SET a = '{{1,2},{3,4}}' WHERE id = 5;",
+         INSERT INTO arr SELECT g, 'x' || g, 'a' || g FROM generate_series(1, 20) g;
+         INSERT INTO snap_bad SELECT g, 'x' || g FROM generate_series(1, 10) g;
+         UPDATE snap_bad SET a = POISON WHERE id = 5;"
+            .replace("POISON", &poison),
     )
     .await;
     let mut live = Live::start(&mut db).await;
@@ -640,13 +642,20 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
     converge(&db.session, &d, "public.arr", "id, a, v", deadline).await;
-    let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
-        .await
-        .expect("stopped");
+    // The snapshot reaches `snap_bad` last.
+    let stopped = loop {
+        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
+            .await
+            .expect("stopped");
+        if !stopped.is_empty() || Instant::now() > deadline {
+            break stopped;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     assert_eq!(stopped.keys().collect::<Vec<_>>(), ["public.snap_bad"]);
     let reason = &stopped["public.snap_bad"].reason;
     assert!(
-        reason.contains("multi-dimensional")
+        reason.contains("fault injection")
             && reason.contains("key (5)")
             && reason.contains("\"a\""),
         "the reason names row and column: {reason}"
@@ -655,14 +664,15 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
     // In the stream: the poisoned row and everything of `arr` after it is held; `good`, in the
     // same transactions, goes on.
     db.exec(
-        "BEGIN;
-         UPDATE arr SET a = '{{1,2},{3,4}}' WHERE id = 7;
+        &"BEGIN;
+         UPDATE arr SET a = POISON WHERE id = 7;
          INSERT INTO good SELECT g, 'g' || g FROM generate_series(21, 30) g;
          COMMIT;
-         INSERT INTO arr SELECT g, ARRAY[g], 'a' || g FROM generate_series(21, 30) g;
+         INSERT INTO arr SELECT g, 'x' || g, 'a' || g FROM generate_series(21, 30) g;
          UPDATE arr SET v = 'changed while held' WHERE id IN (3, 7);
          DELETE FROM arr WHERE id = 4;
-         INSERT INTO good SELECT g, 'g' || g FROM generate_series(31, 40) g;",
+         INSERT INTO good SELECT g, 'g' || g FROM generate_series(31, 40) g;"
+            .replace("POISON", &poison),
     )
     .await;
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
@@ -673,7 +683,7 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
     assert_eq!(stopped.len(), 2, "{stopped:?}");
     let reason = &stopped["public.arr"].reason;
     assert!(
-        reason.contains("multi-dimensional") && reason.contains("key 7"),
+        reason.contains("fault injection") && reason.contains("key 7"),
         "{reason}"
     );
     assert_eq!(
@@ -711,7 +721,7 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
 
     // A restart keeps both stopped, and holds what comes meanwhile.
     live.stop_capture().await;
-    db.exec("INSERT INTO arr VALUES (31, '{31}', 'while capture was down')")
+    db.exec("INSERT INTO arr VALUES (31, 'x31', 'while capture was down')")
         .await;
     live.start_capture(&db.cfg).await;
     db.exec("INSERT INTO good VALUES (41, 'after the restart')")
@@ -727,8 +737,8 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
 
     // Fixed at the source; one resume each.
     db.exec(
-        "UPDATE arr SET a = '{7}' WHERE id = 7;
-         UPDATE snap_bad SET a = '{5}' WHERE id = 5;",
+        "UPDATE arr SET a = 'cafe' WHERE id = 7;
+         UPDATE snap_bad SET a = 'cafe' WHERE id = 5;",
     )
     .await;
     for t in ["arr", "snap_bad"] {
@@ -738,7 +748,7 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
             .expect("resume");
         assert!(reason.is_some(), "{t} was stopped");
     }
-    db.exec("INSERT INTO arr VALUES (32, '{32}', 'after the resume')")
+    db.exec("INSERT INTO arr VALUES (32, 'x32', 'after the resume')")
         .await;
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.arr", "id, a, v", deadline).await;
@@ -749,6 +759,54 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
         .expect("stopped");
     assert!(stopped.is_empty(), "{stopped:?}");
     assert!(apply::held_tables(&dest).await.expect("held").is_empty());
+    drop(d);
+    live.finish(db).await;
+}
+
+/// A table whose rows Postgres itself cannot send (text that is not UTF-8 in a `SQL_ASCII`
+/// database: SQLSTATE 22021) stops only that table at its snapshot, with the server's reason;
+/// once the row is fixed, one resume reads the table again and it converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_postgres_cannot_send_stops_only_its_table() {
+    let base = TestDb::new_config();
+    let pg = base.origin.postgres.clone();
+    let options = "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0";
+    let mut db = TestDb::on_with(base, pg, "sqlascii", options).await;
+    db.exec(
+        "CREATE TABLE good (id int PRIMARY KEY, v text);
+         CREATE TABLE latin (id int PRIMARY KEY, v text);
+         INSERT INTO good SELECT g, 'g' || g FROM generate_series(1, 20) g;
+         INSERT INTO latin SELECT g, 'l' || g FROM generate_series(1, 20) g;
+         UPDATE latin SET v = E'caf\\xe9' WHERE id = 5;",
+    )
+    .await;
+    let live = Live::start(&mut db).await;
+    let d = live.dest.connect().await.expect("destination");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    converge(&db.session, &d, "public.good", "id, v", deadline).await;
+    let stopped = loop {
+        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
+            .await
+            .expect("stopped");
+        if !stopped.is_empty() || Instant::now() > deadline {
+            break stopped;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(stopped.keys().collect::<Vec<_>>(), ["public.latin"]);
+    let reason = &stopped["public.latin"].reason;
+    assert!(reason.contains("22021"), "{reason}");
+    db.exec("INSERT INTO good VALUES (21, 'after the stop')")
+        .await;
+    converge(&db.session, &d, "public.good", "id, v", deadline).await;
+
+    db.exec("UPDATE latin SET v = 'cafe' WHERE id = 5").await;
+    let table = ferry_schemas::TableId::new("public", "latin");
+    let resumed = ferry_pipeline::capture::request_resume(&db.cfg, &table)
+        .await
+        .expect("resume");
+    assert!(resumed.is_some(), "latin was stopped");
+    converge(&db.session, &d, "public.latin", "id, v", deadline).await;
     drop(d);
     live.finish(db).await;
 }

@@ -367,7 +367,19 @@ pub async fn wait_backfill_done(cfg: &Config, job: &str, timeout: Duration) {
 }
 
 /// Logs to stderr when `FERRY_TEST_LOG` is set (e.g. `FERRY_TEST_LOG=info`), for debugging.
+/// The text that makes capture refuse a value (fault injection: see
+/// `ferry_connectors::postgres::changes::UNREADABLE_MARKER_VAR`); no other value contains it.
+pub const UNREADABLE: &str = "<ferry-test-unreadable>";
+
 pub fn init_logs() {
+    static MARKER: std::sync::Once = std::sync::Once::new();
+    // Before any capture runs (the decoder reads it once); tests run as threads of one process.
+    MARKER.call_once(|| {
+        std::env::set_var(
+            ferry_connectors::postgres::changes::UNREADABLE_MARKER_VAR,
+            UNREADABLE,
+        )
+    });
     static ONCE: std::sync::Once = std::sync::Once::new();
     if let Ok(filter) = std::env::var("FERRY_TEST_LOG") {
         ONCE.call_once(|| {

@@ -125,11 +125,11 @@ async fn every_type_arrives_equal_in_the_destination() {
         ("tm", "time", &["00:00:00", "24:00:00", "23:59:59.999999"]),
         ("tm3", "time(3)", &["12:00:00.123"]),
         ("ttz", "timetz", &["00:00:00+14:59", "24:00:00-15:59"]),
-        // The last timestamp that fits in microseconds since 1970 (Avro's timestamp-micros);
-        // Postgres goes on to 294276, which capture refuses with the column named.
-        ("ts", "timestamp", &["4713-01-01 00:00:00 BC", "294247-01-10 04:00:54.775806", "infinity", "-infinity"]),
+        // The last timestamp that fits in microseconds since 1970 (Avro's timestamp-micros),
+        // then Postgres's last ones, which travel as text.
+        ("ts", "timestamp", &["4713-01-01 00:00:00 BC", "294247-01-10 04:00:54.775806", "infinity", "-infinity", "294247-01-10 04:00:54.775807", "294276-12-31 23:59:59.999999"]),
         ("ts0", "timestamp(0)", &["2026-12-01 10:00:01"]),
-        ("tz", "timestamptz", &["4713-01-02 00:00:00+00 BC", "294247-01-10 04:00:54.775806+00", "infinity", "-infinity"]),
+        ("tz", "timestamptz", &["4713-01-02 00:00:00+00 BC", "294247-01-10 04:00:54.775806+00", "infinity", "-infinity", "294276-12-31 23:59:59.999999+00"]),
         ("iv", "interval", &["178000000 years", "-178000000 years", "1 mon 2 days 03:04:05.678901", "-1 days +02:00:00"]),
         ("u", "uuid", &["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
         ("j", "json", &["{\"a\": [1, 2.0, \"x\"],  \"a\": 2}"]),
@@ -152,10 +152,10 @@ async fn every_type_arrives_equal_in_the_destination() {
         ("nr", "numrange", &["(1.5,)"]),
         ("tr", "tstzrange", &["[2026-01-01 00:00:00+00,infinity)"]),
         ("mr", "int4multirange", &["{[1,3), [5,7)}"]),
-        ("ai", "int4[]", &["{1,NULL,3}", "{}"]),
-        // Not yet: a multi-dimensional value in an array column stops its table (shapes::
-        // a_value_capture_cannot_read_stops_only_its_table); lower bounds other than 1 are reset.
-        ("at", "text[]", &["{\"a b\",NULL,\"\\\"\"}"]),
+        // Any dimension and bounds (those other than one dimension from 1 travel as text).
+        ("ai", "int4[]", &["{1,NULL,3}", "{}", "{{1,2},{3,NULL}}", "[0:1]={5,6}", "[-2:-1][3:3]={{1},{2}}", "{{{7}}}"]),
+        ("at", "text[]", &["{\"a b\",NULL,\"\\\"\"}", "{{\"a b\",NULL},{\"}\",\"{\"}}"]),
+        ("ats", "timestamp[]", &["{\"294276-12-31 23:59:59.999999\",NULL}", "{\"2026-12-01 00:00:00\"}"]),
         ("dom", "posint", &["7"]),
         ("en", "mood", &["happy"]),
         ("comp", "pair", &["(1,\"a b\")"]),
@@ -179,11 +179,13 @@ async fn every_type_arrives_equal_in_the_destination() {
         defs.join(", ")
     ))
     .await;
+    let literal =
+        |t: &str, v: &str| format!("{}::{t}", ferry_connectors::postgres::quote_literal(v));
     let insert = |row: usize| {
         let values: Vec<String> = columns
             .iter()
             .map(|(_, t, v)| match v.get(row) {
-                Some(v) => format!("{}::{t}", ferry_connectors::postgres::quote_literal(v)),
+                Some(v) => literal(t, v),
                 None => "NULL".into(),
             })
             .collect();
@@ -192,9 +194,45 @@ async fn every_type_arrives_equal_in_the_destination() {
             values.join(", ")
         )
     };
+    // Each type with a btree order is a key column too, with all its values: tables keyed by
+    // `id` and up to 31 such columns (Postgres allows 32).
+    const UNORDERED: &[&str] = &[
+        "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
+    ];
+    let keyable: Vec<_> = columns
+        .iter()
+        .filter(|(_, t, _)| !UNORDERED.contains(t))
+        .collect();
+    let key_tables: Vec<(String, Vec<_>)> = keyable
+        .chunks(31)
+        .enumerate()
+        .map(|(n, cs)| (format!("public.keys_{n}"), cs.to_vec()))
+        .collect();
+    for (name, cs) in &key_tables {
+        let defs: Vec<String> = cs.iter().map(|(c, t, _)| format!("{c} {t}")).collect();
+        let key: Vec<&str> = cs.iter().map(|(c, _, _)| *c).collect();
+        db.exec(&format!(
+            "CREATE TABLE {name} (id int, {}, PRIMARY KEY (id, {}))",
+            defs.join(", "),
+            key.join(", ")
+        ))
+        .await;
+    }
+    let key_insert = |row: usize| {
+        let mut sql = String::new();
+        for (name, cs) in &key_tables {
+            let values: Vec<String> = cs
+                .iter()
+                .map(|(_, t, v)| literal(t, v[row % v.len()]))
+                .collect();
+            sql += &format!("INSERT INTO {name} VALUES ({row}, {});", values.join(", "));
+        }
+        sql
+    };
     // Half the rows come through the snapshot, half through the stream; one row all NULL.
     for row in 0..rows / 2 {
         db.exec(&insert(row)).await;
+        db.exec(&key_insert(row)).await;
     }
     let dest = crate::apply::dest_db(&db, "dest").await;
     dest.connect()
@@ -219,12 +257,20 @@ async fn every_type_arrives_equal_in_the_destination() {
     };
     for row in rows / 2..rows {
         db.exec(&insert(row)).await;
+        db.exec(&key_insert(row)).await;
     }
+    // Deletes find their row by every key type; one row comes back.
+    for (name, _) in &key_tables {
+        db.exec(&format!("DELETE FROM {name} WHERE id IN (0, 1)"))
+            .await;
+    }
+    db.exec(&key_insert(1)).await;
     db.exec(&format!("INSERT INTO all_types (id) VALUES ({rows})"))
         .await;
 
     let d = dest.connect().await.expect("destination");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
+
     loop {
         let n = match d
             .query_one("SELECT count(*) FROM public.all_types", &[])
@@ -240,6 +286,13 @@ async fn every_type_arrives_equal_in_the_destination() {
             panic!("destination has {n} of {} rows", rows + 1);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (table, cs) in &key_tables {
+        let names: Vec<&str> = cs.iter().map(|(c, _, _)| *c).collect();
+        let o = text_rows(&db.session, table, &names).await;
+        while text_rows(&d, table, &names).await != o && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     let _ = stop.send(true);
     let shipped = ship.await.expect("join");
@@ -269,22 +322,36 @@ async fn every_type_arrives_equal_in_the_destination() {
             ));
         }
     }
-    let texts = "SELECT id, {} FROM public.all_types ORDER BY id";
-    let list: Vec<String> = columns
-        .iter()
-        .map(|(c, _, _)| format!("{c}::text"))
-        .collect();
-    let sql = texts.replace("{}", &list.join(", "));
-    let o = db.session.query(&sql, &[]).await.expect("origin rows");
-    let dr = d.query(&sql, &[]).await.expect("destination rows");
-    for (ro, rd) in o.iter().zip(&dr) {
-        let id: i32 = ro.get(0);
-        for (i, (c, _, _)) in columns.iter().enumerate() {
-            let (a, b): (Option<String>, Option<String>) = (ro.get(i + 1), rd.get(i + 1));
-            if a != b {
-                wrong.push(format!("row {id} {c}: {a:?} arrived as {b:?}"));
+    let mut compare = |table: &str, cs: &[&str], o: Vec<(i32, Vec<Option<String>>)>, dr| {
+        if o.len() != Vec::len(&dr) {
+            let ids = |rows: &[(i32, _)]| rows.iter().map(|r| r.0).collect::<Vec<_>>();
+            wrong.push(format!(
+                "{table}: rows {:?} arrived as {:?}",
+                ids(&o),
+                ids(&dr)
+            ));
+        }
+        for ((id, a), (_, b)) in o.iter().zip(&dr) {
+            for (i, c) in cs.iter().enumerate() {
+                if a[i] != b[i] {
+                    wrong.push(format!(
+                        "{table} row {id} {c}: {:?} arrived as {:?}",
+                        a[i], b[i]
+                    ));
+                }
             }
         }
+    };
+    let names: Vec<&str> = columns.iter().map(|(c, _, _)| *c).collect();
+    let o = text_rows(&db.session, "public.all_types", &names).await;
+    let dr = text_rows(&d, "public.all_types", &names).await;
+    compare("public.all_types", &names, o, dr);
+    for (table, cs) in &key_tables {
+        let names: Vec<&str> = cs.iter().map(|(c, _, _)| *c).collect();
+        let o = text_rows(&db.session, table, &names).await;
+        assert_eq!(o.len(), rows - 1, "{table} in the origin");
+        let dr = text_rows(&d, table, &names).await;
+        compare(table, &names, o, dr);
     }
     assert!(
         wrong.is_empty(),
@@ -295,4 +362,23 @@ async fn every_type_arrives_equal_in_the_destination() {
     drop(d);
     crate::support::drop_db(&dest).await;
     db.cleanup().await;
+}
+
+/// Every value of `cs` as text, by `id`: for the types of the matrix this tells every two
+/// values apart. Empty while the table does not exist.
+async fn text_rows(
+    s: &tokio_postgres::Client,
+    table: &str,
+    cs: &[&str],
+) -> Vec<(i32, Vec<Option<String>>)> {
+    let list: Vec<String> = cs.iter().map(|c| format!("{c}::text")).collect();
+    let sql = format!("SELECT id, {} FROM {table} ORDER BY id", list.join(", "));
+    s.query(&sql, &[])
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (r.get(0), (1..r.len()).map(|i| r.get(i)).collect()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
