@@ -622,6 +622,8 @@ pub struct ServerFacts {
     pub can_replicate: bool,
     /// Whether the current user is a superuser.
     pub superuser: bool,
+    /// `server_encoding` of the database.
+    pub server_encoding: String,
 }
 
 /// Reads [`ServerFacts`].
@@ -633,7 +635,8 @@ pub async fn server_facts(client: &Client) -> Result<ServerFacts, tokio_postgres
                     (SELECT count(*) FROM pg_replication_slots), \
                     current_setting('max_wal_senders')::bigint, \
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
-                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    current_setting('server_encoding')",
             &[],
         )
         .await?;
@@ -645,5 +648,6 @@ pub async fn server_facts(client: &Client) -> Result<ServerFacts, tokio_postgres
         max_wal_senders: r.get(4),
         can_replicate: r.get(5),
         superuser: r.get(6),
+        server_encoding: r.get(7),
     })
 }

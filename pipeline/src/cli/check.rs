@@ -105,6 +105,18 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             ),
         )
     });
+    if facts.server_encoding == "SQL_ASCII" {
+        // Not a failure: most such databases hold only ASCII or UTF-8.
+        out.push(finding(
+            "encoding",
+            true,
+            "WARNING: the database is SQL_ASCII: Postgres does not check its text, and text that \
+             is not UTF-8 cannot be sent to capture. In a snapshot that table stops alone; in the \
+             replication stream capture stops at that change for every table (see the README's \
+             troubleshooting). Moving the database to UTF8 (dump, fix, restore) removes the \
+             risk",
+        ));
+    }
     if cfg.capture.ddl_trigger {
         out.push(match catalog::has_ddl_trigger(&session).await {
             Ok(true) => finding(

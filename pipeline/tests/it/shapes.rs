@@ -780,6 +780,12 @@ async fn a_snapshot_postgres_cannot_send_stops_only_its_table() {
          UPDATE latin SET v = E'caf\\xe9' WHERE id = 5;",
     )
     .await;
+    let findings = ferry_pipeline::cli::check::run(&db.cfg).await;
+    let encoding = findings.iter().find(|f| f.name == "encoding");
+    assert!(
+        encoding.is_some_and(|f| f.detail.contains("SQL_ASCII")),
+        "ferry check warns of SQL_ASCII: {findings:?}"
+    );
     let live = Live::start(&mut db).await;
     let d = live.dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
