@@ -246,7 +246,12 @@ enum Replay {
     },
     /// A held change still cannot be read (and cannot be replaced by a read): the table stays
     /// stopped from it.
-    Unreadable { since: (u64, u64), reason: String },
+    /// `from` is the held record's offset.
+    Unreadable {
+        since: (u64, u64),
+        from: i64,
+        reason: String,
+    },
 }
 
 impl<'a> Capture<'a> {
@@ -508,7 +513,7 @@ impl<'a> Capture<'a> {
                 // Between transactions: everything later of this table is held; the state is
                 // saved behind the positions already handed to the acker.
                 let since = (self.decoder.txn_lsn() + 1, 0);
-                self.stop_table(&table, since, reason);
+                self.stop_table(&table, since, reason).await;
                 let at = self
                     .state_after
                     .back()
@@ -664,7 +669,8 @@ impl<'a> Capture<'a> {
                 .key_texts(&schema.table().key_indexes())
                 .filter(|_| schema.has_key())
                 .map_or_else(String::new, |k| format!(" (key {})", k.join(", ")));
-            self.stop_table(&table, (change.lsn, change.seq), format!("{reason}{key}"));
+            self.stop_table(&table, (change.lsn, change.seq), format!("{reason}{key}"))
+                .await;
             self.txn.moved_state = true;
         }
         let lsn = Lsn(change.lsn);
@@ -687,11 +693,31 @@ impl<'a> Capture<'a> {
 
     /// Stops a table: from `since` on its changes are held, its snapshot, backfills and
     /// repairs wait, and the other tables go on.
-    fn stop_table(&mut self, table: &TableId, since: (u64, u64), reason: String) {
+    async fn stop_table(&mut self, table: &TableId, since: (u64, u64), reason: String) {
         let name = table.to_string();
         if self.state.stopped.contains_key(&name) {
             return;
         }
+        // The stop's held records come after the topic's current end, so a resume reads from
+        // there, not through every earlier stop. Unknown (no broker answer): from the start.
+        let held_from = match self.sink.cluster() {
+            Some((cluster, prefix)) => {
+                let (cluster, tp) = (
+                    cluster.clone(),
+                    ferry_connectors::kafka::TopicPartition::new(
+                        crate::topics::capture_held_topic(prefix),
+                        0,
+                    ),
+                );
+                tokio::task::spawn_blocking(move || cluster.watermarks(&tp))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+                    .map_or(0, |(_, high)| high)
+            }
+            None => 0,
+        };
         tracing::error!(table = name, lsn = %Lsn(since.0), reason,
             held_in = crate::topics::capture_held_topic(&self.cfg.capture.topic_prefix),
             "table stopped: capture cannot read a change of it; its changes are held in order \
@@ -702,6 +728,7 @@ impl<'a> Capture<'a> {
                 since,
                 reason,
                 at_ms: hold::now_ms(),
+                held_from,
             },
         );
         self.decoder.hold(table.clone());
@@ -730,8 +757,15 @@ impl<'a> Capture<'a> {
             return Ok(());
         };
         self.txn.moved_state = true;
-        match self.replay_held(&table, stopped.since).await? {
-            Replay::Unreadable { since, reason } => {
+        match self
+            .replay_held(&table, stopped.since, stopped.held_from)
+            .await?
+        {
+            Replay::Unreadable {
+                since,
+                from,
+                reason,
+            } => {
                 tracing::error!(table = r.table, lsn = %Lsn(since.0), reason,
                     "resumed table stopped again: a held change still cannot be read; it stays held from there");
                 self.state.stopped.insert(
@@ -740,6 +774,7 @@ impl<'a> Capture<'a> {
                         since,
                         reason,
                         at_ms: hold::now_ms(),
+                        held_from: from,
                     },
                 );
             }
@@ -766,11 +801,13 @@ impl<'a> Capture<'a> {
         Ok(())
     }
 
-    /// Sends a stopped table's held changes from `since` on, decoded again, in order.
+    /// Sends a stopped table's held changes from `since` on (reading the held topic from
+    /// offset `held_from`), decoded again, in order.
     async fn replay_held(
         &mut self,
         table: &TableId,
         since: (u64, u64),
+        held_from: i64,
     ) -> Result<Replay, CaptureError> {
         let Some((cluster, prefix)) = self.sink.cluster() else {
             return Ok(Replay::Done {
@@ -782,7 +819,7 @@ impl<'a> Capture<'a> {
         // Every held record produced so far is in the topic before it is read.
         self.sink.flush(Duration::from_secs(30));
         let name = table.to_string();
-        let (mut from, mut sent) = (0, 0u64);
+        let (mut from, mut sent) = (held_from, 0u64);
         let mut seen = HashSet::new();
         let mut repairs = Vec::new();
         loop {
@@ -794,6 +831,7 @@ impl<'a> Capture<'a> {
                     Err(e) => {
                         return Ok(Replay::Unreadable {
                             since,
+                            from: offset,
                             reason: format!(
                                 "held record at offset {offset} of {} does not parse: {e}",
                                 crate::topics::capture_held_topic(&prefix)
@@ -813,6 +851,7 @@ impl<'a> Capture<'a> {
                 else {
                     return Ok(Replay::Unreadable {
                         since: pos,
+                        from: offset,
                         reason: format!(
                             "schema version {} of a held change is not in the schema topic",
                             h.value_fingerprint
@@ -842,6 +881,7 @@ impl<'a> Capture<'a> {
                         None => {
                             return Ok(Replay::Unreadable {
                                 since: pos,
+                                from: offset,
                                 reason: e.to_string(),
                             })
                         }

@@ -47,6 +47,10 @@ pub struct Stopped {
     pub since: (u64, u64),
     /// What could not be read, naming the column, key and LSN.
     pub reason: String,
+    /// An offset of the held topic at or before this stop's first record, where a resume
+    /// starts reading (0 in states written before it was recorded: read from the start).
+    #[serde(default)]
+    pub held_from: i64,
     /// When, epoch milliseconds.
     pub at_ms: i64,
 }
@@ -321,4 +325,17 @@ pub async fn save_value<T: Serialize>(
             source,
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_saved_before_held_offsets_were_recorded_reads_from_the_start() {
+        let old = r#"{"since": [5, 1], "reason": "r", "at_ms": 7}"#;
+        let s: Stopped = serde_json::from_str(old).expect("parses");
+        assert_eq!(s.held_from, 0);
+        assert_eq!(s.since, (5, 1));
+    }
 }

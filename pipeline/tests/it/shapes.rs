@@ -759,6 +759,31 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
         .expect("stopped");
     assert!(stopped.is_empty(), "{stopped:?}");
     assert!(apply::held_tables(&dest).await.expect("held").is_empty());
+
+    // A second stop of the same table: its resume reads the held topic from where this stop
+    // began, past the first stop's records.
+    db.exec(&format!("UPDATE arr SET a = {poison} WHERE id = 9"))
+        .await;
+    let stopped = loop {
+        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
+            .await
+            .expect("stopped");
+        if !stopped.is_empty() || Instant::now() > deadline {
+            break stopped;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        stopped["public.arr"].held_from > 0,
+        "the stop records where its held records begin: {stopped:?}"
+    );
+    db.exec("UPDATE arr SET a = 'x9' WHERE id = 9; INSERT INTO arr VALUES (33, 'x33', 'second')")
+        .await;
+    let table = ferry_schemas::TableId::new("public", "arr");
+    ferry_pipeline::capture::request_resume(&db.cfg, &table)
+        .await
+        .expect("resume");
+    converge(&db.session, &d, "public.arr", "id, a, v", deadline).await;
     drop(d);
     live.finish(db).await;
 }
