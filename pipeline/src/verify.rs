@@ -106,7 +106,8 @@ struct Side {
     scope: String,
     /// (column, type) in origin column order.
     columns: Vec<(String, String)>,
-    /// (column, type, whether it has a collation) of the key columns.
+    /// (column, type, whether it has a collation) of the key columns, in declared order (the
+    /// origin's, on both sides).
     keys: Vec<(String, String, bool)>,
 }
 
@@ -126,7 +127,7 @@ impl Side {
         let rows = session
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                        coalesce(a.attnum = ANY(i.indkey), false), a.attcollation <> 0
+                        array_position(i.indkey::int2[], a.attnum), a.attcollation <> 0
                  FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
                  ORDER BY a.attnum",
@@ -142,16 +143,19 @@ impl Side {
         let mut columns = Vec::new();
         let mut keys = Vec::new();
         for r in rows {
-            let (name, ty, key, collated): (String, String, bool, bool) =
+            let (name, ty, key, collated): (String, String, Option<i32>, bool) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             if name.starts_with("_ferry_") || only.is_some_and(|o| !o.contains(&name)) {
                 continue;
             }
-            if key {
-                keys.push((name.clone(), ty.clone(), collated));
+            if let Some(place) = key {
+                keys.push((place, (name.clone(), ty.clone(), collated)));
             }
             columns.push((name, ty));
         }
+        // As declared: the order of the key's index, which ranges can walk.
+        keys.sort_by_key(|(place, _)| *place);
+        let keys: Vec<_> = keys.into_iter().map(|(_, k)| k).collect();
         if keys.is_empty() {
             return Err(VerifyError::Table(format!(
                 "{q} has no primary key in {target}"
@@ -198,6 +202,32 @@ impl Side {
             .map(|(c, _)| format!("quote_nullable({}::text)", quote_ident(c)))
             .collect();
         format!("concat_ws(',', {})", parts.join(", "))
+    }
+
+    /// `(k1, k2) <= (v1, v2)` for the given key columns in the given order, compared like
+    /// [`Side::order`].
+    fn at_most(&self, key: &[(String, String)]) -> Result<String, VerifyError> {
+        let mut cols = Vec::new();
+        let mut vals = Vec::new();
+        for (name, v) in key {
+            let (_, ty, collated) =
+                self.keys
+                    .iter()
+                    .find(|(k, _, _)| k == name)
+                    .ok_or_else(|| {
+                        VerifyError::Table(format!(
+                            "{name} is not a key column of {} in {}",
+                            self.q, self.target
+                        ))
+                    })?;
+            cols.push(if *collated {
+                format!("{} COLLATE \"C\"", quote_ident(name))
+            } else {
+                quote_ident(name)
+            });
+            vals.push(format!("{}::{ty}", quote_literal(v)));
+        }
+        Ok(format!("({}) <= ({})", cols.join(", "), vals.join(", ")))
     }
 
     fn bound(&self, key: &[String]) -> String {
@@ -316,8 +346,9 @@ const ROW_BY_ROW: i64 = 64;
 /// Which rows a comparison covers.
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
-    /// Only keys up to and including this one (text of each key column).
-    pub upto: Option<Vec<String>>,
+    /// Only rows up to and including this key, in the order of its columns: (key column,
+    /// text of its value), in the order the rows were read (a backfill's sample).
+    pub upto: Option<Vec<(String, String)>>,
     /// Only rows matching this SQL predicate.
     pub predicate: Option<String>,
 }
@@ -341,10 +372,14 @@ pub async fn verify_scope(
     let mut o = Side::open(origin, table, None).await?;
     let names: Vec<String> = o.columns.iter().map(|(c, _)| c.clone()).collect();
     let mut d = Side::open(destination, table, Some(&names)).await?;
+    // Both sides walk the origin's key order (a destination table may have been created with
+    // its key columns in another order).
+    d.keys
+        .sort_by_key(|(k, _, _)| o.keys.iter().position(|(ok, _, _)| ok == k));
     for side in [&mut o, &mut d] {
         let mut parts = vec!["true".to_string()];
         if let Some(k) = &scope.upto {
-            parts.push(format!("({}) <= {}", side.order(), side.bound(k)));
+            parts.push(side.at_most(k)?);
         }
         if let Some(p) = &scope.predicate {
             parts.push(format!("({p})"));

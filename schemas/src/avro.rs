@@ -369,6 +369,9 @@ impl EncodedSchema {
             if let Some(n) = c.attnum {
                 f["pg_attnum"] = json!(n);
             }
+            if c.key {
+                f["key_order"] = json!(c.key_order);
+            }
             f
         };
         let key_indexes = table.key_indexes();
@@ -663,6 +666,11 @@ impl EncodedSchema {
                         .parse()
                         .map_err(|e: String| bad(&e))?,
                     key: f.get("key").and_then(Json::as_bool).unwrap_or(false),
+                    key_order: f
+                        .get("key_order")
+                        .and_then(Json::as_u64)
+                        .and_then(|n| u16::try_from(n).ok())
+                        .unwrap_or(0),
                 })
             })
             .collect::<Result<Vec<_>, AvroError>>()?;
@@ -954,6 +962,7 @@ mod tests {
             attnum: None,
             ty,
             key,
+            key_order: 0,
         }
     }
 
@@ -1227,6 +1236,29 @@ mod tests {
             assert_eq!(field(after, "n"), &Value::Union(1, Box::new(Value::Int(1))));
             assert_eq!(s.decode_value(&buf).expect("decodes back"), event);
         }
+    }
+
+    #[test]
+    fn the_key_record_follows_the_declared_key_order() {
+        let mut t = table();
+        t.columns[1].key = true; // `small`, declared first
+        t.columns[0].key_order = 1;
+        let s = EncodedSchema::new(&t).expect("schema");
+        let key: Json = serde_json::from_str(&s.key_json).expect("json");
+        let names: Vec<&str> = key["fields"]
+            .as_array()
+            .expect("fields")
+            .iter()
+            .filter_map(|f| f["name"].as_str())
+            .collect();
+        assert_eq!(names, ["small", "id"]);
+        let again = EncodedSchema::from_json(&s.value_json).expect("rebuilds");
+        assert_eq!(again.key_fp, s.key_fp);
+        assert_eq!(again.table().key_indexes(), [1, 0]);
+        // A version published before key_order was recorded keeps its column order.
+        let old = s.value_json.replace("\"key_order\": 1", "\"key_order\": 0");
+        let old = EncodedSchema::from_json(&old).expect("rebuilds");
+        assert_eq!(old.table().key_indexes(), [0, 1]);
     }
 
     #[test]

@@ -184,6 +184,10 @@ pub struct Column {
     pub ty: ColumnType,
     /// Whether the column is part of the table's key (primary key, else replica identity).
     pub key: bool,
+    /// The column's place in the key as declared (`PRIMARY KEY (b, a)`: `b` is 0, `a` 1), which
+    /// is the order of the key's index. Equal places (versions published before it was
+    /// recorded, non-key columns) fall back to column order.
+    pub key_order: u16,
 }
 
 /// One version of a source table: its columns in ordinal order.
@@ -198,14 +202,13 @@ pub struct TableSchema {
 }
 
 impl TableSchema {
-    /// Indexes of the key columns, in column order.
+    /// Indexes of the key columns, in declared key order (see [`Column::key_order`]).
     pub fn key_indexes(&self) -> Vec<usize> {
-        self.columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key)
-            .map(|(i, _)| i)
-            .collect()
+        let mut keys: Vec<usize> = (0..self.columns.len())
+            .filter(|&i| self.columns[i].key)
+            .collect();
+        keys.sort_by_key(|&i| (self.columns[i].key_order, i));
+        keys
     }
 }
 

@@ -64,6 +64,7 @@ fn table() -> TableSchema {
         attnum: None,
         ty,
         key,
+        key_order: 0,
     };
     TableSchema {
         database: "shop".into(),

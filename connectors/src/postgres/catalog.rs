@@ -202,7 +202,8 @@ pub async fn published(
     }
 }
 
-/// Key columns: the primary key, else the replica identity index, else nothing.
+/// Key columns in declared order (the order of the key's index): the primary key, else the
+/// replica identity index, else nothing.
 pub async fn key_columns(
     client: &Client,
     relid: u32,
@@ -210,8 +211,10 @@ pub async fn key_columns(
     let rows = client
         .query(
             "SELECT a.attname::text, i.indisprimary FROM pg_index i \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)",
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indisprimary DESC, k.n",
             &[&relid],
         )
         .await?;
@@ -299,6 +302,7 @@ pub async fn build_schema_at(
                 attnum,
                 ty: info.map_or(ColumnType::Other, |t| t.ty.clone()),
                 key: keys.contains(name),
+                key_order: keys.iter().position(|k| k == name).map_or(0, |p| p as u16),
             }
         })
         .collect();

@@ -1825,6 +1825,7 @@ mod tests {
             attnum: None,
             ty,
             key,
+            key_order: 0,
         };
         let t = TableSchema {
             database: "db".into(),

@@ -549,6 +549,7 @@ mod tests {
             attnum: None,
             ty,
             key,
+            key_order: 0,
         };
         let table = TableSchema {
             database: "db".into(),

@@ -201,6 +201,7 @@ mod tests {
             attnum: None,
             ty,
             key,
+            key_order: 0,
         };
         let t = TableSchema {
             database: "db".into(),

@@ -50,6 +50,9 @@ struct Chunk {
     backfill: Option<String>,
     schema: Arc<EncodedSchema>,
     rows: Vec<(Vec<u8>, Vec<Datum>)>,
+    /// The key columns the rows are read in the order of (empty without a key), and the last
+    /// row's value of each.
+    order: Vec<String>,
     last: Option<Vec<String>>,
     complete: bool,
     visibility: Visibility,
@@ -392,16 +395,16 @@ impl Snapshotter {
                     source,
                 })?,
             );
-        let after = match (&repair, &backfill) {
-            (None, Some((_, b))) => match &b.progress {
-                Some(TableProgress::After(k)) => Some(k.clone()),
-                _ => None,
-            },
-            (None, None) => match state.tables.get(&table.to_string()) {
-                Some(TableProgress::After(k)) => Some(k.clone()),
-                _ => None,
-            },
+        let progress = match (&repair, &backfill) {
+            (None, Some((_, b))) => b.progress.as_ref(),
+            (None, None) => state.tables.get(&table.to_string()),
             _ => None,
+        };
+        // A read goes on in the order it began in (older progress: column order); a new one
+        // reads in declared key order, the order of the key's index.
+        let (order, after) = match TableProgress::resume_in(progress, schema.table()) {
+            Some((order, key)) => (order, Some(key)),
+            None => (schema.table().key_indexes(), None),
         };
         let chunk_rows = backfill.as_ref().map_or(self.chunk_rows, |(_, b)| {
             // A staged backfill's sample is exactly its size: no chunk reads past it.
@@ -439,6 +442,7 @@ impl Snapshotter {
         let cols = &schema.table().columns;
         let Some(sql) = chunk_query(
             schema.table(),
+            &order,
             after.as_deref(),
             repair.as_deref(),
             extra.as_deref(),
@@ -573,7 +577,7 @@ impl Snapshotter {
                 }
             }
             last = Some(if keyed {
-                key_idx
+                order
                     .iter()
                     .map(|&i| cell(i + 1).unwrap_or_default().to_string())
                     .collect()
@@ -602,6 +606,7 @@ impl Snapshotter {
             backfill: backfill.map(|(job, _)| job),
             schema: schema.clone(),
             rows,
+            order: order.iter().map(|&i| cols[i].name.clone()).collect(),
             last,
             complete,
             visibility,
@@ -775,7 +780,10 @@ impl Snapshotter {
             }
             Some(TableProgress::Done)
         } else {
-            Some(TableProgress::After(chunk.last.unwrap_or_default()))
+            Some(TableProgress::Past {
+                order: chunk.order,
+                key: chunk.last.unwrap_or_default(),
+            })
         };
         Some(ChunkDone {
             backfill: chunk.backfill,
@@ -804,19 +812,21 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// The SQL that reads one snapshot chunk of `table`: every column (after the row's `ctid`), in
-/// key order (`ctid` order for a keyless table), starting after the key `after`, within the
+/// the order of the key columns `order` (`ctid` order for a keyless table, whose `order` is
+/// empty), starting after the key `after` (text in that order), within the
 /// backfill predicate `extra`, at most `chunk_rows` rows; or, for a repair, exactly the rows
 /// with the given keys. `None`: a repair of a keyless table (no key to address rows by).
 /// Keys are compared as typed tuples (`(k1, k2) > ('a'::text, '1'::int4)`), so composite keys
 /// and every key type order as Postgres orders them.
 pub(crate) fn chunk_query(
     table: &ferry_schemas::TableSchema,
+    order: &[usize],
     after: Option<&[String]>,
     repair: Option<&[Vec<String>]>,
     extra: Option<&str>,
     chunk_rows: usize,
 ) -> Option<String> {
-    let key_idx = table.key_indexes();
+    let key_idx = order;
     let keyed = !key_idx.is_empty();
     if repair.is_some() && !keyed {
         return None;
@@ -888,6 +898,7 @@ mod tests {
             attnum: None,
             ty: ferry_schemas::ColumnType::Text,
             key,
+            key_order: 0,
         };
         ferry_schemas::TableSchema {
             database: "db".into(),
@@ -909,12 +920,19 @@ mod tests {
         let cases: Vec<(&str, Option<String>, Option<&str>)> = vec![
             (
                 "first chunk",
-                chunk_query(&keyed, None, None, None, 500),
+                chunk_query(&keyed, &keyed.key_indexes(), None, None, None, 500),
                 Some(r#""id", "v" FROM "My Schema"."odd""table"  ORDER BY "id" LIMIT 500"#),
             ),
             (
                 "next chunk",
-                chunk_query(&keyed, Some(&["41".into()]), None, None, 500),
+                chunk_query(
+                    &keyed,
+                    &keyed.key_indexes(),
+                    Some(&["41".into()]),
+                    None,
+                    None,
+                    500,
+                ),
                 Some(
                     r#""id", "v" FROM "My Schema"."odd""table" WHERE ("id") > ('41'::"int4") ORDER BY "id" LIMIT 500"#,
                 ),
@@ -923,6 +941,7 @@ mod tests {
                 "composite key, odd values",
                 chunk_query(
                     &composite,
+                    &composite.key_indexes(),
                     Some(&["it's".into(), r"a\b".into()]),
                     None,
                     None,
@@ -933,22 +952,57 @@ mod tests {
                 ),
             ),
             (
+                "composite key declared in another order",
+                chunk_query(
+                    &composite,
+                    &[1, 0],
+                    Some(&["x".into(), "1".into()]),
+                    None,
+                    None,
+                    10,
+                ),
+                Some(
+                    r#""a", "b", "v" FROM "My Schema"."odd""table" WHERE ("b", "a") > ('x'::"public"."my type", '1'::"text") ORDER BY "b", "a" LIMIT 10"#,
+                ),
+            ),
+            (
                 "keyless",
-                chunk_query(&keyless, Some(&["(3,7)".into()]), None, None, 10),
+                chunk_query(
+                    &keyless,
+                    &keyless.key_indexes(),
+                    Some(&["(3,7)".into()]),
+                    None,
+                    None,
+                    10,
+                ),
                 Some(
                     r#""v" FROM "My Schema"."odd""table" WHERE ctid > '(3,7)'::tid ORDER BY ctid LIMIT 10"#,
                 ),
             ),
             (
                 "backfill predicate, first",
-                chunk_query(&keyed, None, None, Some("(v <> 'x')"), 5),
+                chunk_query(
+                    &keyed,
+                    &keyed.key_indexes(),
+                    None,
+                    None,
+                    Some("(v <> 'x')"),
+                    5,
+                ),
                 Some(
                     r#""id", "v" FROM "My Schema"."odd""table" WHERE (v <> 'x') ORDER BY "id" LIMIT 5"#,
                 ),
             ),
             (
                 "backfill predicate, next",
-                chunk_query(&keyed, Some(&["9".into()]), None, Some("(v <> 'x')"), 5),
+                chunk_query(
+                    &keyed,
+                    &keyed.key_indexes(),
+                    Some(&["9".into()]),
+                    None,
+                    Some("(v <> 'x')"),
+                    5,
+                ),
                 Some(
                     r#""id", "v" FROM "My Schema"."odd""table" WHERE ("id") > ('9'::"int4") AND (v <> 'x') ORDER BY "id" LIMIT 5"#,
                 ),
@@ -957,6 +1011,7 @@ mod tests {
                 "repair",
                 chunk_query(
                     &keyed,
+                    &keyed.key_indexes(),
                     None,
                     Some(&[vec!["1".into()], vec!["2".into()]]),
                     None,
@@ -968,7 +1023,14 @@ mod tests {
             ),
             (
                 "repair without a key",
-                chunk_query(&keyless, None, Some(&[vec!["1".into()]]), None, 5),
+                chunk_query(
+                    &keyless,
+                    &keyless.key_indexes(),
+                    None,
+                    Some(&[vec!["1".into()]]),
+                    None,
+                    5,
+                ),
                 None,
             ),
         ];

@@ -298,10 +298,22 @@ pub async fn check_sample(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let Some(TableProgress::After(upto)) = b.progress.clone() else {
-        return Err(JobsError::Refused(format!(
-            "job {job} holds without progress"
-        )));
+    let upto = match b.progress.clone() {
+        Some(TableProgress::Past { order, key }) if !order.is_empty() => {
+            order.into_iter().zip(key).collect::<Vec<_>>()
+        }
+        Some(TableProgress::After(_)) => {
+            return Err(JobsError::Refused(format!(
+                "job {job} holds a sample an older Ferry read; compare it with ferry verify {}, \
+                 then ferry jobs resume {job}",
+                b.table
+            )))
+        }
+        _ => {
+            return Err(JobsError::Refused(format!(
+                "job {job} holds without progress"
+            )))
+        }
     };
     let table = crate::config::parse_table(&b.table)
         .ok_or_else(|| JobsError::Refused(format!("{} is not schema.table", b.table)))?;
@@ -312,7 +324,10 @@ pub async fn check_sample(
     say(&format!(
         "sample of {} rows emitted (keys up to ({})); verifying it at the destination",
         b.rows,
-        upto.join(", ")
+        upto.iter()
+            .map(|(c, v)| format!("{c} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let deadline = Instant::now() + Duration::from_secs(cfg.backfill.sample_timeout_secs);
     loop {

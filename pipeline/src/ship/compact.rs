@@ -221,6 +221,7 @@ mod tests {
                     attnum: None,
                     ty: ColumnType::Int4,
                     key: true,
+                    key_order: 0,
                 },
                 Column {
                     name: "v".into(),
@@ -231,6 +232,7 @@ mod tests {
                     attnum: None,
                     ty: ColumnType::Text,
                     key: false,
+                    key_order: 0,
                 },
             ],
         };

@@ -20,9 +20,57 @@ use super::StoreError;
 pub enum TableProgress {
     /// Every row was emitted and acknowledged.
     Done,
-    /// Rows up to and including this key (text form of each key column) were emitted and
-    /// acknowledged.
+    /// Written by Ferry before keys were ordered as declared: rows up to and including this
+    /// key (text form of each key column, in column order) were emitted and acknowledged, in
+    /// that order.
     After(Vec<String>),
+    /// Rows up to and including `key` (the text of each column in `order`) were emitted and
+    /// acknowledged, in the order of the columns `order` (the key as declared when the read
+    /// began; empty for a table without a key, whose `key` is a `ctid`).
+    Past {
+        /// The key columns, in the order the rows were read.
+        order: Vec<String>,
+        /// The last row's value of each, as text.
+        key: Vec<String>,
+    },
+}
+
+impl TableProgress {
+    /// Where a read of `table` in progress goes on: the key columns to order by (indexes into
+    /// `table.columns`) and the last key read, as text in that order. `None`: from the start,
+    /// in declared key order (no progress, or the key columns changed since, which only reads
+    /// rows again).
+    pub fn resume_in(
+        progress: Option<&TableProgress>,
+        table: &ferry_schemas::TableSchema,
+    ) -> Option<(Vec<usize>, Vec<String>)> {
+        let keys = table.key_indexes();
+        let (order, key) = match progress? {
+            TableProgress::Done => return None,
+            TableProgress::After(key) => {
+                let mut order = keys.clone();
+                order.sort_unstable();
+                (order, key.clone())
+            }
+            TableProgress::Past { order, key } => {
+                let order = order
+                    .iter()
+                    .map(|name| table.columns.iter().position(|c| c.name == *name))
+                    .collect::<Option<Vec<usize>>>()?;
+                (order, key.clone())
+            }
+        };
+        let mut same = order.clone();
+        same.sort_unstable();
+        let mut current = keys;
+        current.sort_unstable();
+        let fits = if current.is_empty() {
+            order.is_empty() && key.len() == 1
+        } else {
+            same == current && key.len() == order.len()
+        };
+        fits.then_some((order, key))
+    }
 }
 
 /// State of one capture pipeline (one slot).
@@ -330,6 +378,63 @@ pub async fn save_value<T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(keys: &[(&str, u16)], others: &[&str]) -> ferry_schemas::TableSchema {
+        let col = |name: &str, key: Option<u16>| ferry_schemas::Column {
+            name: name.into(),
+            pg_type: "int4".into(),
+            type_oid: 23,
+            type_mod: -1,
+            missing: None,
+            attnum: None,
+            ty: ferry_schemas::ColumnType::Int4,
+            key: key.is_some(),
+            key_order: key.unwrap_or(0),
+        };
+        ferry_schemas::TableSchema {
+            database: "db".into(),
+            id: ferry_schemas::TableId::new("s", "t"),
+            columns: keys
+                .iter()
+                .map(|(n, k)| col(n, Some(*k)))
+                .chain(others.iter().map(|n| col(n, None)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_read_goes_on_in_the_order_it_began_in() {
+        // Columns a, b; the key declared (b, a).
+        let t = table(&[("a", 1), ("b", 0)], &["v"]);
+        assert_eq!(t.key_indexes(), [1, 0]);
+        let resume = |p: TableProgress| TableProgress::resume_in(Some(&p), &t);
+        let past = |order: &[&str], key: &[&str]| TableProgress::Past {
+            order: order.iter().map(|s| s.to_string()).collect(),
+            key: key.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            resume(past(&["b", "a"], &["2", "1"])),
+            Some((vec![1, 0], vec!["2".into(), "1".into()]))
+        );
+        // Progress an older Ferry wrote is in column order, and stays so.
+        assert_eq!(
+            resume(TableProgress::After(vec!["1".into(), "2".into()])),
+            Some((vec![0, 1], vec!["1".into(), "2".into()]))
+        );
+        // The key changed since: from the start.
+        assert_eq!(resume(past(&["b", "v"], &["2", "1"])), None);
+        assert_eq!(resume(past(&["b"], &["2"])), None);
+        assert_eq!(resume(past(&["gone", "a"], &["2", "1"])), None);
+        assert_eq!(resume(TableProgress::Done), None);
+        assert_eq!(TableProgress::resume_in(None, &t), None);
+        let keyless = table(&[], &["v"]);
+        assert_eq!(
+            TableProgress::resume_in(Some(&past(&[], &["(0,3)"])), &keyless),
+            Some((vec![], vec!["(0,3)".into()]))
+        );
+        let json = serde_json::to_string(&past(&["b", "a"], &["2", "1"])).expect("json");
+        assert_eq!(json, r#"{"past":{"order":["b","a"],"key":["2","1"]}}"#);
+    }
 
     #[test]
     fn a_stop_saved_before_held_offsets_were_recorded_reads_from_the_start() {

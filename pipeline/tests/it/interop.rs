@@ -51,6 +51,7 @@ fn column(name: &str, ty: ColumnType, key: bool) -> Column {
         attnum: None,
         ty,
         key,
+        key_order: 0,
     }
 }
 
