@@ -33,7 +33,8 @@ use ferry_connectors::postgres::{quote_ident, PgConfig, Session};
 use ferry_connectors::registry::{subject, SchemaRegistry};
 use ferry_schemas::manifest::{self, Manifest, ManifestKind};
 use ferry_schemas::{
-    ChangeEvent, Column, ColumnType, EncodedSchema, Header as WireHeader, Op, TableId, TableSchema,
+    ChangeEvent, Column, ColumnType, Datum, EncodedSchema, Header as WireHeader, Op, TableId,
+    TableSchema,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -285,6 +286,8 @@ pub struct DestDb {
     tables: HashMap<TableId, Vec<(String, String)>>,
     /// Types from outside `pg_catalog` (quoted, qualified), and whether the destination has them.
     udts: HashMap<String, bool>,
+    /// The labels of each destination enum type seen so far (quoted name → labels).
+    enum_labels: HashMap<String, HashSet<String>>,
     /// Per table, columns added at the origin with a default, and the value rows older than
     /// them hold there (see [`DestDb::older_rows`]).
     /// Keyed by the column's number when known (so a later rename does not lose it), else by
@@ -344,6 +347,7 @@ impl DestDb {
             target,
             tables: HashMap::new(),
             udts: HashMap::new(),
+            enum_labels: HashMap::new(),
             missing: HashMap::new(),
             newest: HashMap::new(),
             names: HashMap::new(),
@@ -520,6 +524,86 @@ impl DestDb {
                     "the destination has no such type; the column is created as text, holding its text form (create the type in the destination first to keep it)");
             }
             self.udts.insert(q, have);
+        }
+        Ok(())
+    }
+
+    /// Adds to the destination's enum types the labels this batch writes that they lack: a
+    /// value added at the origin (`ALTER TYPE … ADD VALUE`, which sends no DDL to capture)
+    /// arrives instead of holding its table. A new label goes last, so one added `BEFORE` or
+    /// `AFTER` another at the origin sorts differently here until the same `ALTER TYPE` runs.
+    async fn add_enum_labels(&mut self, runs: &[Run]) -> Result<(), ApplyError> {
+        let mut wanted: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for r in runs {
+            for (i, c) in r.schema.table().columns.iter().enumerate() {
+                let array = match &c.ty {
+                    ColumnType::Enum => false,
+                    ColumnType::Array(inner) if **inner == ColumnType::Enum => true,
+                    _ => continue,
+                };
+                let (base, _) = type_name(c);
+                let Some((schema, name)) = base.split_once('.') else {
+                    continue;
+                };
+                let q = format!("{}.{}", quote_ident(schema), quote_ident(name));
+                if self.udts.get(&q) != Some(&true) {
+                    continue; // created as text
+                }
+                let labels = wanted.entry(q).or_default();
+                let images = r
+                    .events
+                    .iter()
+                    .flat_map(|(_, e)| [e.before.as_ref(), e.after.as_ref()])
+                    .flatten();
+                for image in images {
+                    match (image.get(i), array) {
+                        (Some(Datum::Text(l)), false) => {
+                            labels.insert(l.clone());
+                        }
+                        (Some(Datum::Array(items)), true) => {
+                            for item in items {
+                                if let Datum::Text(l) = item {
+                                    labels.insert(l.clone());
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for (q, labels) in wanted {
+            let known = self.enum_labels.get(&q);
+            if labels.iter().all(|l| known.is_some_and(|k| k.contains(l))) {
+                continue;
+            }
+            let rows = self
+                .session
+                .query(
+                    "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = to_regtype($1)::oid",
+                    &[&q],
+                )
+                .await
+                .map_err(db_err(&self.target, &format!("reading the labels of {q}")))?;
+            let mut known: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+            let missing: Vec<&String> = labels.iter().filter(|l| !known.contains(*l)).collect();
+            for l in missing {
+                let sql = format!(
+                    "ALTER TYPE {q} ADD VALUE IF NOT EXISTS {}",
+                    ferry_connectors::postgres::quote_literal(l)
+                );
+                self.session
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(db_err(&self.target, &sql))?;
+                tracing::info!(
+                    pg_type = q,
+                    label = l,
+                    "enum value added at the destination (it was added at the origin)"
+                );
+                known.insert(l.clone());
+            }
+            self.enum_labels.insert(q, known);
         }
         Ok(())
     }
@@ -772,6 +856,7 @@ impl DestDb {
                 .unwrap_or_default();
             self.ensure_table(r.schema.table(), position).await?;
         }
+        self.add_enum_labels(runs).await?;
         let t = self.target.clone();
         self.session
             .batch_execute("BEGIN")

@@ -87,7 +87,20 @@ struct Live {
 
 impl Live {
     async fn start(db: &mut TestDb) -> Live {
+        Live::start_with(db, "").await
+    }
+
+    /// [`Live::start`], running `dest_setup` in the destination first (types it should have).
+    async fn start_with(db: &mut TestDb, dest_setup: &str) -> Live {
         let dest = dest_db(db, "dest").await;
+        if !dest_setup.is_empty() {
+            dest.connect()
+                .await
+                .expect("destination")
+                .batch_execute(dest_setup)
+                .await
+                .expect("destination setup");
+        }
         db.cfg.destination.postgres = Some(dest.clone());
         db.cfg.ship.group_id = format!("{}_ship", db.name);
         db.cfg.ship.linger_ms = 100;
@@ -880,6 +893,51 @@ async fn composite_keys_are_read_in_declared_order() {
         report.mismatches.first()
     );
     assert!(report.origin_rows > 2000);
+    drop(d);
+    live.finish(db).await;
+}
+
+/// A value added to an enum at the origin (`ALTER TYPE … ADD VALUE`, which sends no DDL to
+/// capture) is added to the destination's enum type when a row first carries it, in a plain
+/// and in an array column; the rows arrive as the enum type, not as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enum_values_added_at_the_origin_arrive() {
+    let mut db = TestDb::new("enums").await;
+    let ty = "CREATE TYPE mood AS ENUM ('sad', 'ok');";
+    db.exec(&format!(
+        "{ty} CREATE TABLE feel (id int PRIMARY KEY, m mood, ms mood[]);
+         INSERT INTO feel VALUES (1, 'sad', '{{sad,ok}}'), (2, NULL, NULL);"
+    ))
+    .await;
+    let live = Live::start_with(&mut db, ty).await;
+    let d = live.dest.connect().await.expect("destination");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    converge(&db.session, &d, "public.feel", "id, m, ms", deadline).await;
+    db.exec("ALTER TYPE mood ADD VALUE 'happy'").await;
+    db.exec("ALTER TYPE mood ADD VALUE 'meh' BEFORE 'sad'")
+        .await;
+    db.exec(
+        "INSERT INTO feel VALUES (3, 'happy', '{meh,happy}');
+         UPDATE feel SET m = 'meh' WHERE id = 1;",
+    )
+    .await;
+    converge(&db.session, &d, "public.feel", "id, m, ms", deadline).await;
+    let types: Vec<String> = d
+        .query(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 'public.feel'::regclass AND attname IN ('m', 'ms') ORDER BY attname",
+            &[],
+        )
+        .await
+        .expect("types")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["mood", "mood[]"]);
+    assert!(apply::held_tables(&live.dest)
+        .await
+        .expect("held")
+        .is_empty());
     drop(d);
     live.finish(db).await;
 }
