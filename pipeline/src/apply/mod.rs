@@ -934,9 +934,13 @@ impl DestDb {
         Ok(true)
     }
 
+    /// A row's key as tombstones record it: the text of each key column in column order (not
+    /// key order), so every schema version of a table, whatever order its key was read in,
+    /// names a row the same way.
     fn key_text(table: &TableSchema, image: &[ferry_schemas::Datum]) -> String {
-        let parts: Vec<Option<String>> = table
-            .key_indexes()
+        let mut keys = table.key_indexes();
+        keys.sort_unstable();
+        let parts: Vec<Option<String>> = keys
             .iter()
             .map(|&i| to_text(&image[i], &table.columns[i].ty))
             .collect();
@@ -1792,17 +1796,18 @@ pub async fn held_tables(pg: &PgConfig) -> Result<Vec<(String, i32, String, Stri
 pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String, ApplyError> {
     let target = pg.display();
     let s = pg.connect().await.map_err(db_err(&target, "connecting"))?;
-    let keys: Vec<String> = s
+    // The key in index order (how the user gives it), with each column's number.
+    let (keys, numbers): (Vec<String>, Vec<i16>) = s
         .query(
-            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+            "SELECT a.attname::text, a.attnum FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
              WHERE i.indrelid = to_regclass($1) AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
             &[&format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.table))],
         )
         .await
         .map_err(db_err(&target, "reading the key"))?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i16>(1)))
+        .unzip();
     if keys.is_empty() {
         return Err(ApplyError::Permanent(format!(
             "{table} does not exist in the destination (or has no key)"
@@ -1843,10 +1848,17 @@ pub async fn lineage(pg: &PgConfig, table: &TableId, key: &str) -> Result<String
             lsn_text(l)
         ));
     }
+    // Tombstones name a row by its key columns in column order.
+    let mut by_column: Vec<(i16, &str)> = numbers
+        .iter()
+        .copied()
+        .zip(values.iter().copied())
+        .collect();
+    by_column.sort_unstable();
     let key_json = serde_json::to_string(
-        &values
+        &by_column
             .iter()
-            .map(|v| Some(v.to_string()))
+            .map(|(_, v)| Some(v.to_string()))
             .collect::<Vec<_>>(),
     )
     .unwrap_or_default();
