@@ -207,6 +207,10 @@ pub struct EncodedSchema {
     pub legacy_value_fp: Fingerprint,
     key_indexes: Vec<usize>,
     field_names: Vec<String>,
+    /// Per column, whether its `Row` field takes null: every column but the key's (a key
+    /// column is never null, and saying so in the schema makes a changed key a new schema
+    /// version), except in versions published before that, where every field took null.
+    nullable: Vec<bool>,
 }
 
 /// The Avro name of a database, schema, table or column: the name itself when it is a valid
@@ -313,6 +317,17 @@ fn source_json() -> Json {
 impl EncodedSchema {
     /// Builds the key and value schemas of a table version.
     pub fn new(table: &TableSchema) -> Result<EncodedSchema, AvroError> {
+        EncodedSchema::build(table, false)
+    }
+
+    /// [`EncodedSchema::new`]; with `nullable_keys`, key columns take null in `Row` too, as in
+    /// versions published before key columns were marked non-null.
+    fn build(table: &TableSchema, nullable_keys: bool) -> Result<EncodedSchema, AvroError> {
+        let nullable: Vec<bool> = table
+            .columns
+            .iter()
+            .map(|c| nullable_keys || !c.key)
+            .collect();
         let ns = format!(
             "ferry.{}.{}.{}",
             avro_name(&table.database),
@@ -381,7 +396,7 @@ impl EncodedSchema {
         });
         let row = json!({
             "type": "record", "name": "Row", "namespace": ns,
-            "fields": (0..table.columns.len()).map(|i| field(i, true)).collect::<Vec<_>>(),
+            "fields": (0..table.columns.len()).map(|i| field(i, nullable[i])).collect::<Vec<_>>(),
         });
         let value = json!({
             "type": "record", "name": "Envelope", "namespace": ns,
@@ -421,6 +436,7 @@ impl EncodedSchema {
             legacy_value_fp,
             key_indexes,
             field_names,
+            nullable,
         })
     }
 
@@ -493,6 +509,12 @@ impl EncodedSchema {
                     for (i, d) in row.iter().enumerate() {
                         let column = &self.table.columns[i];
                         match d {
+                            Datum::Null | Datum::UnchangedToast if !self.nullable[i] => {
+                                return Err(AvroError::NullKey {
+                                    table: self.table.id.to_string(),
+                                    column: column.name.clone(),
+                                })
+                            }
                             Datum::Null => write_long(out, 0),
                             Datum::UnchangedToast => {
                                 write_long(out, 0);
@@ -500,7 +522,7 @@ impl EncodedSchema {
                                     toasted.push(&self.field_names[i]);
                                 }
                             }
-                            d => self.write_present(column, d, true, out)?,
+                            d => self.write_present(column, d, self.nullable[i], out)?,
                         }
                     }
                 }
@@ -679,7 +701,12 @@ impl EncodedSchema {
             id: crate::table::TableId::new(text(&v, "pg_schema")?, text(&v, "pg_table")?),
             columns,
         };
-        EncodedSchema::new(&table)
+        // Published before key columns were marked non-null: a key field takes null.
+        let nullable_keys = row.iter().any(|f| {
+            f.get("key").and_then(Json::as_bool) == Some(true)
+                && f.get("type").and_then(|t| t.get(0)) == Some(&json!("null"))
+        });
+        EncodedSchema::build(&table, nullable_keys)
     }
 
     /// Decodes an envelope written with this schema (the inverse of
@@ -710,9 +737,16 @@ impl EncodedSchema {
                 0 => {}
                 1 => {
                     let mut row = Vec::with_capacity(self.table.columns.len());
-                    for c in &self.table.columns {
-                        row.push(match r.long()? {
-                            0 => Datum::Null,
+                    for (c, &nullable) in self.table.columns.iter().zip(&self.nullable) {
+                        // The union's branches: [null,] typed[, string], counted as if the
+                        // null were there.
+                        let branch = if nullable || c.ty.has_text_form() {
+                            r.long()? + i64::from(!nullable)
+                        } else {
+                            1
+                        };
+                        row.push(match branch {
+                            0 if nullable => Datum::Null,
                             1 => r.datum(&c.ty)?,
                             2 if c.ty.has_text_form() => Datum::Text(r.string()?),
                             _ => return Err(r.err("union index out of range")),
@@ -1066,10 +1100,8 @@ mod tests {
         let Value::Union(1, after) = field(&v, "after") else {
             panic!("after missing")
         };
-        assert_eq!(
-            field(after, "id"),
-            &Value::Union(1, Box::new(Value::Long(-5)))
-        );
+        // A key column is never null, and its field says so.
+        assert_eq!(field(after, "id"), &Value::Long(-5));
         assert_eq!(
             field(after, "amount"),
             &Value::Union(
@@ -1259,6 +1291,52 @@ mod tests {
         let old = s.value_json.replace("\"key_order\": 1", "\"key_order\": 0");
         let old = EncodedSchema::from_json(&old).expect("rebuilds");
         assert_eq!(old.table().key_indexes(), [0, 1]);
+    }
+
+    #[test]
+    fn a_changed_key_is_a_new_value_schema_and_older_versions_still_read() {
+        let a = EncodedSchema::new(&table()).expect("schema");
+        let mut t = table();
+        t.columns[0].key = false;
+        t.columns[1].key = true;
+        let b = EncodedSchema::new(&t).expect("schema");
+        assert_ne!(
+            a.value_fp, b.value_fp,
+            "the key is part of the value schema"
+        );
+        // A version published when key fields took null keeps its fingerprint and records.
+        let legacy = EncodedSchema::build(&table(), true).expect("schema");
+        assert_ne!(legacy.value_fp, a.value_fp);
+        let again = EncodedSchema::from_json(&legacy.value_json).expect("rebuilds");
+        assert_eq!(again.value_fp, legacy.value_fp);
+        let event = ChangeEvent {
+            op: Op::Create,
+            before: None,
+            after: Some(row()),
+            source: source(),
+        };
+        let mut buf = Vec::new();
+        legacy.encode_value(&event, &mut buf).expect("encodes");
+        assert_eq!(again.decode_value(&buf).expect("decodes"), event);
+        let v = decode(&legacy.value_json, &buf);
+        let Value::Union(1, after) = field(&v, "after") else {
+            panic!("after missing")
+        };
+        assert_eq!(
+            field(after, "id"),
+            &Value::Union(1, Box::new(Value::Long(-5)))
+        );
+        // Null in a key column is refused, naming it.
+        let mut nulled = row();
+        nulled[0] = Datum::Null;
+        let event = ChangeEvent {
+            after: Some(nulled),
+            ..event
+        };
+        let err = a
+            .encode_value(&event, &mut Vec::new())
+            .expect_err("null key");
+        assert!(err.to_string().contains("\"id\""), "{err}");
     }
 
     #[test]

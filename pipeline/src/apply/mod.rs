@@ -288,6 +288,11 @@ pub struct DestDb {
     udts: HashMap<String, bool>,
     /// The labels of each destination enum type seen so far (quoted name → labels).
     enum_labels: HashMap<String, HashSet<String>>,
+    /// Per table, the origin key (column names) of the version last ensured.
+    keys_seen: HashMap<TableId, Vec<String>>,
+    /// Per table, the destination's primary key (quoted column names, in index order): upserts
+    /// name it as their conflict target, whichever version a row comes from.
+    pkeys: HashMap<TableId, Vec<String>>,
     /// Per table, columns added at the origin with a default, and the value rows older than
     /// them hold there (see [`DestDb::older_rows`]).
     /// Keyed by the column's number when known (so a later rename does not lose it), else by
@@ -348,6 +353,8 @@ impl DestDb {
             tables: HashMap::new(),
             udts: HashMap::new(),
             enum_labels: HashMap::new(),
+            keys_seen: HashMap::new(),
+            pkeys: HashMap::new(),
             missing: HashMap::new(),
             newest: HashMap::new(),
             names: HashMap::new(),
@@ -634,7 +641,13 @@ impl DestDb {
             .iter()
             .map(|c| (c.name.clone(), self.col_type(c)))
             .collect();
-        if self.tables.get(&t.id) == Some(&wanted) {
+        let wanted_key: Vec<String> = t
+            .key_indexes()
+            .iter()
+            .map(|&i| t.columns[i].name.clone())
+            .collect();
+        if self.tables.get(&t.id) == Some(&wanted) && self.keys_seen.get(&t.id) == Some(&wanted_key)
+        {
             return Ok(());
         }
         let q = format!("{}.{}", quote_ident(&t.id.schema), quote_ident(&t.id.table));
@@ -734,7 +747,70 @@ impl DestDb {
                 Some(_) => {}
             }
         }
+        if !wanted_key.is_empty() {
+            self.follow_key(t, &q, forward).await?;
+        }
         self.tables.insert(t.id.clone(), wanted);
+        self.keys_seen.insert(t.id.clone(), wanted_key);
+        Ok(())
+    }
+
+    /// Learns the destination's primary key and, for the newest version (`forward`), makes it
+    /// the origin's when the key columns changed there (`DROP CONSTRAINT …, ADD PRIMARY KEY …`;
+    /// also a table that had no key). The new key holds in the destination when it holds for
+    /// the rows there; if not, the change fails and the table is held. The same columns in
+    /// another order are left as they are.
+    async fn follow_key(
+        &mut self,
+        t: &TableSchema,
+        q: &str,
+        forward: bool,
+    ) -> Result<(), ApplyError> {
+        let desired: Vec<String> = t
+            .key_indexes()
+            .iter()
+            .map(|&i| self.col_name(&t.id, &t.columns[i]))
+            .collect();
+        let rows = self
+            .session
+            .query(
+                "SELECT a.attname::text, c.conname::text FROM pg_constraint c
+                 CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+                 WHERE c.conrelid = to_regclass($1) AND c.contype = 'p' ORDER BY k.n",
+                &[&q],
+            )
+            .await
+            .map_err(db_err(
+                &self.target,
+                &format!("reading the primary key of {q}"),
+            ))?;
+        let mut current: Vec<String> = rows
+            .iter()
+            .map(|r| quote_ident(&r.get::<_, String>(0)))
+            .collect();
+        let as_set = |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+        if forward && as_set(&current) != as_set(&desired) {
+            let drop = rows.first().map_or(String::new(), |r| {
+                format!("DROP CONSTRAINT {}, ", quote_ident(&r.get::<_, String>(1)))
+            });
+            let sql = format!(
+                "ALTER TABLE {q} {drop}ADD PRIMARY KEY ({})",
+                desired.join(", ")
+            );
+            self.session.batch_execute(&sql).await.map_err(db_err(
+                &self.target,
+                &format!(
+                    "changing the primary key of {q} from ({}) to ({})",
+                    current.join(", "),
+                    desired.join(", ")
+                ),
+            ))?;
+            tracing::info!(table = %t.id, from = current.join(", "), to = desired.join(", "),
+                "primary key changed in the destination");
+            current = desired;
+        }
+        self.pkeys.insert(t.id.clone(), current);
         Ok(())
     }
 
@@ -986,11 +1062,17 @@ impl DestDb {
         params.push(Some(offset.to_string()));
         params.push(Some(table.id.to_string()));
         params.push(Some(Self::key_text(table, after)));
-        let keys: Vec<String> = table
-            .key_indexes()
-            .iter()
-            .map(|&i| self.col_name(&table.id, &table.columns[i]))
-            .collect();
+        // The conflict target is the destination's key, so a row of a version from before a
+        // key change still finds it; the version's own key when that key has a column the row
+        // lacks.
+        let keys: Vec<String> = match self.pkeys.get(&table.id) {
+            Some(pk) if !pk.is_empty() && pk.iter().all(|k| set_cols.contains(k)) => pk.clone(),
+            _ => table
+                .key_indexes()
+                .iter()
+                .map(|&i| self.col_name(&table.id, &table.columns[i]))
+                .collect(),
+        };
         let set: Vec<String> = set_cols
             .iter()
             .chain(

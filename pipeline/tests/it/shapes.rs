@@ -951,6 +951,57 @@ async fn enum_values_added_at_the_origin_arrive() {
     live.finish(db).await;
 }
 
+/// A primary key changed at the origin (other columns, or a key added to a table that had
+/// none) is changed in the destination too, so rows that only the new key tells apart arrive,
+/// and changes of versions from before the change still find their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_primary_key_is_followed() {
+    let mut db = TestDb::new("pkchange").await;
+    db.exec(
+        "CREATE TABLE acct (id int PRIMARY KEY, email text NOT NULL, v text);
+         INSERT INTO acct SELECT g, 'u' || g || '@x', 'v' || g FROM generate_series(1, 200) g;
+         CREATE TABLE logs (n int NOT NULL, v text);
+         INSERT INTO logs SELECT g, 'l' || g FROM generate_series(1, 20) g;",
+    )
+    .await;
+    let live = Live::start(&mut db).await;
+    let d = live.dest.connect().await.expect("destination");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    converge(&db.session, &d, "public.acct", "id, email, v", deadline).await;
+    converge(&db.session, &d, "public.logs", "n, v", deadline).await;
+    db.exec(
+        "UPDATE acct SET v = 'before the change' WHERE id % 3 = 0;
+         ALTER TABLE acct DROP CONSTRAINT acct_pkey, ADD PRIMARY KEY (email);
+         UPDATE acct SET id = id + 1000, v = 'moved' WHERE id <= 50;
+         INSERT INTO acct VALUES (60, 'another60@x', 'same id, other key');
+         DELETE FROM acct WHERE email IN ('u70@x', 'u71@x');
+         ALTER TABLE logs ADD PRIMARY KEY (n);
+         UPDATE logs SET v = 'keyed now' WHERE n IN (3, 4);
+         DELETE FROM logs WHERE n = 5;",
+    )
+    .await;
+    converge(&db.session, &d, "public.acct", "id, email, v", deadline).await;
+    converge(&db.session, &d, "public.logs", "n, v", deadline).await;
+    let key_of = |t: &str| {
+        format!(
+            "SELECT string_agg(a.attname, ',' ORDER BY k.n) FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = 'public.{t}'::regclass AND i.indisprimary"
+        )
+    };
+    let acct: String = d.query_one(&key_of("acct"), &[]).await.expect("key").get(0);
+    assert_eq!(acct, "email");
+    let logs: String = d.query_one(&key_of("logs"), &[]).await.expect("key").get(0);
+    assert_eq!(logs, "n");
+    assert!(apply::held_tables(&live.dest)
+        .await
+        .expect("held")
+        .is_empty());
+    drop(d);
+    live.finish(db).await;
+}
+
 /// `ferry verify` finds no difference where there is none, whatever collation each side gives
 /// a text key (ranges compare by bytes on both sides), and with `char(n)` keys, compared as
 /// Postgres compares them (trailing spaces do not count).
