@@ -77,6 +77,36 @@ async fn converge(origin: &Session, dest: &Session, table: &str, cols: &str, dea
 
 /// The whole pipeline on a test database: capture, ship and apply into a fresh destination
 /// database (`dest`).
+/// Waits until capture has stopped some table (or `deadline`); returns the stopped tables.
+async fn some_stopped(
+    cfg: &ferry_pipeline::config::Config,
+    deadline: Instant,
+) -> std::collections::BTreeMap<String, ferry_pipeline::store::state::Stopped> {
+    loop {
+        let stopped = ferry_pipeline::capture::stopped_tables(cfg)
+            .await
+            .expect("stopped");
+        if !stopped.is_empty() || Instant::now() > deadline {
+            return stopped;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A table's primary key columns in index order, comma-separated.
+async fn primary_key(s: &Session, table: &str) -> String {
+    s.query_one(
+        "SELECT string_agg(a.attname, ',' ORDER BY k.n) FROM pg_index i
+         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+        &[&table],
+    )
+    .await
+    .expect("primary key")
+    .get(0)
+}
+
 struct Live {
     capture: Option<Running>,
     stop: watch::Sender<bool>,
@@ -656,15 +686,7 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
     converge(&db.session, &d, "public.arr", "id, a, v", deadline).await;
     // The snapshot reaches `snap_bad` last.
-    let stopped = loop {
-        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
-            .await
-            .expect("stopped");
-        if !stopped.is_empty() || Instant::now() > deadline {
-            break stopped;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let stopped = some_stopped(&db.cfg, deadline).await;
     assert_eq!(stopped.keys().collect::<Vec<_>>(), ["public.snap_bad"]);
     let reason = &stopped["public.snap_bad"].reason;
     assert!(
@@ -777,15 +799,7 @@ async fn a_value_capture_cannot_read_stops_only_its_table() {
     // began, past the first stop's records.
     db.exec(&format!("UPDATE arr SET a = {poison} WHERE id = 9"))
         .await;
-    let stopped = loop {
-        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
-            .await
-            .expect("stopped");
-        if !stopped.is_empty() || Instant::now() > deadline {
-            break stopped;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let stopped = some_stopped(&db.cfg, deadline).await;
     assert!(
         stopped["public.arr"].held_from > 0,
         "the stop records where its held records begin: {stopped:?}"
@@ -828,15 +842,7 @@ async fn a_snapshot_postgres_cannot_send_stops_only_its_table() {
     let d = live.dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.good", "id, v", deadline).await;
-    let stopped = loop {
-        let stopped = ferry_pipeline::capture::stopped_tables(&db.cfg)
-            .await
-            .expect("stopped");
-        if !stopped.is_empty() || Instant::now() > deadline {
-            break stopped;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let stopped = some_stopped(&db.cfg, deadline).await;
     assert_eq!(stopped.keys().collect::<Vec<_>>(), ["public.latin"]);
     let reason = &stopped["public.latin"].reason;
     assert!(reason.contains("22021"), "{reason}");
@@ -877,12 +883,7 @@ async fn composite_keys_are_read_in_declared_order() {
     let d = live.dest.connect().await.expect("destination");
     let deadline = Instant::now() + Duration::from_secs(120);
     converge(&db.session, &d, "public.orders", "id, tenant, v", deadline).await;
-    let key_order = "SELECT string_agg(a.attname, ',' ORDER BY k.n) FROM pg_index i
-                     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                     WHERE i.indrelid = 'public.orders'::regclass AND i.indisprimary";
-    let dest_key: String = d.query_one(key_order, &[]).await.expect("key").get(0);
-    assert_eq!(dest_key, "tenant,id");
+    assert_eq!(primary_key(&d, "public.orders").await, "tenant,id");
     let table = ferry_schemas::TableId::new("public", "orders");
     let report = ferry_pipeline::verify::verify(&db.cfg.origin.postgres, &live.dest, &table)
         .await
@@ -982,18 +983,8 @@ async fn a_changed_primary_key_is_followed() {
     .await;
     converge(&db.session, &d, "public.acct", "id, email, v", deadline).await;
     converge(&db.session, &d, "public.logs", "n, v", deadline).await;
-    let key_of = |t: &str| {
-        format!(
-            "SELECT string_agg(a.attname, ',' ORDER BY k.n) FROM pg_index i
-             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             WHERE i.indrelid = 'public.{t}'::regclass AND i.indisprimary"
-        )
-    };
-    let acct: String = d.query_one(&key_of("acct"), &[]).await.expect("key").get(0);
-    assert_eq!(acct, "email");
-    let logs: String = d.query_one(&key_of("logs"), &[]).await.expect("key").get(0);
-    assert_eq!(logs, "n");
+    assert_eq!(primary_key(&d, "public.acct").await, "email");
+    assert_eq!(primary_key(&d, "public.logs").await, "n");
     assert!(apply::held_tables(&live.dest)
         .await
         .expect("held")
