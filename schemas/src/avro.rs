@@ -207,10 +207,6 @@ pub struct EncodedSchema {
     pub legacy_value_fp: Fingerprint,
     key_indexes: Vec<usize>,
     field_names: Vec<String>,
-    /// Per column, whether its `Row` field takes null: every column but the key's (a key
-    /// column is never null, and saying so in the schema makes a changed key a new schema
-    /// version), except in versions published before that, where every field took null.
-    nullable: Vec<bool>,
 }
 
 /// The Avro name of a database, schema, table or column: the name itself when it is a valid
@@ -255,6 +251,22 @@ pub fn escaped(
     }
     out.push_str(marker);
     for b in crate::pcf::crc64_avro(name.as_bytes()) {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+const KEY_FIELD_PREFIX: &str = "_key_";
+
+/// The name of the envelope's field that names its key columns (`_key_` and the CRC-64-AVRO of
+/// the names, in key order): the field is of type `null`, so it costs nothing in a record, and
+/// its name puts the key into the schema's canonical form. Two versions that differ only in
+/// their key (a primary key changed at the origin; Postgres keeps a key's columns NOT NULL, so
+/// no field's type changes) get different fingerprints, and a registry's BACKWARD check
+/// accepts the change (a field with a default appears, one disappears).
+pub fn key_field_name(key: &[&str]) -> String {
+    let mut out = KEY_FIELD_PREFIX.to_string();
+    for b in crate::pcf::crc64_avro(key.join("\0").as_bytes()) {
         out.push_str(&format!("{b:02x}"));
     }
     out
@@ -317,17 +329,12 @@ fn source_json() -> Json {
 impl EncodedSchema {
     /// Builds the key and value schemas of a table version.
     pub fn new(table: &TableSchema) -> Result<EncodedSchema, AvroError> {
-        EncodedSchema::build(table, false)
+        EncodedSchema::build(table, true)
     }
 
-    /// [`EncodedSchema::new`]; with `nullable_keys`, key columns take null in `Row` too, as in
-    /// versions published before key columns were marked non-null.
-    fn build(table: &TableSchema, nullable_keys: bool) -> Result<EncodedSchema, AvroError> {
-        let nullable: Vec<bool> = table
-            .columns
-            .iter()
-            .map(|c| nullable_keys || !c.key)
-            .collect();
+    /// [`EncodedSchema::new`]; without `key_field`, as versions published before the
+    /// envelope named its key ([`key_field_name`]).
+    fn build(table: &TableSchema, key_field: bool) -> Result<EncodedSchema, AvroError> {
         let ns = format!(
             "ferry.{}.{}.{}",
             avro_name(&table.database),
@@ -396,9 +403,9 @@ impl EncodedSchema {
         });
         let row = json!({
             "type": "record", "name": "Row", "namespace": ns,
-            "fields": (0..table.columns.len()).map(|i| field(i, nullable[i])).collect::<Vec<_>>(),
+            "fields": (0..table.columns.len()).map(|i| field(i, true)).collect::<Vec<_>>(),
         });
-        let value = json!({
+        let mut value = json!({
             "type": "record", "name": "Envelope", "namespace": ns,
             "doc": format!("Ferry change event of {}.{}", table.database, table.id),
             "pg_database": table.database,
@@ -413,6 +420,18 @@ impl EncodedSchema {
                  "doc": "columns whose unchanged TOASTed value the source did not send; null in after"}
             ]
         });
+        if key_field && !key_indexes.is_empty() {
+            let names: Vec<&str> = key_indexes
+                .iter()
+                .map(|&i| table.columns[i].name.as_str())
+                .collect();
+            if let Some(fields) = value["fields"].as_array_mut() {
+                fields.push(json!({
+                    "name": key_field_name(&names), "type": "null", "default": null,
+                    "doc": format!("always null, and nothing on the wire: names the key ({}), so a version whose key changed has its own fingerprint", names.join(", "))
+                }));
+            }
+        }
         let parse = |j: &Json| {
             Schema::parse_str(&j.to_string()).map_err(|e| AvroError::InvalidSchema {
                 table: table.id.to_string(),
@@ -436,7 +455,6 @@ impl EncodedSchema {
             legacy_value_fp,
             key_indexes,
             field_names,
-            nullable,
         })
     }
 
@@ -509,12 +527,6 @@ impl EncodedSchema {
                     for (i, d) in row.iter().enumerate() {
                         let column = &self.table.columns[i];
                         match d {
-                            Datum::Null | Datum::UnchangedToast if !self.nullable[i] => {
-                                return Err(AvroError::NullKey {
-                                    table: self.table.id.to_string(),
-                                    column: column.name.clone(),
-                                })
-                            }
                             Datum::Null => write_long(out, 0),
                             Datum::UnchangedToast => {
                                 write_long(out, 0);
@@ -522,7 +534,7 @@ impl EncodedSchema {
                                     toasted.push(&self.field_names[i]);
                                 }
                             }
-                            d => self.write_present(column, d, self.nullable[i], out)?,
+                            d => self.write_present(column, d, true, out)?,
                         }
                     }
                 }
@@ -701,12 +713,13 @@ impl EncodedSchema {
             id: crate::table::TableId::new(text(&v, "pg_schema")?, text(&v, "pg_table")?),
             columns,
         };
-        // Published before key columns were marked non-null: a key field takes null.
-        let nullable_keys = row.iter().any(|f| {
-            f.get("key").and_then(Json::as_bool) == Some(true)
-                && f.get("type").and_then(|t| t.get(0)) == Some(&json!("null"))
+        // Versions published before the envelope named its key have no such field.
+        let key_field = fields.iter().any(|f| {
+            f.get("name")
+                .and_then(Json::as_str)
+                .is_some_and(|n| n.starts_with(KEY_FIELD_PREFIX))
         });
-        EncodedSchema::build(&table, nullable_keys)
+        EncodedSchema::build(&table, key_field)
     }
 
     /// Decodes an envelope written with this schema (the inverse of
@@ -737,16 +750,9 @@ impl EncodedSchema {
                 0 => {}
                 1 => {
                     let mut row = Vec::with_capacity(self.table.columns.len());
-                    for (c, &nullable) in self.table.columns.iter().zip(&self.nullable) {
-                        // The union's branches: [null,] typed[, string], counted as if the
-                        // null were there.
-                        let branch = if nullable || c.ty.has_text_form() {
-                            r.long()? + i64::from(!nullable)
-                        } else {
-                            1
-                        };
-                        row.push(match branch {
-                            0 if nullable => Datum::Null,
+                    for c in &self.table.columns {
+                        row.push(match r.long()? {
+                            0 => Datum::Null,
                             1 => r.datum(&c.ty)?,
                             2 if c.ty.has_text_form() => Datum::Text(r.string()?),
                             _ => return Err(r.err("union index out of range")),
@@ -1100,8 +1106,10 @@ mod tests {
         let Value::Union(1, after) = field(&v, "after") else {
             panic!("after missing")
         };
-        // A key column is never null, and its field says so.
-        assert_eq!(field(after, "id"), &Value::Long(-5));
+        assert_eq!(
+            field(after, "id"),
+            &Value::Union(1, Box::new(Value::Long(-5)))
+        );
         assert_eq!(
             field(after, "amount"),
             &Value::Union(
@@ -1304,8 +1312,15 @@ mod tests {
             a.value_fp, b.value_fp,
             "the key is part of the value schema"
         );
-        // A version published when key fields took null keeps its fingerprint and records.
-        let legacy = EncodedSchema::build(&table(), true).expect("schema");
+        let v: Json = serde_json::from_str(&a.value_json).expect("json");
+        let last = v["fields"]
+            .as_array()
+            .and_then(|f| f.last())
+            .expect("fields");
+        assert_eq!(last["name"], json!(key_field_name(&["id"])));
+        assert_eq!(last["type"], json!("null"));
+        // A version published before the key field keeps its fingerprint and records.
+        let legacy = EncodedSchema::build(&table(), false).expect("schema");
         assert_ne!(legacy.value_fp, a.value_fp);
         let again = EncodedSchema::from_json(&legacy.value_json).expect("rebuilds");
         assert_eq!(again.value_fp, legacy.value_fp);
@@ -1318,25 +1333,10 @@ mod tests {
         let mut buf = Vec::new();
         legacy.encode_value(&event, &mut buf).expect("encodes");
         assert_eq!(again.decode_value(&buf).expect("decodes"), event);
-        let v = decode(&legacy.value_json, &buf);
-        let Value::Union(1, after) = field(&v, "after") else {
-            panic!("after missing")
-        };
-        assert_eq!(
-            field(after, "id"),
-            &Value::Union(1, Box::new(Value::Long(-5)))
-        );
-        // Null in a key column is refused, naming it.
-        let mut nulled = row();
-        nulled[0] = Datum::Null;
-        let event = ChangeEvent {
-            after: Some(nulled),
-            ..event
-        };
-        let err = a
-            .encode_value(&event, &mut Vec::new())
-            .expect_err("null key");
-        assert!(err.to_string().contains("\"id\""), "{err}");
+        let mut new_buf = Vec::new();
+        a.encode_value(&event, &mut new_buf).expect("encodes");
+        assert_eq!(new_buf[10..], buf[10..], "the key field takes no bytes");
+        decode(&a.value_json, &new_buf);
     }
 
     #[test]

@@ -299,6 +299,57 @@ fn read_with_python(args: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A key changed at the origin is a new schema version (its envelope names the key), and the
+/// registry's BACKWARD check (the local stack's, as Confluent's default) accepts it, after a
+/// version published before the envelope named its key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_accepts_a_changed_key() {
+    let cfg = crate::support::TestDb::new_config();
+    let registry = cfg
+        .origin
+        .registry
+        .clone()
+        .expect("ops/ferry.toml names the registries");
+    let registry =
+        ferry_connectors::registry::SchemaRegistry::new("origin", registry).expect("client");
+    let subject = format!("it-key-change-{}-value", std::process::id());
+    let table = |key: usize| TableSchema {
+        database: "db".into(),
+        id: TableId::new("public", "acct"),
+        columns: vec![
+            column("id", ColumnType::Int4, key == 0),
+            column("email", ColumnType::Text, key == 1),
+            column("v", ColumnType::Text, false),
+        ],
+    };
+    let by_id = EncodedSchema::new(&table(0)).expect("schema");
+    let by_email = EncodedSchema::new(&table(1)).expect("schema");
+    assert_ne!(by_id.value_fp, by_email.value_fp);
+    // As an older Ferry published it: no key field.
+    let mut older: serde_json::Value = serde_json::from_str(&by_id.value_json).expect("json");
+    older["fields"].as_array_mut().expect("fields").pop();
+    let mut ids = Vec::new();
+    for schema in [
+        older.to_string(),
+        by_id.value_json.clone(),
+        by_email.value_json.clone(),
+    ] {
+        ids.push(
+            registry
+                .register(&subject, &schema)
+                .await
+                .expect("a compatible version"),
+        );
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three versions: {ids:?}");
+    // The check is real: a column whose values the new version cannot read is refused.
+    let mut t = table(1);
+    t.columns[2].ty = ColumnType::Int4;
+    let refused = EncodedSchema::new(&t).expect("schema").value_json;
+    assert!(registry.register(&subject, &refused).await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confluent_avro_deserializer_reads_the_replicated_topic() {
     let mut db = crate::support::TestDb::new("confluent").await;
