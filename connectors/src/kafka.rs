@@ -477,6 +477,18 @@ pub struct ReadRecord {
     pub value: Option<Vec<u8>>,
     /// Its timestamp, epoch milliseconds, when it has one.
     pub timestamp_ms: Option<i64>,
+    /// Its headers, in order (a header without a value has an empty one).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ReadRecord {
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 /// Which offsets a [`Cluster::read_partition`] reads.
@@ -622,6 +634,17 @@ impl Cluster {
                         key: m.key().map(<[u8]>::to_vec),
                         value: m.payload().map(<[u8]>::to_vec),
                         timestamp_ms: m.timestamp().to_millis(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                use rdkafka::message::Headers;
+                                h.iter()
+                                    .map(|x| {
+                                        (x.key.to_string(), x.value.unwrap_or_default().to_vec())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
                     });
                     if !go_on || offset + 1 >= to {
                         return Ok(read);

@@ -270,8 +270,11 @@ pub async fn shipped_end(
         let (o, b) = (origin.clone(), batches.clone());
         let (best, _) = dest
             .fold_partition(&batches, Span::between(start, end), None, move |best, r| {
+                // Only the live lane's batches are its progress: a replay or reship of a later
+                // range must never make it skip what lies between.
+                let live = Lane::of(&r) == Lane::Live;
                 match r.value.as_deref().map(manifest::unframe) {
-                    Some(Ok((m, _))) if m.covers_changes_of(&o.topic, o.partition) => {
+                    Some(Ok((m, _))) if live && m.covers_changes_of(&o.topic, o.partition) => {
                         *best = (*best).max(Some(m.last_offset + 1));
                     }
                     Some(Ok(_)) | None => {}
@@ -338,6 +341,38 @@ struct Shipper<'a> {
     /// The destination's schema registry (Confluent format): every schema a batch uses is
     /// registered there before the batch is produced.
     dest_registry: Option<SchemaRegistry>,
+    /// Which lane ships: the record header [`LANE_HEADER`] says so.
+    lane: Lane,
+}
+
+/// The batch-record header that names the lane a batch was shipped by.
+pub const LANE_HEADER: &str = "ferry.lane";
+
+/// Who shipped a batch: the live shipper, whose batches are its progress, or a range shipper
+/// (replay, reship), whose batches never move the live lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// `ferry ship`.
+    Live,
+    /// `ferry replay`, `ferry reship`.
+    Range,
+}
+
+impl Lane {
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Live => "live",
+            Lane::Range => "range",
+        }
+    }
+
+    /// The lane of a batch record (batches from before the header are the live lane's).
+    pub fn of(r: &ferry_connectors::kafka::ReadRecord) -> Lane {
+        match r.header(LANE_HEADER) {
+            Some(b"range") => Lane::Range,
+            _ => Lane::Live,
+        }
+    }
 }
 
 impl Shipper<'_> {
@@ -567,7 +602,14 @@ impl Shipper<'_> {
     ) -> Result<usize, ShipError> {
         let value =
             manifest::frame(m, payload).map_err(|e| ShipError::Unexpected(e.to_string()))?;
-        let mut record = FutureRecord::to(topic).key(&m.batch_id).payload(&value);
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: LANE_HEADER,
+            value: Some(self.lane.name()),
+        });
+        let mut record = FutureRecord::to(topic)
+            .key(&m.batch_id)
+            .payload(&value)
+            .headers(headers);
         if let Some(p) = partition {
             record = record.partition(p);
         }
@@ -755,6 +797,7 @@ impl<'a> LiveShipper<'a> {
             uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
             published: HashSet::new(),
             dest_registry: cfg.destination_registry()?,
+            lane: Lane::Live,
         };
         Ok(LiveShipper {
             cfg,
@@ -1109,6 +1152,7 @@ impl<'a> RangeShipper<'a> {
                 uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
                 published: HashSet::new(),
                 dest_registry: cfg.destination_registry()?,
+                lane: Lane::Range,
             },
             origin,
         })

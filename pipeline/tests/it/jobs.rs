@@ -385,6 +385,74 @@ async fn paused_live_pipeline_and_replay_consume_nothing_across_restarts() {
     db.cleanup().await;
 }
 
+/// A replay of a later range, shipped while the live shipper is behind (here: not yet run),
+/// never moves the live lane: started afterwards, the live shipper ships every origin offset
+/// from its own position, and the destination gets every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_ahead_of_the_live_shipper_leaves_no_hole() {
+    let mut db = TestDb::new("replayahead").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v int)").await;
+    pipeline_cfg(&mut db);
+    db.cfg.capture.partitions = 1;
+    let dest = dest_db(&db, "dest").await;
+    db.cfg.destination.postgres = Some(dest.clone());
+    let cap = start_capture(&db.cfg).await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    // The shipper runs once (it prepares the destination's topics), then is down a while.
+    db.exec("INSERT INTO t VALUES (0, 0)").await;
+    let down = start_downstream(&db.cfg, true);
+    let cfg = db.cfg.clone();
+    until("the first row is shipped", Duration::from_secs(60), || {
+        let cfg = cfg.clone();
+        async move { committed(&cfg).await >= 1 }
+    })
+    .await;
+    down.stop().await;
+    db.exec("INSERT INTO t SELECT g, g FROM generate_series(1, 100) g")
+        .await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+
+    // A later range replayed meanwhile: a batch the live lane has not reached.
+    let spec = replay::Spec {
+        topic: format!("{}.public.t", db.cfg.capture.topic_prefix),
+        partition: Some(0),
+        from: replay::Bound::Offset(51),
+        to: None,
+        job: "ahead".into(),
+        max_events_per_sec: 100_000.0,
+        max_bytes_per_sec: None,
+    };
+    let (_stop, rx) = watch::channel(false);
+    let report = replay::run(&db.cfg, &spec, rx, |_| {})
+        .await
+        .expect("replay");
+    assert_eq!(report.events, 50, "{report:?}");
+
+    let down = start_downstream(&db.cfg, true);
+    let d = dest.connect().await.expect("destination");
+    let count = || async {
+        d.query_one("SELECT count(*) FROM public.t", &[])
+            .await
+            .map_or(0, |r| r.get::<_, i64>(0))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while count().await < 101 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        count().await,
+        101,
+        "the live lane skipped to the replay's end"
+    );
+    drop(d);
+    down.stop().await;
+    cap.stop().await;
+    drop_db(&dest).await;
+    db.cleanup().await;
+}
+
 /// A scratch cluster from `ops/pg-scratch`, stopped and removed on drop.
 struct Scratch(std::path::PathBuf);
 
