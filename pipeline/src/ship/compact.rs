@@ -202,7 +202,7 @@ pub async fn compact(mut entries: Vec<Entry>, enabled: bool) -> Result<Vec<Run>,
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use ferry_schemas::EncodedSchema;
     use ferry_schemas::{Column, ColumnType, Source, TableId, TableSchema};
@@ -244,7 +244,7 @@ mod tests {
     }
 
     /// `spec` is a list of (op, key, value); offsets and LSNs follow the list order.
-    fn entries(spec: &[(Op, i32, &str)]) -> Vec<Entry> {
+    pub(in crate::ship) fn entries(spec: &[(Op, i32, &str)]) -> Vec<Entry> {
         let s = schema();
         spec.iter()
             .enumerate()

@@ -15,6 +15,13 @@
 //! shipped offset: no range is shipped twice and none is skipped. Batch ids are the origin range
 //! itself, so even a re-shipped range (a replay) carries the same id and the destination's
 //! dedupe makes it a no-op.
+//!
+//! Repeats: capture restarts from its slot's confirmed position, so after a crash it sends
+//! changes again that are in the topic already. Each partition's stream changes are in
+//! `(lsn, seq)` order, so the live lane leaves out any stream change at or below the newest
+//! position it shipped ([`POSITION_HEADER`] carries that position across restarts). Compaction
+//! would otherwise fold the first copy of a version into a newer one, and the repeat behind a
+//! batch cut would bring the older version back.
 
 pub mod compact;
 pub mod stats;
@@ -248,14 +255,24 @@ pub fn batch_partition(topic: &str, partition: i32, partitions: i32) -> i32 {
     (crc32fast::hash(format!("{topic}/{partition}").as_bytes()) % partitions.max(1) as u32) as i32
 }
 
-/// Newest shipped offset + 1 for an origin partition, from the destination batch topic; `None`
-/// when nothing was shipped. Reads backwards from the end in growing windows.
+/// What the live lane shipped of an origin partition, from the destination batch topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShippedEnd {
+    /// Newest shipped offset + 1.
+    pub next: i64,
+    /// The newest stream position shipped up to there (batches from before the
+    /// [`POSITION_HEADER`] have none).
+    pub position: Option<StreamPosition>,
+}
+
+/// What the live lane shipped of an origin partition; `None` when nothing was shipped. Reads
+/// backwards from the end in growing windows.
 pub async fn shipped_end(
     dest: &Cluster,
     batch_topic: &str,
     batch_partitions: i32,
     origin: &TopicPartition,
-) -> Result<Option<i64>, ShipError> {
+) -> Result<Option<ShippedEnd>, ShipError> {
     let batches = TopicPartition::new(
         batch_topic,
         batch_partition(&origin.topic, origin.partition, batch_partitions),
@@ -275,7 +292,13 @@ pub async fn shipped_end(
                 let live = Lane::of(&r) == Lane::Live;
                 match r.value.as_deref().map(manifest::unframe) {
                     Some(Ok((m, _))) if live && m.covers_changes_of(&o.topic, o.partition) => {
-                        *best = (*best).max(Some(m.last_offset + 1));
+                        let next = m.last_offset + 1;
+                        if best.is_none_or(|b: ShippedEnd| b.next < next) {
+                            *best = Some(ShippedEnd {
+                                next,
+                                position: r.header(POSITION_HEADER).and_then(parse_position),
+                            });
+                        }
                     }
                     Some(Ok(_)) | None => {}
                     Some(Err(e)) => tracing::warn!(
@@ -312,6 +335,9 @@ struct Buffer {
     expect: Option<i64>,
     /// Where this buffer last sought back to, to fill a gap (sought once per gap).
     sought: Option<i64>,
+    /// The newest stream position shipped of the partition: stream changes at or below it are
+    /// repeats, left out.
+    position: Option<StreamPosition>,
     stopped: bool,
 }
 
@@ -345,6 +371,50 @@ struct Shipper<'a> {
     lane: Lane,
 }
 
+/// A change's place in the origin's change stream: (commit LSN, sequence in its transaction).
+/// Capture writes each partition's stream changes in this order, so a stream change at or
+/// below one already read from its partition is a repeat: capture sends changes again when it
+/// restarts from its slot's confirmed position after a crash.
+pub type StreamPosition = (u64, u64);
+
+/// The batch-record header that holds the newest stream position its lane had shipped of the
+/// origin partition once the batch was produced (`<LSN>:<seq>`, e.g. `0/16B3748:4`).
+pub const POSITION_HEADER: &str = "ferry.stream_position";
+
+fn position_text((lsn, seq): StreamPosition) -> String {
+    format!("{}:{seq}", ferry_schemas::Lsn(lsn))
+}
+
+fn parse_position(b: &[u8]) -> Option<StreamPosition> {
+    let (lsn, seq) = std::str::from_utf8(b).ok()?.split_once(':')?;
+    Some((lsn.parse::<ferry_schemas::Lsn>().ok()?.0, seq.parse().ok()?))
+}
+
+/// Leaves out the stream changes at or below the newest stream position shipped (`floor`, then
+/// each kept change's own): repeats capture sent again. Snapshot rows always stay (they are
+/// positioned at their chunk's watermark, not in the stream's order). Returns the newest
+/// position kept and how many were left out.
+fn drop_repeats(
+    entries: &mut Vec<Entry>,
+    floor: Option<StreamPosition>,
+) -> (Option<StreamPosition>, usize) {
+    let mut high = floor;
+    let before = entries.len();
+    entries.retain(|e| {
+        let s = &e.event.source;
+        if s.snapshot {
+            return true;
+        }
+        let p = (s.lsn, s.seq);
+        if high.is_some_and(|h| p <= h) {
+            return false;
+        }
+        high = Some(p);
+        true
+    });
+    (high, before - entries.len())
+}
+
 /// The batch-record header that names the lane a batch was shipped by.
 pub const LANE_HEADER: &str = "ferry.lane";
 
@@ -376,13 +446,16 @@ impl Lane {
 }
 
 impl Shipper<'_> {
-    /// Ships one partition's buffer; returns the offset to commit.
+    /// Ships one partition's buffer, leaving out the stream changes at or below `floor` (and
+    /// repeats among the records); returns the offset to commit and the newest stream position
+    /// shipped.
     async fn ship(
         &mut self,
         topic: &str,
         partition: i32,
         records: Vec<Record>,
-    ) -> Result<i64, ShipError> {
+        floor: Option<StreamPosition>,
+    ) -> Result<(i64, Option<StreamPosition>), ShipError> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Err(ShipError::Unexpected("empty batch".into()));
         };
@@ -422,6 +495,12 @@ impl Shipper<'_> {
             let l = e.event.source.lsn as i64;
             (lo.min(l), hi.max(l))
         });
+        let (position, repeats) = drop_repeats(&mut entries, floor);
+        if repeats > 0 {
+            self.stats
+                .repeats_total
+                .fetch_add(repeats as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let transforms: Vec<_> = self
             .cfg
             .ship
@@ -456,7 +535,7 @@ impl Shipper<'_> {
                 &bytes,
                 out.len(),
             );
-            self.produce(&agg_topic, None, &m, &bytes).await?;
+            self.produce(&agg_topic, None, &m, &bytes, position).await?;
         }
         let enabled = self.cfg.ship.compaction && !self.uncompacted.contains(&table);
         let runs = if replace_rows {
@@ -484,7 +563,7 @@ impl Shipper<'_> {
         let d = batch_partition(topic, partition, self.cfg.ship.batch_partitions);
         let batch_topic = self.batch_topic.clone();
         let shipped = self
-            .produce(&batch_topic, Some(d), &m, &encoded.bytes)
+            .produce(&batch_topic, Some(d), &m, &encoded.bytes, position)
             .await?;
         crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_AFTER_PRODUCE);
         if let Ok(mut t) = self.stats.tables.lock() {
@@ -497,13 +576,14 @@ impl Shipper<'_> {
             batch = m.batch_id,
             table,
             events_in,
+            repeats,
             events_out = encoded.rows,
             raw_bytes,
             shipped_bytes = shipped,
             ratio = format!("{:.1}", raw_bytes as f64 / shipped.max(1) as f64),
             "batch shipped"
         );
-        Ok(last_offset + 1)
+        Ok((last_offset + 1, position))
     }
 
     fn manifest(
@@ -599,13 +679,21 @@ impl Shipper<'_> {
         partition: Option<i32>,
         m: &Manifest,
         payload: &[u8],
+        position: Option<StreamPosition>,
     ) -> Result<usize, ShipError> {
         let value =
             manifest::frame(m, payload).map_err(|e| ShipError::Unexpected(e.to_string()))?;
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        let mut headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
             key: LANE_HEADER,
             value: Some(self.lane.name()),
         });
+        let position = position.map(position_text);
+        if let Some(p) = &position {
+            headers = headers.insert(rdkafka::message::Header {
+                key: POSITION_HEADER,
+                value: Some(p.as_str()),
+            });
+        }
         let mut record = FutureRecord::to(topic)
             .key(&m.batch_id)
             .payload(&value)
@@ -1014,7 +1102,7 @@ impl<'a> LiveShipper<'a> {
             tp,
         )
         .await?;
-        if let Some(e) = end.filter(|e| *e > first_seen) {
+        if let Some(e) = end.map(|e| e.next).filter(|e| *e > first_seen) {
             tracing::info!(
                 topic = tp.topic,
                 partition = tp.partition,
@@ -1030,7 +1118,8 @@ impl<'a> LiveShipper<'a> {
         }
         let buf = self.buffers.entry(tp.clone()).or_default();
         buf.recovered = true;
-        buf.expect = end;
+        buf.expect = end.map(|e| e.next);
+        buf.position = end.and_then(|e| e.position);
         Ok(())
     }
 
@@ -1057,8 +1146,16 @@ impl<'a> LiveShipper<'a> {
         let records = std::mem::take(&mut buf.records);
         buf.bytes = 0;
         buf.opened = None;
-        match self.shipper.ship(&tp.topic, tp.partition, records).await {
-            Ok(next) => {
+        let floor = buf.position;
+        match self
+            .shipper
+            .ship(&tp.topic, tp.partition, records, floor)
+            .await
+        {
+            Ok((next, position)) => {
+                if let Some(b) = self.buffers.get_mut(tp) {
+                    b.position = position;
+                }
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
                     .map_err(client("origin", "commit"))?;
@@ -1169,7 +1266,7 @@ impl<'a> RangeShipper<'a> {
         let tp = TopicPartition::new(topic, partition);
         let records = read_range(&self.origin, &tp, first, last).await?;
         let before = self.shipper.stats.total();
-        self.shipper.ship(topic, partition, records).await?;
+        self.shipper.ship(topic, partition, records, None).await?;
         let after = self.shipper.stats.total();
         Ok((
             after.events_in - before.events_in,
@@ -1202,6 +1299,70 @@ pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_schemas::Op;
+
+    /// Capture's repeats (a stream change at or below one read before) are left out, in a
+    /// batch and behind the floor a resumed shipper starts from; snapshot rows always stay and
+    /// do not move the floor.
+    #[test]
+    fn repeats_are_left_out_and_snapshot_rows_stay() {
+        let spec = [
+            (Op::Create, 1, "a"),
+            (Op::Update, 1, "b"),
+            (Op::Read, 2, "s"),
+            (Op::Update, 1, "c"),
+            (Op::Update, 1, "b"),
+            (Op::Read, 3, "t"),
+        ];
+        let kept = |floor, repeat_of: &[(usize, usize)]| {
+            let mut e = compact::tests::entries(&spec);
+            for &(at, of) in repeat_of {
+                e[at].event.source = e[of].event.source.clone();
+            }
+            // The second snapshot row sits at an older watermark than the stream around it.
+            e[5].event.source.lsn = 90;
+            let (high, dropped) = drop_repeats(&mut e, floor);
+            let offsets: Vec<i64> = e.iter().map(|e| e.offset).collect();
+            (offsets, high, dropped)
+        };
+        // LSNs follow the list: 100, 101, 102, 103, 104, 90.
+        assert_eq!(kept(None, &[]), (vec![0, 1, 2, 3, 4, 5], Some((104, 0)), 0));
+        // The 5th is the 2nd sent again.
+        assert_eq!(
+            kept(None, &[(4, 1)]),
+            (vec![0, 1, 2, 3, 5], Some((103, 0)), 1)
+        );
+        // A resumed shipper shipped up to 101 before.
+        assert_eq!(
+            kept(Some((101, 0)), &[]),
+            (vec![2, 3, 4, 5], Some((104, 0)), 2)
+        );
+        // The same transaction, later sequence numbers: not repeats.
+        assert_eq!(
+            kept(Some((100, 7)), &[]),
+            (vec![1, 2, 3, 4, 5], Some((104, 0)), 1)
+        );
+        // Everything shipped already.
+        assert_eq!(kept(Some((200, 0)), &[]), (vec![2, 5], Some((200, 0)), 4));
+    }
+
+    #[test]
+    fn stream_positions_read_back_as_written() {
+        for p in [(0, 0), (0x16_B374_D848, 4), (u64::MAX, u64::MAX)] {
+            assert_eq!(parse_position(position_text(p).as_bytes()), Some(p));
+        }
+        assert_eq!(position_text((0x16_B374_D848, 4)), "16/B374D848:4");
+        for bad in [
+            "",
+            "16/B374D848",
+            "16/B374D848:",
+            "x:1",
+            "1/1:-1",
+            "1/1:2:3",
+        ] {
+            assert_eq!(parse_position(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
 
     /// A resumed shipper finds what it shipped by reading the batch partition this computes,
     /// so the mapping must never change between versions: pinned values (CRC-32 of

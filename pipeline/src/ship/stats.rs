@@ -25,6 +25,8 @@ pub struct ShipStats {
     pub first_record_at: OnceLock<Instant>,
     /// Live shipping is paused by an operator.
     pub paused: AtomicBool,
+    /// Changes capture sent again that were shipped before: left out.
+    pub repeats_total: AtomicU64,
 }
 
 /// `ferry_ship_batches_total`.
@@ -65,6 +67,12 @@ pub const STOPPED: Family = Family::gauge(
 pub const PAUSED: Family = Family::gauge(
     "ferry_ship_paused",
     "1 while an operator has paused live shipping",
+);
+
+/// `ferry_ship_repeats_total`.
+pub const REPEATS: Family = Family::counter(
+    "ferry_ship_repeats_total",
+    "changes capture sent again (after its restart) that were shipped before: left out",
 );
 
 /// A per-table series and how to read it from a table's figures.
@@ -137,5 +145,6 @@ impl ShipStats {
         let stopped = self.stopped_partitions.lock().map(|s| s.len()).unwrap_or(0);
         out.single(STOPPED, &[], stopped);
         out.single(PAUSED, &[], u8::from(self.paused.load(Ordering::Relaxed)));
+        out.single(REPEATS, &[], self.repeats_total.load(Ordering::Relaxed));
     }
 }

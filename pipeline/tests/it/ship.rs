@@ -450,3 +450,142 @@ async fn kill_9_during_a_replay_resumes_and_keeps_batch_ids() {
     }
     db.cleanup().await;
 }
+
+/// Sends the records `from..end` of every partition of `topic` again, byte for byte, as a
+/// capture that crashed after producing them and before its slot confirmed them does.
+fn send_again(cfg: &Config, topic: &str, from: impl Fn(i64) -> i64) -> usize {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let records = inspect::read_all(&origin, topic, usize::MAX).expect("origin records");
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for (p, off, _, _) in &records {
+        let e = ends.entry(*p).or_default();
+        *e = (*e).max(off + 1);
+    }
+    let producer: BaseProducer = origin.client_config().create().expect("producer");
+    let mut sent = 0;
+    for (p, off, key, value) in &records {
+        if *off < from(ends[p]) {
+            continue;
+        }
+        let mut r = BaseRecord::<Vec<u8>, Vec<u8>>::to(topic).partition(*p);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        producer.send(r).map_err(|(e, _)| e).expect("send again");
+        sent += 1;
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    sent
+}
+
+/// Runs the live shipper until the batches cover the origin topic, then stops it cleanly.
+async fn ship_until_covered(cfg: &Config, stats: Arc<ShipStats>) -> Vec<(Manifest, Vec<u8>)> {
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let ms = wait_covered(cfg, "public.acct", Duration::from_secs(90)).await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    ms
+}
+
+/// A capture killed between producing and confirming sends those changes again. Behind a batch
+/// cut, such a repeat would bring an older version back into the batches (and the replicated
+/// topics) after a newer one. The shipper leaves out every change it shipped already: the
+/// repeats it reads itself, and after its own restart, the ones behind what its last batch
+/// shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_capture_sends_again_are_shipped_once() {
+    let db = TestDb::new("shiprepeat").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, owner text, balance int)")
+        .await;
+    let cap = start_capture(&db.cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    db.exec("INSERT INTO acct SELECT g, 'owner ' || g, 0 FROM generate_series(1, 60) g")
+        .await;
+    for round in 1..=10 {
+        db.exec(&format!("UPDATE acct SET balance = {round}")).await;
+    }
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+
+    let mut cfg = ship_config(&db);
+    cfg.ship.max_events = 37;
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let again = |from: fn(i64) -> i64| {
+        let (cfg, topic) = (cfg.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || send_again(&cfg, &topic, from))
+    };
+    // Repeats the shipper reads after their originals, then repeats after its restart.
+    let first = again(|end| end / 2).await.expect("task");
+    let stats = Arc::new(ShipStats::default());
+    ship_until_covered(&cfg, stats.clone()).await;
+    let second = again(|end| end / 3).await.expect("task");
+    let ms = ship_until_covered(&cfg, stats.clone()).await;
+    assert!(first > 0 && second > 0);
+
+    let ends = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+    assert_exact_coverage(&ms, &ends);
+    // Per origin partition in offset order, every (id, balance) once and none going back.
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let mut registry = Registry::new(origin, &cfg.capture.topic_prefix);
+    let mut ordered: Vec<_> = ms.iter().collect();
+    ordered.sort_by_key(|(m, _)| (m.origin_partition, m.first_offset));
+    let mut seen: HashSet<(i32, i32)> = HashSet::new();
+    let mut newest: BTreeMap<i32, i32> = BTreeMap::new();
+    for (m, payload_bytes) in ordered {
+        for fp in &m.schema_fingerprints {
+            tokio::task::block_in_place(|| registry.get(fp)).expect("registry");
+        }
+        let runs = payload::decode(
+            payload_bytes,
+            m.uncompressed_bytes as usize,
+            &m.schema_fingerprints,
+            &m.source_region,
+            |fp| registry.cached(fp),
+        )
+        .expect("payload decodes");
+        for (_, e) in runs.iter().flat_map(|r| r.events.iter()) {
+            let row = e.after.as_ref().expect("no deletes here");
+            let (&ferry_schemas::Datum::Int(id), &ferry_schemas::Datum::Int(balance)) =
+                (&row[0], &row[2])
+            else {
+                panic!("unexpected row {row:?}");
+            };
+            assert!(
+                seen.insert((id, balance)),
+                "{}: id {id} balance {balance} shipped twice",
+                m.batch_id
+            );
+            let top = newest.entry(id).or_insert(balance);
+            assert!(
+                balance >= *top,
+                "{}: id {id} goes back from balance {top} to {balance}",
+                m.batch_id
+            );
+            *top = balance;
+        }
+    }
+    assert_eq!(newest.len(), 60);
+    assert!(newest.values().all(|b| *b == 10), "{newest:?}");
+    assert_eq!(
+        stats
+            .repeats_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        (first + second) as u64,
+        "every repeat left out, and counted"
+    );
+    db.cleanup().await;
+}
