@@ -339,6 +339,59 @@ impl Cluster {
             .map_or(0, |t| t.partitions().len() as i32))
     }
 
+    /// The names of every topic the cluster has that `wanted` accepts.
+    pub fn topic_names(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>, KafkaError> {
+        let md = self
+            .reader()?
+            .fetch_metadata(None, timeout)
+            .map_err(|e| self.err("fetching metadata", e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| wanted(t))
+            .collect())
+    }
+
+    /// The settings `names` each topic has (its own or the broker's default), for the topics
+    /// that exist.
+    pub async fn topic_settings(
+        &self,
+        topics: &[String],
+        names: &[&str],
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, KafkaError> {
+        use rdkafka::admin::{OwnedResourceSpecifier, ResourceSpecifier};
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .map_err(|e| self.err("creating admin client", e))?;
+        let specs: Vec<ResourceSpecifier<'_>> =
+            topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+        let results = admin
+            .describe_configs(&specs, &opts)
+            .await
+            .map_err(|e| self.err("describing topics", e))?;
+        let mut out = BTreeMap::new();
+        for r in results.into_iter().flatten() {
+            let OwnedResourceSpecifier::Topic(topic) = &r.specifier else {
+                continue;
+            };
+            let settings = r
+                .entries
+                .iter()
+                .filter(|e| names.contains(&e.name.as_str()))
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                .collect();
+            out.insert(topic.clone(), settings);
+        }
+        Ok(out)
+    }
+
     /// Asks the cluster for its brokers; used by `ferry check`.
     pub fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
         let consumer = self.reader()?;

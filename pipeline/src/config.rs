@@ -32,6 +32,30 @@ pub struct Config {
     /// Where long-running commands serve Prometheus metrics.
     #[serde(default)]
     pub metrics: Metrics,
+    /// Settings of the topics Ferry creates.
+    #[serde(default)]
+    pub topics: Topics,
+}
+
+/// Settings of the topics Ferry creates. A topic that exists already keeps its own (`ferry
+/// check` shows them); `kafka-configs --alter` changes them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    /// `retention.ms` of the change topics: origin table topics, the batch topic, replicated
+    /// and aggregate topics (`-1`: kept for ever). A stage stopped for longer than this loses
+    /// the changes retention deletes: the shipper then stops that partition and says so, never
+    /// skipping. Schema, state and control topics are compacted; held and quarantine topics are
+    /// kept for ever.
+    pub retention_ms: i64,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            retention_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
 }
 
 /// Metrics and control endpoint.

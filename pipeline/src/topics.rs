@@ -20,6 +20,42 @@
 
 use ferry_schemas::TableId;
 
+/// Topic settings, as `(name, value)` pairs for topic creation.
+pub type Settings = Vec<(String, String)>;
+
+fn settings(pairs: &[(&str, &str)]) -> Settings {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The settings of a change topic (table, batch, replicated, aggregate): deleted after
+/// `retention_ms` (`topics.retention_ms`), never by size.
+pub fn change_settings(retention_ms: i64) -> Settings {
+    settings(&[
+        ("cleanup.policy", "delete"),
+        ("retention.ms", &retention_ms.to_string()),
+        ("retention.bytes", "-1"),
+    ])
+}
+
+/// The settings of a topic keyed by name whose newest record per key is what counts (schema,
+/// state, control): compacted, never deleted by age.
+pub fn compacted_settings() -> Settings {
+    settings(&[("cleanup.policy", "compact")])
+}
+
+/// The settings of a topic whose records wait for an operator (held, quarantine): kept for
+/// ever.
+pub fn kept_settings() -> Settings {
+    settings(&[
+        ("cleanup.policy", "delete"),
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+    ])
+}
+
 /// The Kafka topic of a table: `<prefix>.<schema>.<table>`. A schema or table name made of
 /// `[A-Za-z0-9_-]` without `--` is kept; any other (dots, spaces, quotes, non-ASCII, `--`) is
 /// escaped: the characters Kafka does not allow become `_`, then `--` and the CRC-64 of the

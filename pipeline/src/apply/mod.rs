@@ -1419,18 +1419,19 @@ impl<'a> Applier<'a> {
             TopicSpec {
                 name: batch_topic.clone(),
                 partitions: cfg.ship.batch_partitions,
-                config: vec![],
+                config: crate::topics::change_settings(cfg.topics.retention_ms),
             },
             TopicSpec {
                 name: quarantine.clone(),
                 partitions: 1,
-                config: vec![],
+                // Evidence for an operator: kept.
+                config: crate::topics::kept_settings(),
             },
             TopicSpec {
                 name: crate::topics::held_topic(&cfg.capture.topic_prefix),
                 partitions: 1,
                 // Kept until resumed, however long that takes.
-                config: vec![("retention.ms".into(), "-1".into())],
+                config: crate::topics::kept_settings(),
             },
         ])
         .await?;
@@ -1775,7 +1776,7 @@ impl<'a> Applier<'a> {
                     .ensure_topics(&[TopicSpec {
                         name: topic.clone(),
                         partitions: cfg.capture.partitions,
-                        config: vec![],
+                        config: crate::topics::change_settings(cfg.topics.retention_ms),
                     }])
                     .await?;
             }

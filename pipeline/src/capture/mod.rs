@@ -301,6 +301,7 @@ impl<'a> Capture<'a> {
                     c.partitions,
                     c.linger_ms,
                     cfg.origin_registry()?,
+                    cfg.topics.retention_ms,
                 )
                 .await?;
                 (sink, state::load(&origin, &state_topic, &c.slot).await?)

@@ -77,6 +77,8 @@ pub struct KafkaSink {
     producer: ferry_connectors::kafka::Producer,
     prefix: String,
     partitions: i32,
+    /// `retention.ms` of the table topics it creates (`topics.retention_ms`).
+    retention_ms: i64,
     topics: HashMap<TableId, (String, i32)>,
     schemas: HashSet<[u8; 8]>,
     /// `capture.format = "confluent"`: the origin registry, and the ids it gave each schema
@@ -102,7 +104,7 @@ fn compacted(name: String) -> TopicSpec {
     TopicSpec {
         name,
         partitions: 1,
-        config: vec![("cleanup.policy".into(), "compact".into())],
+        config: crate::topics::compacted_settings(),
     }
 }
 
@@ -115,6 +117,7 @@ impl Sink {
         partitions: i32,
         linger_ms: u64,
         registry: Option<SchemaRegistry>,
+        retention_ms: i64,
     ) -> Result<Sink, KafkaError> {
         cluster
             .ensure_topics(&[
@@ -124,7 +127,7 @@ impl Sink {
                     name: capture_held_topic(prefix),
                     partitions: 1,
                     // Kept until resumed, however long that takes.
-                    config: vec![("retention.ms".into(), "-1".into())],
+                    config: crate::topics::kept_settings(),
                 },
             ])
             .await?;
@@ -134,6 +137,7 @@ impl Sink {
             producer,
             prefix: prefix.to_string(),
             partitions,
+            retention_ms,
             topics: HashMap::new(),
             schemas: HashSet::new(),
             registry,
@@ -156,7 +160,7 @@ impl Sink {
                 .ensure_topics(&[TopicSpec {
                     name: topic.clone(),
                     partitions: k.partitions,
-                    config: vec![],
+                    config: crate::topics::change_settings(k.retention_ms),
                 }])
                 .await?;
             let count = k

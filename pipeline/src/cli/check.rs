@@ -47,6 +47,8 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         });
     }
 
+    out.extend(topic_findings(cfg).await);
+
     // capture.format = "confluent": both schema registries must answer.
     for (name, registry) in [
         ("origin schema registry", cfg.origin_registry()),
@@ -305,6 +307,102 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             Ok(None) => finding(&name, false, "does not exist"),
             Err(e) => finding(&name, false, e.to_string()),
         });
+    }
+    out
+}
+
+/// How long a `retention.ms` is, for people.
+fn retention_text(ms: &str) -> String {
+    match ms.parse::<i64>() {
+        Ok(-1) => "kept for ever".into(),
+        Ok(ms) if ms % 86_400_000 == 0 => format!("{} d", ms / 86_400_000),
+        Ok(ms) if ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        Ok(ms) => format!("{ms} ms"),
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// The settings of the change topics that exist (origin table topics; the batch topic and the
+/// replicated topics in the destination): a change topic deleting sooner than
+/// `topics.retention_ms`, or compacted, is a warning.
+async fn topic_findings(cfg: &Config) -> Vec<Finding> {
+    let prefix = cfg.capture.topic_prefix.clone();
+    let batch_topic = cfg.batch_topic();
+    let mut out = Vec::new();
+    for (name, kafka) in [
+        ("origin topics", &cfg.origin.kafka),
+        ("destination topics", &cfg.destination.kafka),
+    ] {
+        let cluster = Cluster::new(name, kafka.clone());
+        let (p, b, c) = (prefix.clone(), batch_topic.clone(), cluster.clone());
+        let Ok(Ok(topics)) = tokio::task::spawn_blocking(move || {
+            c.topic_names(
+                |t| crate::topics::is_table_topic(&p, t) || t == b,
+                Duration::from_secs(5),
+            )
+        })
+        .await
+        else {
+            continue;
+        };
+        if topics.is_empty() {
+            continue;
+        }
+        let settings = match cluster
+            .topic_settings(&topics, &["cleanup.policy", "retention.ms"])
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(finding(
+                    name,
+                    false,
+                    format!("cannot read topic settings: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mut groups: std::collections::BTreeMap<(String, String), Vec<String>> =
+            Default::default();
+        for (topic, s) in &settings {
+            let get = |k: &str| s.get(k).cloned().unwrap_or_else(|| "?".into());
+            groups
+                .entry((get("cleanup.policy"), get("retention.ms")))
+                .or_default()
+                .push(topic.clone());
+        }
+        let mut warnings = Vec::new();
+        let lines: Vec<String> = groups
+            .iter()
+            .map(|((policy, retention), topics)| {
+                let short = retention
+                    .parse::<i64>()
+                    .is_ok_and(|r| r != -1 && (cfg.topics.retention_ms == -1 || r < cfg.topics.retention_ms));
+                if short || policy.contains("compact") {
+                    warnings.push(format!(
+                        "{} ({policy}, {}): {}",
+                        topics.join(", "),
+                        retention_text(retention),
+                        if policy.contains("compact") {
+                            "compaction drops versions of a row before they are shipped"
+                        } else {
+                            "deletes sooner than topics.retention_ms: a longer outage loses changes (the shipper stops on them)"
+                        }
+                    ));
+                }
+                format!(
+                    "{} topic{}: {policy}, {}",
+                    topics.len(),
+                    if topics.len() == 1 { "" } else { "s" },
+                    retention_text(retention)
+                )
+            })
+            .collect();
+        let mut detail = lines.join("; ");
+        if !warnings.is_empty() {
+            detail = format!("{detail}. WARNING: {}", warnings.join("; "));
+        }
+        out.push(finding(name, true, detail));
     }
     out
 }

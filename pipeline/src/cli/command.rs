@@ -220,6 +220,14 @@ pub enum Command {
         /// The table, as schema.table.
         table: String,
     },
+    /// List the ranges of a table's origin topic that retention deleted before they were shipped; with --accept, ship each as an empty batch so `ferry ship` goes on after it (backfill the table first).
+    AcceptGap {
+        /// The table, as schema.table.
+        table: String,
+        /// Ship the empty batches (without it, only list the gaps).
+        #[arg(long)]
+        accept: bool,
+    },
     /// Which batch, origin partition/offset and source LSN last wrote a row of the destination database.
     Lineage {
         /// The table, as schema.table.
@@ -617,6 +625,33 @@ pub async fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
         Command::Reship { batch } => {
             let (events_in, events_out) = crate::ship::reship(&cfg, &batch).await?;
             println!("re-shipped {batch}: {events_in} changes, {events_out} rows after compaction");
+        }
+        Command::AcceptGap { table, accept } => {
+            let id = parse_table(&table)
+                .ok_or_else(|| CliError::Usage(format!("table {table:?} is not schema.table")))?;
+            let gaps = crate::ship::gaps(&cfg, &id, accept).await?;
+            if gaps.is_empty() {
+                println!("{id}: nothing is missing before what was shipped");
+            }
+            for g in &gaps {
+                println!(
+                    "{}[{}] offsets {}-{}: deleted before they were shipped{}",
+                    g.topic,
+                    g.partition,
+                    g.first,
+                    g.last,
+                    if accept {
+                        "; accepted (shipped as an empty batch): restart `ferry ship`"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if !accept && !gaps.is_empty() {
+                println!(
+                    "backfill {id} (`ferry backfill --table {id}`), then run this again with --accept"
+                );
+            }
         }
         Command::ResumeTable { table } => {
             let id = parse_table(&table)

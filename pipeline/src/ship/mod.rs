@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use ferry_connectors::kafka::{Cluster, KafkaError, Span, TopicPartition, TopicSpec};
 use ferry_connectors::registry::{subject, SchemaRegistry};
 use ferry_schemas::manifest::{self, Manifest, ManifestKind};
-use ferry_schemas::{EncodedSchema, Header};
+use ferry_schemas::{EncodedSchema, Header, TableId};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -445,7 +445,79 @@ impl Lane {
     }
 }
 
-impl Shipper<'_> {
+impl<'a> Shipper<'a> {
+    /// A shipper of `lane` with its own destination producer.
+    fn new(cfg: &'a Config, lane: Lane, stats: Arc<ShipStats>) -> Result<Shipper<'a>, ShipError> {
+        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let (producer, wire) = dest.producer_metered(5, "none")?;
+        Ok(Shipper {
+            cfg,
+            producer,
+            wire,
+            registry: Registry::new(origin, &cfg.capture.topic_prefix)
+                .with_ids(cfg.origin_registry()?),
+            batch_topic: cfg.batch_topic(),
+            stats,
+            uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
+            published: HashSet::new(),
+            dest_registry: cfg.destination_registry()?,
+            lane,
+        })
+    }
+
+    /// Ships an origin range that is gone from its topic as an empty batch (no rows, the
+    /// header [`GAP_HEADER`]), after an operator accepted the loss: the lane then goes on
+    /// after it, and apply records it like any batch.
+    async fn ship_gap(
+        &mut self,
+        gap: &Gap,
+        table: &str,
+        position: Option<StreamPosition>,
+    ) -> Result<(), ShipError> {
+        let encoded = payload::encode(&[], self.cfg.ship.zstd_level)
+            .map_err(|e| ShipError::Unexpected(e.to_string()))?;
+        let range = Covered {
+            topic: &gap.topic,
+            partition: gap.partition,
+            first: gap.first,
+            last: gap.last,
+            table,
+            events_in: 0,
+            lsns: (0, 0),
+            raw_bytes: 0,
+        };
+        let m = self.manifest(
+            &range,
+            ManifestKind::Changes,
+            0,
+            vec![],
+            &encoded.bytes,
+            encoded.uncompressed,
+        );
+        let d = batch_partition(&gap.topic, gap.partition, self.cfg.ship.batch_partitions);
+        let batch_topic = self.batch_topic.clone();
+        let mut headers = self.headers(position);
+        headers.push((GAP_HEADER, "retention".into()));
+        self.produce(&batch_topic, Some(d), &m, &encoded.bytes, &headers)
+            .await?;
+        tracing::warn!(
+            batch = m.batch_id,
+            table,
+            "an origin range lost to retention is shipped as an empty batch, as accepted"
+        );
+        Ok(())
+    }
+
+    /// The headers of a batch record: its lane, and the stream position shipped up to it.
+    fn headers(&self, position: Option<StreamPosition>) -> Vec<(&'static str, String)> {
+        let mut h = vec![(LANE_HEADER, self.lane.name().to_string())];
+        if let Some(p) = position {
+            h.push((POSITION_HEADER, position_text(p)));
+        }
+        h
+    }
+
     /// Ships one partition's buffer, leaving out the stream changes at or below `floor` (and
     /// repeats among the records); returns the offset to commit and the newest stream position
     /// shipped.
@@ -535,7 +607,8 @@ impl Shipper<'_> {
                 &bytes,
                 out.len(),
             );
-            self.produce(&agg_topic, None, &m, &bytes, position).await?;
+            let headers = self.headers(position);
+            self.produce(&agg_topic, None, &m, &bytes, &headers).await?;
         }
         let enabled = self.cfg.ship.compaction && !self.uncompacted.contains(&table);
         let runs = if replace_rows {
@@ -563,7 +636,13 @@ impl Shipper<'_> {
         let d = batch_partition(topic, partition, self.cfg.ship.batch_partitions);
         let batch_topic = self.batch_topic.clone();
         let shipped = self
-            .produce(&batch_topic, Some(d), &m, &encoded.bytes, position)
+            .produce(
+                &batch_topic,
+                Some(d),
+                &m,
+                &encoded.bytes,
+                &self.headers(position),
+            )
             .await?;
         crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_AFTER_PRODUCE);
         if let Ok(mut t) = self.stats.tables.lock() {
@@ -679,21 +758,19 @@ impl Shipper<'_> {
         partition: Option<i32>,
         m: &Manifest,
         payload: &[u8],
-        position: Option<StreamPosition>,
+        headers: &[(&str, String)],
     ) -> Result<usize, ShipError> {
         let value =
             manifest::frame(m, payload).map_err(|e| ShipError::Unexpected(e.to_string()))?;
-        let mut headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: LANE_HEADER,
-            value: Some(self.lane.name()),
-        });
-        let position = position.map(position_text);
-        if let Some(p) = &position {
-            headers = headers.insert(rdkafka::message::Header {
-                key: POSITION_HEADER,
-                value: Some(p.as_str()),
-            });
-        }
+        let headers =
+            headers
+                .iter()
+                .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+                    h.insert(rdkafka::message::Header {
+                        key,
+                        value: Some(value.as_str()),
+                    })
+                });
         let mut record = FutureRecord::to(topic)
             .key(&m.batch_id)
             .payload(&value)
@@ -817,23 +894,22 @@ impl<'a> LiveShipper<'a> {
             TopicSpec {
                 name: batch_topic.clone(),
                 partitions: cfg.ship.batch_partitions,
-                config: vec![],
+                config: crate::topics::change_settings(cfg.topics.retention_ms),
             },
             TopicSpec {
                 name: crate::topics::schema_topic(&cfg.capture.topic_prefix),
                 partitions: 1,
-                config: vec![("cleanup.policy".into(), "compact".into())],
+                config: crate::topics::compacted_settings(),
             },
         ];
         for t in &cfg.ship.transforms {
             topics.push(TopicSpec {
                 name: crate::topics::aggregate_topic(&cfg.capture.topic_prefix, &t.name),
                 partitions: 1,
-                config: vec![],
+                config: crate::topics::change_settings(cfg.topics.retention_ms),
             });
         }
         dest.ensure_topics(&topics).await?;
-        let (producer, wire) = dest.producer_metered(5, "none")?;
 
         let (tx, rebalances) = std_mpsc::channel();
         let mut cc = origin.client_config();
@@ -874,19 +950,7 @@ impl<'a> LiveShipper<'a> {
                 "live shipping is paused (`ferry resume live` resumes it)"
             );
         }
-        let shipper = Shipper {
-            cfg,
-            producer,
-            wire,
-            registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
-                .with_ids(cfg.origin_registry()?),
-            batch_topic,
-            stats: stats.clone(),
-            uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
-            published: HashSet::new(),
-            dest_registry: cfg.destination_registry()?,
-            lane: Lane::Live,
-        };
+        let shipper = Shipper::new(cfg, Lane::Live, stats.clone())?;
         Ok(LiveShipper {
             cfg,
             stats,
@@ -1053,14 +1117,16 @@ impl<'a> LiveShipper<'a> {
                     buf.sought = Some(want);
                     return Ok(());
                 }
-                tracing::error!(
-                    topic = tp.topic,
-                    partition = tp.partition,
-                    from = want,
-                    to = offset - 1,
-                    "offsets are gone from the origin topic before they were shipped (retention \
-                     shorter than the shipping lag?); shipping on from the next record"
-                );
+                // Gone from the origin topic before they were shipped: never skipped.
+                let err = ShipError::Data {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    offset: want,
+                    reason: gap_reason(want, offset - 1),
+                };
+                self.stats.gap(offset - want);
+                self.stop_partition(&tp, &err);
+                return Ok(());
             }
         }
         buf.expect = Some(offset + 1);
@@ -1116,11 +1182,36 @@ impl<'a> LiveShipper<'a> {
                 .commit(&tpl, CommitMode::Sync)
                 .map_err(client("origin", "committing"))?;
         }
+        // Nothing shipped to this batch topic: the group's offset (or the topic's start) is
+        // where shipping goes on, so a start deleted meanwhile is a gap too, not a skip.
+        let expect = match end {
+            Some(e) => e.next,
+            None => self.committed(tp)?.unwrap_or(0),
+        };
         let buf = self.buffers.entry(tp.clone()).or_default();
         buf.recovered = true;
-        buf.expect = end.map(|e| e.next);
+        buf.expect = Some(expect);
         buf.position = end.and_then(|e| e.position);
         Ok(())
+    }
+
+    /// The shipper group's committed offset of `tp`, if it has one.
+    fn committed(&self, tp: &TopicPartition) -> Result<Option<i64>, ShipError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let got = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(15))
+            .map_err(client(
+                "origin",
+                format!("reading the committed offset of {tp}"),
+            ))?;
+        Ok(got
+            .find_partition(&tp.topic, tp.partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }))
     }
 
     /// Stops one partition on bad data: the rest go on.
@@ -1198,6 +1289,122 @@ impl<'a> LiveShipper<'a> {
     }
 }
 
+/// A range of an origin partition deleted from its topic (retention) before it was shipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// The origin table topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// First offset lost.
+    pub first: i64,
+    /// Last offset lost.
+    pub last: i64,
+}
+
+/// The batch-record header of an empty batch standing for a range lost to retention
+/// (`retention`), shipped by [`accept_gaps`].
+pub const GAP_HEADER: &str = "ferry.gap";
+
+/// What the shipper says when a partition stops at a gap: the range, and the way out.
+fn gap_reason(first: i64, last: i64) -> String {
+    format!(
+        "offsets {first}-{last} are gone from the origin topic (deleted by its retention) before \
+         they were shipped; nothing after them is shipped. Recover: `ferry backfill --table \
+         <schema.table>` (rows deleted in the lost range stay in the destination: `ferry verify \
+         --repair` finds them), then `ferry accept-gap <schema.table> --accept`, then restart `ferry ship`"
+    )
+}
+
+/// Where the live lane goes on in `tp`: after its last batch, else the shipper group's
+/// committed offset, else the topic's first offset 0; with the stream position shipped.
+async fn live_next(
+    cfg: &Config,
+    dest: &Cluster,
+    tp: &TopicPartition,
+) -> Result<(i64, Option<StreamPosition>), ShipError> {
+    if let Some(e) = shipped_end(dest, &cfg.batch_topic(), cfg.ship.batch_partitions, tp).await? {
+        return Ok((e.next, e.position));
+    }
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let group = cfg.ship.group_id.clone();
+    let tp = tp.clone();
+    let committed = tokio::task::spawn_blocking(move || -> Result<Option<i64>, ShipError> {
+        let consumer: BaseConsumer = origin
+            .client_config()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(client("origin", "creating a consumer"))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(15))
+            .map_err(client(
+                "origin",
+                format!("reading the committed offset of {tp}"),
+            ))?;
+        Ok(got
+            .find_partition(&tp.topic, tp.partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }))
+    })
+    .await
+    .map_err(|e| ShipError::Unexpected(e.to_string()))??;
+    Ok((committed.unwrap_or(0), None))
+}
+
+/// The ranges of `table`'s origin topic that retention deleted before the live lane shipped
+/// them. With `accept`, each is shipped as an empty batch (after the operator backfilled the
+/// table), so the shipper goes on after it at its next start.
+pub async fn gaps(cfg: &Config, table: &TableId, accept: bool) -> Result<Vec<Gap>, ShipError> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, table);
+    let partitions = {
+        let (o, t) = (origin.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || o.partition_count(&t, Duration::from_secs(15)))
+            .await
+            .map_err(|e| ShipError::Unexpected(e.to_string()))??
+    };
+    if partitions == 0 {
+        return Err(ShipError::Permanent(format!(
+            "{table}: its origin topic {topic} does not exist"
+        )));
+    }
+    let mut shipper = if accept {
+        Some(Shipper::new(
+            cfg,
+            Lane::Live,
+            Arc::new(ShipStats::default()),
+        )?)
+    } else {
+        None
+    };
+    let mut out = Vec::new();
+    for partition in 0..partitions {
+        let tp = TopicPartition::new(&topic, partition);
+        let (next, position) = live_next(cfg, &dest, &tp).await?;
+        let (low, _) = origin.watermarks(&tp)?.unwrap_or_default();
+        if low <= next {
+            continue;
+        }
+        let gap = Gap {
+            topic: topic.clone(),
+            partition,
+            first: next,
+            last: low - 1,
+        };
+        if let Some(s) = &mut shipper {
+            s.ship_gap(&gap, &table.to_string(), position).await?;
+        }
+        out.push(gap);
+    }
+    Ok(out)
+}
+
 /// Reads origin records `first..=last` of one partition.
 async fn read_range(
     origin: &Cluster,
@@ -1234,24 +1441,9 @@ pub struct RangeShipper<'a> {
 impl<'a> RangeShipper<'a> {
     /// A shipper with its own destination producer.
     pub fn new(cfg: &'a Config) -> Result<RangeShipper<'a>, ShipError> {
-        let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-        let (producer, wire) = dest.producer_metered(5, "none")?;
         Ok(RangeShipper {
-            shipper: Shipper {
-                cfg,
-                producer,
-                wire,
-                registry: Registry::new(origin.clone(), &cfg.capture.topic_prefix)
-                    .with_ids(cfg.origin_registry()?),
-                batch_topic: cfg.batch_topic(),
-                stats: Arc::new(ShipStats::default()),
-                uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
-                published: HashSet::new(),
-                dest_registry: cfg.destination_registry()?,
-                lane: Lane::Range,
-            },
-            origin,
+            shipper: Shipper::new(cfg, Lane::Range, Arc::new(ShipStats::default()))?,
+            origin: Cluster::new("origin", cfg.origin.kafka.clone()),
         })
     }
 

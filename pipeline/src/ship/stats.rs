@@ -27,6 +27,8 @@ pub struct ShipStats {
     pub paused: AtomicBool,
     /// Changes capture sent again that were shipped before: left out.
     pub repeats_total: AtomicU64,
+    /// Origin offsets deleted by retention before they were shipped (their partitions stop).
+    pub lost_offsets: AtomicU64,
 }
 
 /// `ferry_ship_batches_total`.
@@ -75,6 +77,12 @@ pub const REPEATS: Family = Family::counter(
     "changes capture sent again (after its restart) that were shipped before: left out",
 );
 
+/// `ferry_ship_lost_offsets`.
+pub const LOST: Family = Family::gauge(
+    "ferry_ship_lost_offsets",
+    "origin offsets deleted by retention before they were shipped (their partitions stopped)",
+);
+
 /// A per-table series and how to read it from a table's figures.
 type Series = (Family, fn(&Egress) -> u64);
 
@@ -99,6 +107,13 @@ impl ShipStats {
         if let Ok(mut s) = self.stopped_partitions.lock() {
             s.push(err.to_string());
         }
+    }
+
+    /// A partition met offsets deleted before they were shipped (it stops: see
+    /// [`ShipStats::partition_stopped`]).
+    pub fn gap(&self, offsets: i64) {
+        self.lost_offsets
+            .fetch_add(offsets.max(0) as u64, Ordering::Relaxed);
     }
 
     /// Live shipping was paused or resumed by an operator.
@@ -146,5 +161,6 @@ impl ShipStats {
         out.single(STOPPED, &[], stopped);
         out.single(PAUSED, &[], u8::from(self.paused.load(Ordering::Relaxed)));
         out.single(REPEATS, &[], self.repeats_total.load(Ordering::Relaxed));
+        out.single(LOST, &[], self.lost_offsets.load(Ordering::Relaxed));
     }
 }

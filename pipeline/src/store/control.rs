@@ -73,7 +73,7 @@ async fn ensure(origin: &Cluster, topic: &str) -> Result<(), StoreError> {
         .ensure_topics(&[TopicSpec {
             name: topic.to_string(),
             partitions: 1,
-            config: vec![("cleanup.policy".into(), "compact".into())],
+            config: crate::topics::compacted_settings(),
         }])
         .await
         .map_err(StoreError::from)

@@ -246,7 +246,7 @@ async fn kafka_signals(
         let spec = TopicSpec {
             name: topic.clone(),
             partitions: 1,
-            config: vec![("cleanup.policy".into(), "compact".into())],
+            config: crate::topics::compacted_settings(),
         };
         match dest.ensure_topics(&[spec]).await {
             Ok(()) => match dest.producer(0) {

@@ -589,3 +589,149 @@ async fn changes_capture_sends_again_are_shipped_once() {
     );
     db.cleanup().await;
 }
+
+/// Deletes the records before `end - keep` of every partition of `topic` (the table
+/// `public.acct`), as retention does; returns each partition's new first offset.
+async fn delete_before_end(cfg: &Config, topic: &str, keep: i64) -> BTreeMap<i32, i64> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let admin: AdminClient<DefaultClientContext> = origin.client_config().create().expect("admin");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut starts = BTreeMap::new();
+    for ((_, p), end) in origin_ends(cfg, "public.acct") {
+        let start = (end - keep).max(0);
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(start))
+            .expect("offset");
+        starts.insert(p, start);
+    }
+    let result = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+    for e in result.elements() {
+        assert!(e.error().is_ok(), "{e:?}");
+    }
+    starts
+}
+
+/// Retention deleted a range before it was shipped: the shipper stops that partition (it never
+/// skips), names the range, and goes on after it only once an operator accepted the loss
+/// (`ferry accept-gap --accept`, after backfilling), which ships it as an empty batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
+    let db = TestDb::new("shipgap").await;
+    captured_workload(&db).await;
+    let cfg = ship_config(&db);
+    let stats = Arc::new(ShipStats::default());
+    ship_until_covered(&cfg, stats.clone()).await;
+    let shipped = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+
+    // More changes, then retention deletes all but the last 5 records of each partition.
+    let cap = start_capture(&db.cfg).await;
+    for _ in 0..2 {
+        db.exec("UPDATE acct SET balance = balance + 100").await;
+    }
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let starts = delete_before_end(&cfg, &topic, 5).await;
+    let lost: i64 = starts
+        .iter()
+        .map(|(p, start)| start - shipped[&(topic.clone(), *p)])
+        .sum();
+    assert!(lost > 0);
+
+    // The shipper stops each partition at its gap and ships nothing after it.
+    let stats = Arc::new(ShipStats::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.stopped_partitions.lock().expect("lock").len() < starts.len() {
+        assert!(Instant::now() < deadline, "partitions not stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let stopped = stats.stopped_partitions.lock().expect("lock").clone();
+    for (p, start) in &starts {
+        let first = shipped[&(topic.clone(), *p)];
+        let said = format!("offsets {first}-{} are gone", start - 1);
+        assert!(
+            stopped.iter().any(|s| s.contains(&said)),
+            "{said:?} in {stopped:?}"
+        );
+    }
+    assert_eq!(
+        stats
+            .lost_offsets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        lost as u64
+    );
+    let after = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || batches(&cfg))
+            .await
+            .expect("task")
+    };
+    assert!(
+        after
+            .iter()
+            .all(|(m, _)| m.last_offset < shipped[&(m.origin_topic.clone(), m.origin_partition)]),
+        "a batch after the gap"
+    );
+
+    // The operator lists the gaps, accepts them, and shipping goes on after them.
+    let table = ferry_schemas::TableId::new("public", "acct");
+    let listed = ship::gaps(&cfg, &table, false).await.expect("gaps");
+    assert_eq!(listed.len(), starts.len());
+    let accepted = ship::gaps(&cfg, &table, true).await.expect("accept");
+    assert_eq!(accepted, listed);
+    assert!(ship::gaps(&cfg, &table, false)
+        .await
+        .expect("gaps")
+        .is_empty());
+    let ms = ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+    let ends = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+    assert_exact_coverage(&ms, &ends);
+    for g in &accepted {
+        let (m, _) = ms
+            .iter()
+            .find(|(m, _)| m.origin_partition == g.partition && m.first_offset == g.first)
+            .expect("the gap's batch");
+        assert_eq!((m.last_offset, m.events_in, m.events_out), (g.last, 0, 0));
+    }
+
+    // Ferry created the change topics with explicit settings, and `ferry check` shows them;
+    // a retention shorter than configured is a warning.
+    for (cfg, warned) in [(cfg.clone(), false), {
+        let mut c = cfg.clone();
+        c.topics.retention_ms = 14 * 24 * 3600 * 1000;
+        (c, true)
+    }] {
+        let findings = ferry_pipeline::cli::check::run(&cfg).await;
+        for name in ["origin topics", "destination topics"] {
+            let f = findings
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("no {name} in {findings:?}"));
+            assert!(f.detail.contains("delete, 7 d"), "{f:?}");
+            assert_eq!(f.detail.contains("WARNING"), warned, "{f:?}");
+        }
+    }
+    db.cleanup().await;
+}
