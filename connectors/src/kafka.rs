@@ -392,6 +392,51 @@ impl Cluster {
         Ok(out)
     }
 
+    /// A client of consumer `group` that does not join it (no subscription).
+    fn group_client(&self, group: &str) -> Result<BaseConsumer, KafkaError> {
+        self.client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| self.err("creating a consumer", e))
+    }
+
+    /// The offset consumer `group` committed for `tp`, if any. Blocking.
+    pub fn committed_offset(
+        &self,
+        group: &str,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>, KafkaError> {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let got = self
+            .group_client(group)?
+            .committed_offsets(tpl, Duration::from_secs(15))
+            .map_err(|e| self.err(format!("reading the committed offset of {tp}"), e))?;
+        Ok(got
+            .find_partition(&tp.topic, tp.partition)
+            .and_then(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            }))
+    }
+
+    /// Commits `offset` for `tp` in consumer `group`, from outside the group: the broker
+    /// refuses it while the group has members. Blocking.
+    pub fn commit_offset(
+        &self,
+        group: &str,
+        tp: &TopicPartition,
+        offset: i64,
+    ) -> Result<(), KafkaError> {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&tp.topic, tp.partition, rdkafka::Offset::Offset(offset))
+            .map_err(|e| self.err("commit", e))?;
+        self.group_client(group)?
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|e| self.err(format!("committing {tp} at {offset} for group {group}"), e))
+    }
+
     /// Asks the cluster for its brokers; used by `ferry check`.
     pub fn probe(&self, timeout: Duration) -> Result<Vec<String>, KafkaError> {
         let consumer = self.reader()?;

@@ -1396,8 +1396,13 @@ struct Applier<'a> {
     quarantine: String,
     /// Replicated topics known to exist.
     known_topics: HashSet<String>,
-    /// Batch partitions stopped on a corrupt batch (`apply.on_corrupt = stop`).
+    /// Batch partitions stopped on a corrupt batch (`apply.on_corrupt = stop`) or on batches
+    /// retention deleted before they were applied.
     stopped: HashSet<i32>,
+    /// The offset each batch partition's next record has when nothing came in between.
+    next: HashMap<i32, i64>,
+    /// Partitions checked for deleted batches before any record of theirs came.
+    checked: HashSet<i32>,
     /// Tables held: their batches go to the held topic until an operator resumes them.
     held: HashSet<String>,
     held_topic: String,
@@ -1482,6 +1487,8 @@ impl<'a> Applier<'a> {
             quarantine,
             known_topics: HashSet::new(),
             stopped: HashSet::new(),
+            next: HashMap::new(),
+            checked: HashSet::new(),
             held,
             held_topic: crate::topics::held_topic(&cfg.capture.topic_prefix),
             tick: tokio::time::interval(Duration::from_secs(2)),
@@ -1496,6 +1503,14 @@ impl<'a> Applier<'a> {
                 Event::Stop => break,
                 Event::Batch(b) if self.stopped.contains(&b.partition) => {}
                 Event::Batch(b) => {
+                    // The first record of a partition, or one after a jump (a restart, a
+                    // rebalance, a reset past deleted records): nothing may be missing before it.
+                    if self.next.get(&b.partition) != Some(&b.offset)
+                        && self.batches_lost(b.partition).await?
+                    {
+                        continue;
+                    }
+                    self.next.insert(b.partition, b.offset + 1);
                     if self.on_batch(&b).await? {
                         self.commit(b.partition, b.offset)?;
                     }
@@ -1638,6 +1653,21 @@ impl<'a> Applier<'a> {
 
     /// Resumes the held tables an operator asked for.
     async fn on_tick(&mut self) -> Result<(), ApplyError> {
+        // A partition that delivers nothing (everything after the group's offset deleted) is
+        // checked once it is assigned, not only when its next batch comes.
+        let assigned: Vec<i32> = self
+            .consumer
+            .assignment()
+            .map_err(client_err("reading the assignment"))?
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        for p in assigned {
+            if !self.next.contains_key(&p) && !self.stopped.contains(&p) && self.checked.insert(p) {
+                self.batches_lost(p).await?;
+            }
+        }
         let Some(db) = self.db.as_mut() else {
             return Ok(());
         };
@@ -1755,6 +1785,28 @@ impl<'a> Applier<'a> {
         Ok(false)
     }
 
+    /// Whether batches of `partition` were deleted (by retention) before they were applied:
+    /// the group's committed offset lies below the partition's first offset. That partition
+    /// stops there, loudly; the others go on.
+    async fn batches_lost(&mut self, partition: i32) -> Result<bool, ApplyError> {
+        let Some(gap) = batch_gap(
+            &self.dest,
+            &self.cfg.apply.group_id,
+            &self.batch_topic,
+            partition,
+        )
+        .await?
+        else {
+            return Ok(false);
+        };
+        self.stopped.insert(partition);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.batch_topic, partition);
+        let _ = self.consumer.pause(&tpl);
+        self.stats.batches_lost(&self.batch_topic, partition, gap);
+        Ok(true)
+    }
+
     fn commit(&self, partition: i32, offset: i64) -> Result<(), ApplyError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.batch_topic, partition, Offset::Offset(offset + 1))
@@ -1848,6 +1900,59 @@ pub async fn request_resume(
         .await
         .map_err(db_err(&target, "requesting a resume"))?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The batch offsets of `partition` retention deleted before apply group `group` applied them
+/// (its committed offset, 0 without one, lies below the partition's first offset).
+async fn batch_gap(
+    dest: &Cluster,
+    group: &str,
+    batch_topic: &str,
+    partition: i32,
+) -> Result<Option<(i64, i64)>, ApplyError> {
+    let tp = TopicPartition::new(batch_topic, partition);
+    let (d, g, t) = (dest.clone(), group.to_string(), tp.clone());
+    let committed = tokio::task::spawn_blocking(move || d.committed_offset(&g, &t))
+        .await
+        .map_err(|e| ApplyError::Permanent(e.to_string()))??
+        .unwrap_or(0);
+    let (low, _) = dest.watermarks(&tp)?.unwrap_or_default();
+    Ok((committed < low).then_some((committed, low - 1)))
+}
+
+/// The batch offsets, per partition of the batch topic, that retention deleted before `ferry
+/// apply` applied them. With `accept` (apply stopped: the broker refuses a commit while the
+/// group has members), the apply group's offset moves past each, so apply goes on after it.
+pub async fn batch_gaps(cfg: &Config, accept: bool) -> Result<Vec<(i32, i64, i64)>, ApplyError> {
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let topic = cfg.batch_topic();
+    let partitions = {
+        let (d, t) = (dest.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || d.partition_count(&t, Duration::from_secs(15)))
+            .await
+            .map_err(|e| ApplyError::Permanent(e.to_string()))??
+    };
+    let group = &cfg.apply.group_id;
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let Some((first, last)) = batch_gap(&dest, group, &topic, p).await? else {
+            continue;
+        };
+        if accept {
+            let (d, g, tp) = (dest.clone(), group.clone(), TopicPartition::new(&topic, p));
+            tokio::task::spawn_blocking(move || d.commit_offset(&g, &tp, last + 1))
+                .await
+                .map_err(|e| ApplyError::Permanent(e.to_string()))?
+                .map_err(|e| {
+                    ApplyError::Permanent(format!(
+                        "{e} (stop every `ferry apply` of group {group} first: the broker \
+                         refuses a commit from outside a group that has members)"
+                    ))
+                })?;
+        }
+        out.push((p, first, last));
+    }
+    Ok(out)
 }
 
 /// The held tables: (table, batches held, reason, held since).

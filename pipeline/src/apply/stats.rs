@@ -23,9 +23,17 @@ pub struct ApplyStats {
     pub rows_stale_total: AtomicU64,
     /// Partitions stopped on a corrupt batch.
     pub stopped: Mutex<Vec<String>>,
+    /// Batch-topic offsets deleted by retention before they were applied.
+    pub lost_batches: AtomicU64,
     /// Tables held because the destination refused one of their batches.
     pub held: Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// `ferry_apply_lost_batches`.
+pub const LOST: Family = Family::gauge(
+    "ferry_apply_lost_batches",
+    "batch-topic offsets deleted by retention before they were applied (their partitions stopped)",
+);
 
 /// `ferry_apply_batches_applied_total`.
 pub const APPLIED: Family = Family::counter("ferry_apply_batches_applied_total", "batches applied");
@@ -104,6 +112,28 @@ impl ApplyStats {
         );
     }
 
+    /// Batches of a partition were deleted (retention) before they were applied: it stops.
+    pub fn batches_lost(&self, topic: &str, partition: i32, (first, last): (i64, i64)) {
+        self.lost_batches
+            .fetch_add((last - first + 1).max(0) as u64, Ordering::Relaxed);
+        if let Ok(mut s) = self.stopped.lock() {
+            s.push(format!(
+                "{topic}[{partition}] offsets {first}-{last}: deleted by retention before they \
+                 were applied"
+            ));
+        }
+        tracing::error!(
+            topic,
+            partition,
+            first,
+            last,
+            "batches were deleted from the batch topic (its retention) before they were \
+             applied; this partition stops and applies nothing after them. The destination \
+             lacks their changes: `ferry verify --table <t> --repair` (or `ferry backfill`) each \
+             table, stop `ferry apply`, run `ferry accept-gap --batches --accept`, then start it"
+        );
+    }
+
     /// A table is held: the destination refused one of its batches.
     pub fn table_held(&self, table: &str, batch: &str, reason: &str) {
         if let Ok(mut h) = self.held.lock() {
@@ -141,6 +171,7 @@ impl ApplyStats {
         }
         let stopped = self.stopped.lock().map(|s| s.len()).unwrap_or(0);
         out.single(STOPPED, &[], stopped);
+        out.single(LOST, &[], self.lost_batches.load(Ordering::Relaxed));
         let held = self.held.lock().map(|h| h.len()).unwrap_or(0);
         out.single(HELD, &[], held);
     }

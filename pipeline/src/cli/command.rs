@@ -220,10 +220,14 @@ pub enum Command {
         /// The table, as schema.table.
         table: String,
     },
-    /// List the ranges of a table's origin topic that retention deleted before they were shipped; with --accept, ship each as an empty batch so `ferry ship` goes on after it (backfill the table first).
+    /// List the ranges of a table's origin topic (or with --batches, of the batch topic) that retention deleted before they were shipped (applied); with --accept, go on after them (backfill or repair first).
     AcceptGap {
         /// The table, as schema.table.
-        table: String,
+        #[arg(required_unless_present = "batches", conflicts_with = "batches")]
+        table: Option<String>,
+        /// The batch topic's gaps instead: batches deleted before `ferry apply` applied them. With --accept, the apply group's offsets move past them (stop `ferry apply` first).
+        #[arg(long)]
+        batches: bool,
         /// Ship the empty batches (without it, only list the gaps).
         #[arg(long)]
         accept: bool,
@@ -626,7 +630,37 @@ pub async fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
             let (events_in, events_out) = crate::ship::reship(&cfg, &batch).await?;
             println!("re-shipped {batch}: {events_in} changes, {events_out} rows after compaction");
         }
-        Command::AcceptGap { table, accept } => {
+        Command::AcceptGap {
+            table: None,
+            accept,
+            ..
+        } => {
+            let gaps = crate::apply::batch_gaps(&cfg, accept).await?;
+            let topic = cfg.batch_topic();
+            if gaps.is_empty() {
+                println!("{topic}: no batch is missing before what apply applied");
+            }
+            for (p, first, last) in &gaps {
+                println!(
+                    "{topic}[{p}] offsets {first}-{last}: deleted before they were applied{}",
+                    if accept {
+                        "; accepted (the apply group goes on after them): start `ferry apply`"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if !accept && !gaps.is_empty() {
+                println!(
+                    "repair the tables (`ferry verify --table T --repair`), stop `ferry apply`, then run this again with --accept"
+                );
+            }
+        }
+        Command::AcceptGap {
+            table: Some(table),
+            accept,
+            ..
+        } => {
             let id = parse_table(&table)
                 .ok_or_else(|| CliError::Usage(format!("table {table:?} is not schema.table")))?;
             let gaps = crate::ship::gaps(&cfg, &id, accept).await?;

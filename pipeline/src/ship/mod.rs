@@ -864,6 +864,7 @@ struct LiveShipper<'a> {
     cfg: &'a Config,
     stats: &'a Arc<ShipStats>,
     stop: &'a mut watch::Receiver<bool>,
+    origin: Cluster,
     dest: Cluster,
     consumer: StreamConsumer<ShipContext>,
     /// Rebalances reported by the consumer's context.
@@ -955,6 +956,7 @@ impl<'a> LiveShipper<'a> {
             cfg,
             stats,
             stop,
+            origin,
             dest,
             consumer,
             rebalances,
@@ -1186,32 +1188,23 @@ impl<'a> LiveShipper<'a> {
         // where shipping goes on, so a start deleted meanwhile is a gap too, not a skip.
         let expect = match end {
             Some(e) => e.next,
-            None => self.committed(tp)?.unwrap_or(0),
+            None => {
+                let (origin, group, tp) = (
+                    self.origin.clone(),
+                    self.cfg.ship.group_id.clone(),
+                    tp.clone(),
+                );
+                tokio::task::spawn_blocking(move || origin.committed_offset(&group, &tp))
+                    .await
+                    .map_err(|e| ShipError::Unexpected(e.to_string()))??
+                    .unwrap_or(0)
+            }
         };
         let buf = self.buffers.entry(tp.clone()).or_default();
         buf.recovered = true;
         buf.expect = Some(expect);
         buf.position = end.and_then(|e| e.position);
         Ok(())
-    }
-
-    /// The shipper group's committed offset of `tp`, if it has one.
-    fn committed(&self, tp: &TopicPartition) -> Result<Option<i64>, ShipError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.topic, tp.partition);
-        let got = self
-            .consumer
-            .committed_offsets(tpl, Duration::from_secs(15))
-            .map_err(client(
-                "origin",
-                format!("reading the committed offset of {tp}"),
-            ))?;
-        Ok(got
-            .find_partition(&tp.topic, tp.partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }))
     }
 
     /// Stops one partition on bad data: the rest go on.
@@ -1327,32 +1320,10 @@ async fn live_next(
         return Ok((e.next, e.position));
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let group = cfg.ship.group_id.clone();
-    let tp = tp.clone();
-    let committed = tokio::task::spawn_blocking(move || -> Result<Option<i64>, ShipError> {
-        let consumer: BaseConsumer = origin
-            .client_config()
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(client("origin", "creating a consumer"))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.topic, tp.partition);
-        let got = consumer
-            .committed_offsets(tpl, Duration::from_secs(15))
-            .map_err(client(
-                "origin",
-                format!("reading the committed offset of {tp}"),
-            ))?;
-        Ok(got
-            .find_partition(&tp.topic, tp.partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }))
-    })
-    .await
-    .map_err(|e| ShipError::Unexpected(e.to_string()))??;
+    let (group, tp) = (cfg.ship.group_id.clone(), tp.clone());
+    let committed = tokio::task::spawn_blocking(move || origin.committed_offset(&group, &tp))
+        .await
+        .map_err(|e| ShipError::Unexpected(e.to_string()))??;
     Ok((committed.unwrap_or(0), None))
 }
 

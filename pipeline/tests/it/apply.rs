@@ -73,7 +73,7 @@ async fn run_until<F: Fn() -> bool, W: Fn() -> String>(what: W, timeout: Duratio
     }
 }
 
-async fn apply_all(cfg: &Config, expected: u64) -> Arc<ApplyStats> {
+pub(crate) async fn apply_all(cfg: &Config, expected: u64) -> Arc<ApplyStats> {
     let (stop, rx) = watch::channel(false);
     let stats = Arc::new(ApplyStats::default());
     let task = {

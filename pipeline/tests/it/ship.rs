@@ -715,6 +715,14 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
             .expect("the gap's batch");
         assert_eq!((m.last_offset, m.events_in, m.events_out), (g.last, 0, 0));
     }
+    // Apply takes the empty batches like any other.
+    let applied = crate::apply::apply_all(&cfg, ms.len() as u64).await;
+    assert_eq!(
+        applied
+            .batches_quarantined_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 
     // Ferry created the change topics with explicit settings, and `ferry check` shows them;
     // a retention shorter than configured is a warning.
@@ -733,5 +741,91 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
             assert_eq!(f.detail.contains("WARNING"), warned, "{f:?}");
         }
     }
+    db.cleanup().await;
+}
+
+/// Deletes every record of the batch topic, as retention does after an outage of apply.
+async fn delete_all_batches(cfg: &Config) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let admin: AdminClient<DefaultClientContext> = dest.client_config().create().expect("admin");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..cfg.ship.batch_partitions {
+        tpl.add_partition_offset(&cfg.batch_topic(), p, rdkafka::Offset::End)
+            .expect("offset");
+    }
+    let result = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+    for e in result.elements() {
+        assert!(e.error().is_ok(), "{e:?}");
+    }
+}
+
+/// Retention deleted batches before apply applied them: apply stops those batch partitions
+/// (never skipping), names the offsets, and goes on after them only once an operator accepted
+/// the loss (`ferry accept-gap --batches --accept`, with apply stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_retention_deleted_stop_apply_until_accepted() {
+    let db = TestDb::new("applygap").await;
+    captured_workload(&db).await;
+    let cfg = ship_config(&db);
+    let ms = ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+    crate::apply::apply_all(&cfg, ms.len() as u64).await;
+
+    // More batches, then an outage of apply longer than the batch topic's retention.
+    let cap = start_capture(&db.cfg).await;
+    db.exec("UPDATE acct SET balance = balance + 100").await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+    ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+    delete_all_batches(&cfg).await;
+    let gaps = ferry_pipeline::apply::batch_gaps(&cfg, false)
+        .await
+        .expect("gaps");
+    assert!(!gaps.is_empty());
+
+    // Apply stops exactly those partitions and applies nothing.
+    let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ferry_pipeline::apply::run(&cfg, rx, stats).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.stopped.lock().expect("lock").len() < gaps.len() {
+        assert!(Instant::now() < deadline, "partitions not stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop.send(true);
+    task.await.expect("join").expect("applier ok");
+    let stopped = stats.stopped.lock().expect("lock").clone();
+    for (p, first, last) in &gaps {
+        let said = format!("[{p}] offsets {first}-{last}: deleted by retention");
+        assert!(
+            stopped.iter().any(|s| s.contains(&said)),
+            "{said:?} in {stopped:?}"
+        );
+    }
+    let lost: i64 = gaps.iter().map(|(_, f, l)| l - f + 1).sum();
+    assert_eq!(
+        stats
+            .lost_batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        lost as u64
+    );
+
+    // Accepted, apply goes on after them.
+    let accepted = ferry_pipeline::apply::batch_gaps(&cfg, true)
+        .await
+        .expect("accept");
+    assert_eq!(accepted, gaps);
+    assert!(ferry_pipeline::apply::batch_gaps(&cfg, false)
+        .await
+        .expect("gaps")
+        .is_empty());
     db.cleanup().await;
 }
