@@ -105,12 +105,34 @@ pub async fn print(cfg: &Config) -> Result<(), InspectError> {
             l.end,
             l.lag()
         );
+        match crate::ship::topic_gaps(cfg, &l.topic, None, false).await {
+            Ok(gaps) => {
+                for g in gaps {
+                    println!(
+                        "  GAP [{}] offsets {}-{}: deleted by retention before they were shipped (the partition is stopped; see `ferry accept-gap`)",
+                        g.partition, g.first, g.last
+                    );
+                }
+            }
+            Err(e) => println!("  gaps of {}: {e}", l.topic),
+        }
     }
 
     let cfg2 = cfg.clone();
     let (egress, unreadable) = tokio::task::spawn_blocking(move || egress(&cfg2))
         .await
         .map_err(|e| InspectError::Other(format!("reading the batch topic: {e}")))??;
+    match crate::apply::batch_gaps(cfg, false).await {
+        Ok(gaps) => {
+            for (p, first, last) in gaps {
+                println!(
+                    "  GAP {}[{p}] offsets {first}-{last}: batches deleted by retention before they were applied (apply stops there; see `ferry accept-gap --batches`)",
+                    cfg.batch_topic()
+                );
+            }
+        }
+        Err(e) => println!("  batch gaps: {e}"),
+    }
     if let Some(pg) = &cfg.destination.postgres {
         println!("apply (destination database {})", pg.display());
         match crate::apply::held_tables(pg).await {

@@ -1331,9 +1331,20 @@ async fn live_next(
 /// them. With `accept`, each is shipped as an empty batch (after the operator backfilled the
 /// table), so the shipper goes on after it at its next start.
 pub async fn gaps(cfg: &Config, table: &TableId, accept: bool) -> Result<Vec<Gap>, ShipError> {
+    let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, table);
+    topic_gaps(cfg, &topic, Some(table), accept).await
+}
+
+/// [`gaps`] of an origin table topic; `table` names the batches' table when accepting.
+pub async fn topic_gaps(
+    cfg: &Config,
+    topic: &str,
+    table: Option<&TableId>,
+    accept: bool,
+) -> Result<Vec<Gap>, ShipError> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, table);
+    let topic = topic.to_string();
     let partitions = {
         let (o, t) = (origin.clone(), topic.clone());
         tokio::task::spawn_blocking(move || o.partition_count(&t, Duration::from_secs(15)))
@@ -1342,7 +1353,7 @@ pub async fn gaps(cfg: &Config, table: &TableId, accept: bool) -> Result<Vec<Gap
     };
     if partitions == 0 {
         return Err(ShipError::Permanent(format!(
-            "{table}: its origin topic {topic} does not exist"
+            "the origin topic {topic} does not exist"
         )));
     }
     let mut shipper = if accept {
@@ -1369,7 +1380,8 @@ pub async fn gaps(cfg: &Config, table: &TableId, accept: bool) -> Result<Vec<Gap
             last: low - 1,
         };
         if let Some(s) = &mut shipper {
-            s.ship_gap(&gap, &table.to_string(), position).await?;
+            let table = table.map(ToString::to_string).unwrap_or_default();
+            s.ship_gap(&gap, &table, position).await?;
         }
         out.push(gap);
     }

@@ -148,6 +148,7 @@ async fn captured_workload(db: &TestDb) {
 fn ship_config(db: &TestDb) -> Config {
     let mut cfg = db.cfg.clone();
     cfg.ship.group_id = format!("{}_ship", db.name);
+    cfg.apply.group_id = format!("{}_apply", db.name);
     cfg.ship.max_events = 150;
     cfg.ship.linger_ms = 200;
     cfg
@@ -694,6 +695,14 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
     let table = ferry_schemas::TableId::new("public", "acct");
     let listed = ship::gaps(&cfg, &table, false).await.expect("gaps");
     assert_eq!(listed.len(), starts.len());
+    let said = status(&db, &cfg);
+    for g in &listed {
+        let line = format!(
+            "GAP [{}] offsets {}-{}: deleted by retention before they were shipped",
+            g.partition, g.first, g.last
+        );
+        assert!(said.contains(&line), "{line:?} in {said}");
+    }
     let accepted = ship::gaps(&cfg, &table, true).await.expect("accept");
     assert_eq!(accepted, listed);
     assert!(ship::gaps(&cfg, &table, false)
@@ -742,6 +751,22 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
         }
     }
     db.cleanup().await;
+}
+
+/// What `ferry status` prints for `db` with the shipper group of `cfg`.
+fn status(db: &TestDb, cfg: &Config) -> String {
+    let file = db.write_config(&std::env::temp_dir());
+    let text = std::fs::read_to_string(&file).expect("config")
+        + &format!(
+            "\n[ship]\ngroup_id = \"{}\"\n[apply]\ngroup_id = \"{}\"\n",
+            cfg.ship.group_id, cfg.apply.group_id
+        );
+    std::fs::write(&file, text).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--config", &file.to_string_lossy(), "status"])
+        .output()
+        .expect("ferry status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Deletes every record of the batch topic, as retention does after an outage of apply.
@@ -817,6 +842,13 @@ async fn batches_retention_deleted_stop_apply_until_accepted() {
             .load(std::sync::atomic::Ordering::Relaxed),
         lost as u64
     );
+
+    // `ferry status` names them.
+    let said = status(&db, &cfg);
+    for (p, first, last) in &gaps {
+        let line = format!("[{p}] offsets {first}-{last}: batches deleted by retention");
+        assert!(said.contains(&line), "{line:?} in {said}");
+    }
 
     // Accepted, apply goes on after them.
     let accepted = ferry_pipeline::apply::batch_gaps(&cfg, true)
