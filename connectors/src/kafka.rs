@@ -238,6 +238,35 @@ impl Cluster {
             .map_err(|e| self.err("creating producer", e))
     }
 
+    /// A transactional producer (`transactional.id` = `id`, transactions initialised: a
+    /// producer of the same id before it is fenced, its open transaction aborted), otherwise
+    /// like [`Cluster::producer`]. Blocking.
+    pub fn transactional_producer(&self, linger_ms: u64, id: &str) -> Result<Producer, KafkaError> {
+        use rdkafka::producer::Producer as _;
+        let mut c = self.client_config();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "zstd")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", linger_ms.to_string())
+            .set("queue.buffering.max.messages", "200000")
+            .set("transactional.id", id)
+            // A transaction left open (its producer died) holds read_committed consumers back
+            // until the broker aborts it after this long, unless a producer of the same id
+            // starts first; its messages may wait as long.
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "60000");
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        let p: Producer = c
+            .create_with_context(WireContext::default())
+            .map_err(|e| self.err("creating a transactional producer", e))?;
+        p.init_transactions(Duration::from_secs(30))
+            .map_err(|e| self.err(format!("initialising transactions of {id}"), e))?;
+        Ok(p)
+    }
+
     /// A consumer outside any group, for reading a topic from its start.
     pub fn reader(&self) -> Result<Reader, KafkaError> {
         let mut c = self.client_config();

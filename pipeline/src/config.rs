@@ -283,6 +283,9 @@ pub struct Apply {
     pub on_corrupt: OnCorrupt,
     /// Dead-letter topic; empty means `<capture.topic_prefix>.quarantine`.
     pub quarantine_topic: String,
+    /// Write each batch's replicated records in one Kafka transaction with its batch-topic
+    /// offset, so a `read_committed` consumer sees every change once, crashes included.
+    pub exactly_once_topics: bool,
 }
 
 impl Default for Apply {
@@ -294,6 +297,7 @@ impl Default for Apply {
             postgres: true,
             on_corrupt: OnCorrupt::Stop,
             quarantine_topic: String::new(),
+            exactly_once_topics: true,
         }
     }
 }

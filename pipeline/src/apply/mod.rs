@@ -14,9 +14,14 @@
 //! acknowledged. Applying a batch twice changes nothing: its id is already recorded, and every
 //! row write is guarded by the source position it carries (`(lsn, seq)`), so an older change
 //! never overwrites a newer one, also across batches replayed out of order. Deletes leave a
-//! tombstone with their position, so a replayed older insert cannot resurrect a row. Replicated
-//! topics are at-least-once: a crash between their acks and the offset commit repeats records,
-//! which consumers recognise by `source.lsn`/`source.seq`.
+//! tombstone with their position, so a replayed older insert cannot resurrect a row.
+//!
+//! Replicated topics (`apply.exactly_once_topics`): a batch's records go out in one Kafka
+//! transaction of its batch partition's producer, which commits after the database transaction,
+//! together with the batch-topic offset. A crash in between aborts the Kafka transaction; the
+//! record comes again, the database says it has the batch *from that record*, and only the
+//! replicated records are written again. Without it they are at-least-once: a crash between
+//! their acks and the offset commit repeats records (`source.lsn`/`source.seq` tell them).
 
 pub mod stats;
 
@@ -332,6 +337,8 @@ impl DestDb {
                    batch_id text PRIMARY KEY, origin_topic text NOT NULL, origin_partition int NOT NULL,
                    first_offset bigint NOT NULL, last_offset bigint NOT NULL, rows int NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now());
+                 ALTER TABLE ferry.applied_batches ADD COLUMN IF NOT EXISTS batch_partition int,
+                   ADD COLUMN IF NOT EXISTS batch_offset bigint;
                  CREATE TABLE IF NOT EXISTS ferry.tombstones (
                    tbl text NOT NULL, key text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
                    batch text NOT NULL, PRIMARY KEY (tbl, key));
@@ -902,16 +909,28 @@ impl DestDb {
 
     /// Whether a batch was applied before.
     pub async fn has(&mut self, batch_id: &str) -> Result<bool, ApplyError> {
+        Ok(self.applied_from(batch_id).await?.is_some())
+    }
+
+    /// Where in the batch topic a batch applied before came from: `Some(None)` when that was
+    /// not recorded (before this version), `None` when it was not applied.
+    pub async fn applied_from(
+        &mut self,
+        batch_id: &str,
+    ) -> Result<Option<Option<(i32, i64)>>, ApplyError> {
         let t = self.target.clone();
         let row = self
             .session
             .query_opt(
-                "SELECT 1 FROM ferry.applied_batches WHERE batch_id = $1",
+                "SELECT batch_partition, batch_offset FROM ferry.applied_batches WHERE batch_id = $1",
                 &[&batch_id],
             )
             .await
             .map_err(db_err(&t, "looking a batch up"))?;
-        Ok(row.is_some())
+        Ok(row.map(|r| {
+            let (p, o): (Option<i32>, Option<i64>) = (r.get(0), r.get(1));
+            p.zip(o)
+        }))
     }
 
     /// Applies a verified batch in one transaction with its id. Returns false when the batch
@@ -921,6 +940,17 @@ impl DestDb {
         m: &Manifest,
         runs: &[Run],
         stats: &ApplyStats,
+    ) -> Result<bool, ApplyError> {
+        self.apply_from(m, runs, stats, None).await
+    }
+
+    /// [`DestDb::apply`], recording where in the batch topic the batch came from.
+    pub async fn apply_from(
+        &mut self,
+        m: &Manifest,
+        runs: &[Run],
+        stats: &ApplyStats,
+        from: Option<(i32, i64)>,
     ) -> Result<bool, ApplyError> {
         for r in runs {
             // Versions change within a transaction too: order them by (lsn, seq).
@@ -938,7 +968,7 @@ impl DestDb {
             .batch_execute("BEGIN")
             .await
             .map_err(db_err(&t, "BEGIN"))?;
-        let result = self.apply_in_txn(m, runs, stats).await;
+        let result = self.apply_in_txn(m, runs, stats, from).await;
         match result {
             Ok(true) => {
                 self.session
@@ -966,15 +996,16 @@ impl DestDb {
         m: &Manifest,
         runs: &[Run],
         stats: &ApplyStats,
+        from: Option<(i32, i64)>,
     ) -> Result<bool, ApplyError> {
         let t = self.target.clone();
         let rows: usize = runs.iter().map(|r| r.events.len()).sum();
         let fresh = self
             .session
             .execute(
-                "INSERT INTO ferry.applied_batches (batch_id, origin_topic, origin_partition, first_offset, last_offset, rows)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
-                &[&m.batch_id, &m.origin_topic, &m.origin_partition, &m.first_offset, &m.last_offset, &(rows as i32)],
+                "INSERT INTO ferry.applied_batches (batch_id, origin_topic, origin_partition, first_offset, last_offset, rows, batch_partition, batch_offset)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (batch_id) DO NOTHING",
+                &[&m.batch_id, &m.origin_topic, &m.origin_partition, &m.first_offset, &m.last_offset, &(rows as i32), &from.map(|f| f.0), &from.map(|f| f.1)],
             )
             .await
             .map_err(db_err(&t, "recording the batch"))?;
@@ -1385,6 +1416,13 @@ struct Applier<'a> {
     stop: watch::Receiver<bool>,
     dest: Cluster,
     producer: ferry_connectors::kafka::Producer,
+    /// With `apply.exactly_once_topics`: the transactional producer of the batch in hand.
+    txn: Option<ferry_connectors::kafka::Producer>,
+    /// With `apply.exactly_once_topics`: a transactional producer per batch partition, its
+    /// id `ferry-apply-<group>-<batch topic>-<partition>`. Whoever applies that partition next
+    /// fences this one and aborts a transaction it left open at once (read_committed
+    /// consumers would wait for it otherwise).
+    txns: HashMap<i32, ferry_connectors::kafka::Producer>,
     db: Option<DestDb>,
     /// Writer schemas from the destination's schema topic.
     registry: Registry,
@@ -1481,6 +1519,8 @@ impl<'a> Applier<'a> {
             dest_registry: cfg.destination_registry()?,
             dest,
             producer,
+            txn: None,
+            txns: HashMap::new(),
             db,
             consumer,
             batch_topic,
@@ -1582,22 +1622,64 @@ impl<'a> Applier<'a> {
             }
             return Ok(());
         }
+        let from = (b.partition, b.offset);
         let before = match self.db.as_mut() {
-            Some(db) => db.has(&m.batch_id).await?,
-            None => false,
+            Some(db) => db.applied_from(&m.batch_id).await?,
+            None => None,
         };
-        if self.cfg.apply.topics && !before {
-            self.replicate(runs).await?;
+        // In a transaction, a batch the database has from this very record is delivered again
+        // because the transaction that replicated it did not commit: replicate it again. Any
+        // other copy (a replay, a reship) goes to neither.
+        let replicate = self.cfg.apply.topics
+            && match before {
+                None => true,
+                Some(at) => self.txn.is_some() && at == Some(from),
+            };
+        self.txn = if self.cfg.apply.topics && self.cfg.apply.exactly_once_topics {
+            Some(self.transactional(b.partition).await?)
+        } else {
+            None
+        };
+        if let Some(txn) = &self.txn {
+            use rdkafka::producer::Producer as _;
+            if let Err(e) = txn.begin_transaction() {
+                self.txns.remove(&b.partition);
+                return Err(client_err("beginning a transaction")(e));
+            }
         }
+        let replicated = if replicate {
+            self.replicate(runs).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = replicated {
+            // Best effort: a transaction left open would hold read_committed consumers back
+            // until the broker times it out.
+            let _ = self.abort_transaction().await;
+            return Err(e);
+        }
+        crate::runtime::failpoint::hit(crate::runtime::failpoint::APPLY_AFTER_REPLICATE);
         let applied = match self.db.as_mut() {
-            Some(db) if !before => db.apply(m, runs, &self.stats).await,
+            Some(db) if before.is_none() => db.apply_from(m, runs, &self.stats, Some(from)).await,
             Some(_) => Ok(false),
             None => Ok(true),
         };
         let applied = match applied {
-            Err(e) if e.is_table_fault() => return self.hold_table(b, m, &e).await,
-            other => other?,
+            Err(e) if e.is_table_fault() => {
+                self.abort_transaction().await?;
+                return self.hold_table(b, m, &e).await;
+            }
+            Err(e) => {
+                let _ = self.abort_transaction().await;
+                return Err(e);
+            }
+            Ok(a) => a,
         };
+        if let Err(e) = self.commit_transaction(b).await {
+            let _ = self.abort_transaction().await;
+            self.txns.remove(&b.partition);
+            return Err(e);
+        }
         if applied {
             self.stats.applied(&m.batch_id, m.events_out);
         } else {
@@ -1807,6 +1889,61 @@ impl<'a> Applier<'a> {
         Ok(true)
     }
 
+    /// The transactional producer of batch partition `partition`, created (and its id's
+    /// earlier transactions fenced) on first use.
+    async fn transactional(
+        &mut self,
+        partition: i32,
+    ) -> Result<ferry_connectors::kafka::Producer, ApplyError> {
+        if let Some(p) = self.txns.get(&partition) {
+            return Ok(p.clone());
+        }
+        let id = format!(
+            "ferry-apply-{}-{}-{partition}",
+            self.cfg.apply.group_id, self.batch_topic
+        );
+        let d = self.dest.clone();
+        let p = tokio::task::spawn_blocking(move || d.transactional_producer(5, &id))
+            .await
+            .map_err(|e| ApplyError::Permanent(e.to_string()))??;
+        self.txns.insert(partition, p.clone());
+        Ok(p)
+    }
+
+    /// Commits the open transaction (if any) with the batch record's offset: its replicated
+    /// records and its progress become visible together.
+    async fn commit_transaction(&self, b: &Incoming) -> Result<(), ApplyError> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        use rdkafka::producer::Producer as _;
+        let group = self
+            .consumer
+            .group_metadata()
+            .ok_or_else(|| ApplyError::Permanent("the applier's consumer has no group".into()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.batch_topic, b.partition, Offset::Offset(b.offset + 1))
+            .map_err(client_err("committing"))?;
+        tokio::task::block_in_place(|| {
+            txn.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(60))
+                .and_then(|()| txn.commit_transaction(Duration::from_secs(60)))
+        })
+        .map_err(client_err(format!(
+            "committing the transaction of batch-topic offset {}[{}]@{}",
+            self.batch_topic, b.partition, b.offset
+        )))
+    }
+
+    /// Aborts the open transaction (if any): nothing of it becomes visible.
+    async fn abort_transaction(&self) -> Result<(), ApplyError> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        use rdkafka::producer::Producer as _;
+        tokio::task::block_in_place(|| txn.abort_transaction(Duration::from_secs(60)))
+            .map_err(client_err("aborting a transaction"))
+    }
+
     fn commit(&self, partition: i32, offset: i64) -> Result<(), ApplyError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.batch_topic, partition, Offset::Offset(offset + 1))
@@ -1867,9 +2004,12 @@ impl<'a> Applier<'a> {
                     if let Some(p) = p {
                         rec = rec.partition(p);
                     }
-                    let d = ferry_connectors::kafka::enqueue(&self.producer, rec)
-                        .await
-                        .map_err(client_err(format!("replicating to {topic}")))?;
+                    let d = ferry_connectors::kafka::enqueue(
+                        self.txn.as_ref().unwrap_or(&self.producer),
+                        rec,
+                    )
+                    .await
+                    .map_err(client_err(format!("replicating to {topic}")))?;
                     pending.push(d);
                 }
             }

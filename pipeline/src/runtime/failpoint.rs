@@ -13,13 +13,17 @@ pub const SHIP_MID_PRODUCE: &str = "ship.mid_produce";
 pub const SHIP_AFTER_PRODUCE: &str = "ship.after_produce";
 /// A replay shipped a range; its checkpoint is not saved yet.
 pub const REPLAY_BEFORE_CHECKPOINT: &str = "replay.before_checkpoint";
+/// The broker acknowledged a batch's replicated records; neither the destination database
+/// nor the batch-topic offset has it yet.
+pub const APPLY_AFTER_REPLICATE: &str = "apply.after_replicate";
 
 /// Every failpoint.
-pub const ALL: [&str; 4] = [
+pub const ALL: [&str; 5] = [
     SHIP_AFTER_COMPACTION,
     SHIP_MID_PRODUCE,
     SHIP_AFTER_PRODUCE,
     REPLAY_BEFORE_CHECKPOINT,
+    APPLY_AFTER_REPLICATE,
 ];
 
 /// A failpoint for the crash tests: `FERRY_FAILPOINT=<name>[:<n>]` aborts the process the

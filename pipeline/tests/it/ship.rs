@@ -753,15 +753,33 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
     db.cleanup().await;
 }
 
+/// A configuration file for `db` with the shipper and apply groups (and the destination
+/// database) of `cfg`.
+fn config_file(db: &TestDb, cfg: &Config) -> std::path::PathBuf {
+    let file = db.write_config(&std::env::temp_dir());
+    let mut text = std::fs::read_to_string(&file).expect("config")
+        + &format!(
+            "\n[ship]\ngroup_id = \"{}\"\nmax_events = {}\nlinger_ms = {}\n[apply]\ngroup_id = \"{}\"\ninstance_id = \"{}\"\nexactly_once_topics = {}\n",
+            cfg.ship.group_id,
+            cfg.ship.max_events,
+            cfg.ship.linger_ms,
+            cfg.apply.group_id,
+            cfg.apply.instance_id,
+            cfg.apply.exactly_once_topics
+        );
+    if let Some(pg) = &cfg.destination.postgres {
+        text += &format!(
+            "[destination.postgres]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{}\"\n",
+            pg.host, pg.port, pg.user, pg.database
+        );
+    }
+    std::fs::write(&file, text).expect("config");
+    file
+}
+
 /// What `ferry status` prints for `db` with the shipper group of `cfg`.
 fn status(db: &TestDb, cfg: &Config) -> String {
-    let file = db.write_config(&std::env::temp_dir());
-    let text = std::fs::read_to_string(&file).expect("config")
-        + &format!(
-            "\n[ship]\ngroup_id = \"{}\"\n[apply]\ngroup_id = \"{}\"\n",
-            cfg.ship.group_id, cfg.apply.group_id
-        );
-    std::fs::write(&file, text).expect("config");
+    let file = config_file(db, cfg);
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["--config", &file.to_string_lossy(), "status"])
         .output()
@@ -859,5 +877,97 @@ async fn batches_retention_deleted_stop_apply_until_accepted() {
         .await
         .expect("gaps")
         .is_empty());
+    db.cleanup().await;
+}
+
+/// `ferry apply` killed after the broker acknowledged a batch's replicated records, before the
+/// destination database and the batch offset had it. With `apply.exactly_once_topics` (the
+/// default) those records were in a transaction that never committed: a `read_committed`
+/// consumer of the replicated topic sees every change exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_replicating_leaves_each_change_once_in_the_replicated_topic() {
+    let mut db = TestDb::new("applyeo").await;
+    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
+    captured_workload(&db).await;
+    let mut cfg = ship_config(&db);
+    // A restarted applier of the same static member gets its partitions back at once.
+    cfg.apply.instance_id = "apply-1".into();
+    let ms = ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+    let rows: i64 = ms.iter().map(|(m, _)| m.events_out).sum();
+
+    let file = config_file(&db, &cfg);
+    let log = std::env::temp_dir().join(format!("{}-apply.log", db.name));
+    let spawn = |failpoint: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(["--config", &file.to_string_lossy(), "apply"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            );
+        if let Some(f) = failpoint {
+            c.env("FERRY_FAILPOINT", f);
+        }
+        c.spawn().expect("spawn ferry apply")
+    };
+    let mut crashing = spawn(Some("apply.after_replicate:3"));
+    let status = tokio::task::spawn_blocking(move || crashing.wait())
+        .await
+        .expect("task")
+        .expect("wait");
+    assert!(!status.success(), "the failpoint should have aborted apply");
+
+    let mut child = spawn(None);
+    let dest = cfg.destination.postgres.clone().expect("destination");
+    let session = dest.connect().await.expect("destination");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let n: i64 = session
+            .query_one("SELECT count(*) FROM ferry.applied_batches", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n == ms.len() as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} of {} batches applied",
+            ms.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let cluster = Cluster::new("destination", cfg.destination.kafka.clone());
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let prefix = cfg.capture.topic_prefix.clone();
+    let changes = tokio::task::spawn_blocking(move || {
+        let mut decoder = inspect::Decoder::load(&cluster, &prefix, None).expect("schemas");
+        inspect::read_all(&cluster, &topic, usize::MAX)
+            .expect("replicated topic")
+            .into_iter()
+            .filter_map(|(_, _, _, v)| v)
+            .map(|v| {
+                let v = decoder.decode(&v).expect("decodes");
+                (
+                    v["source"]["lsn"].as_i64().expect("lsn"),
+                    v["source"]["seq"].as_i64().expect("seq"),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("task");
+    let unique: HashSet<_> = changes.iter().collect();
+    assert_eq!(
+        (changes.len(), unique.len()),
+        (rows as usize, rows as usize),
+        "records in the replicated topic, distinct changes, rows shipped"
+    );
     db.cleanup().await;
 }
