@@ -50,6 +50,19 @@ pub struct Topics {
     pub retention_ms: i64,
 }
 
+impl Config {
+    /// How long apply keeps its bookkeeping (`apply.bookkeeping_ms`): `None` for ever.
+    pub fn bookkeeping_horizon(&self) -> Option<std::time::Duration> {
+        let ms = match self.apply.bookkeeping_ms {
+            0 if self.topics.retention_ms < 0 => return None,
+            0 => self.topics.retention_ms.saturating_mul(2),
+            ms if ms < 0 => return None,
+            ms => ms,
+        };
+        Some(std::time::Duration::from_millis(ms as u64))
+    }
+}
+
 impl Default for Topics {
     fn default() -> Self {
         Topics {
@@ -286,6 +299,9 @@ pub struct Apply {
     /// Write each batch's replicated records in one Kafka transaction with its batch-topic
     /// offset, so a `read_committed` consumer sees every change once, crashes included.
     pub exactly_once_topics: bool,
+    /// Keep applied batch ids and delete tombstones this long (ms); 0: twice
+    /// `topics.retention_ms` (never pruned when that is -1); -1: never pruned.
+    pub bookkeeping_ms: i64,
 }
 
 impl Default for Apply {
@@ -298,6 +314,7 @@ impl Default for Apply {
             on_corrupt: OnCorrupt::Stop,
             quarantine_topic: String::new(),
             exactly_once_topics: true,
+            bookkeeping_ms: 0,
         }
     }
 }

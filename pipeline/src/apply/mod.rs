@@ -339,9 +339,13 @@ impl DestDb {
                    applied_at timestamptz NOT NULL DEFAULT now());
                  ALTER TABLE ferry.applied_batches ADD COLUMN IF NOT EXISTS batch_partition int,
                    ADD COLUMN IF NOT EXISTS batch_offset bigint;
+                 CREATE INDEX IF NOT EXISTS applied_batches_applied_at
+                   ON ferry.applied_batches (applied_at);
                  CREATE TABLE IF NOT EXISTS ferry.tombstones (
                    tbl text NOT NULL, key text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
                    batch text NOT NULL, PRIMARY KEY (tbl, key));
+                 ALTER TABLE ferry.tombstones ADD COLUMN IF NOT EXISTS at timestamptz NOT NULL DEFAULT now();
+                 CREATE INDEX IF NOT EXISTS tombstones_at ON ferry.tombstones (at);
                  CREATE TABLE IF NOT EXISTS ferry.truncates (
                    tbl text PRIMARY KEY, lsn bigint NOT NULL, seq bigint NOT NULL, batch text NOT NULL);
                  CREATE TABLE IF NOT EXISTS ferry.held_tables (
@@ -907,6 +911,32 @@ impl DestDb {
         Ok(())
     }
 
+    /// Deletes the bookkeeping older than `horizon`: applied batch ids and tombstones. Nothing
+    /// that old can arrive again once the topics' retention deleted it (the horizon is longer),
+    /// so neither dedupe nor resurrection depends on them any more. Returns (batches,
+    /// tombstones) deleted.
+    pub async fn prune(&mut self, horizon: Duration) -> Result<(u64, u64), ApplyError> {
+        let t = self.target.clone();
+        let secs = horizon.as_secs_f64();
+        let batches = self
+            .session
+            .execute(
+                "DELETE FROM ferry.applied_batches WHERE applied_at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+            .map_err(db_err(&t, "pruning applied batches"))?;
+        let tombstones = self
+            .session
+            .execute(
+                "DELETE FROM ferry.tombstones WHERE at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+            .map_err(db_err(&t, "pruning tombstones"))?;
+        Ok((batches, tombstones))
+    }
+
     /// Whether a batch was applied before.
     pub async fn has(&mut self, batch_id: &str) -> Result<bool, ApplyError> {
         Ok(self.applied_from(batch_id).await?.is_some())
@@ -1304,7 +1334,7 @@ impl DestDb {
             "WITH gone AS (DELETE FROM {q} WHERE {conds} AND (_ferry_lsn, _ferry_seq) < (${l}::text::bigint, ${s}::text::bigint) RETURNING 1),
                   mark AS (INSERT INTO ferry.tombstones (tbl, key, lsn, seq, batch)
                            VALUES (${tb}, ${k}, ${l}::text::bigint, ${s}::text::bigint, ${b})
-                           ON CONFLICT (tbl, key) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, batch = EXCLUDED.batch
+                           ON CONFLICT (tbl, key) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, batch = EXCLUDED.batch, at = now()
                            WHERE (ferry.tombstones.lsn, ferry.tombstones.seq) < (EXCLUDED.lsn, EXCLUDED.seq))
              SELECT count(*) FROM gone",
             conds = conds.join(" AND "),
@@ -1389,6 +1419,9 @@ async fn run_once(
     Applier::start(cfg, stop, stats).await?.run().await
 }
 
+/// How often the applier prunes its bookkeeping.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// What woke the applier.
 enum Event {
     /// The operator asked to stop.
@@ -1441,6 +1474,8 @@ struct Applier<'a> {
     next: HashMap<i32, i64>,
     /// Partitions checked for deleted batches before any record of theirs came.
     checked: HashSet<i32>,
+    /// When the bookkeeping was last pruned.
+    pruned: Option<std::time::Instant>,
     /// Tables held: their batches go to the held topic until an operator resumes them.
     held: HashSet<String>,
     held_topic: String,
@@ -1529,6 +1564,7 @@ impl<'a> Applier<'a> {
             stopped: HashSet::new(),
             next: HashMap::new(),
             checked: HashSet::new(),
+            pruned: None,
             held,
             held_topic: crate::topics::held_topic(&cfg.capture.topic_prefix),
             tick: tokio::time::interval(Duration::from_secs(2)),
@@ -1753,6 +1789,20 @@ impl<'a> Applier<'a> {
         let Some(db) = self.db.as_mut() else {
             return Ok(());
         };
+        if let Some(horizon) = self.cfg.bookkeeping_horizon() {
+            if self.pruned.is_none_or(|at| at.elapsed() > PRUNE_EVERY) {
+                self.pruned = Some(std::time::Instant::now());
+                let (batches, tombstones) = db.prune(horizon).await?;
+                if batches + tombstones > 0 {
+                    tracing::info!(
+                        batches,
+                        tombstones,
+                        horizon_days = horizon.as_secs() / 86_400,
+                        "bookkeeping older than the horizon pruned"
+                    );
+                }
+            }
+        }
         for table in db.resume_requests().await? {
             self.resume(&table).await?;
         }

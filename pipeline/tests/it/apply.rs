@@ -603,3 +603,46 @@ async fn backfill_under_live_updates_ends_equal() {
     drop_db(&dest).await;
     db.cleanup().await;
 }
+
+/// Applied batch ids and tombstones older than the horizon (twice the topics' retention by
+/// default) are pruned; newer ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookkeeping_older_than_the_horizon_is_pruned() {
+    let db = TestDb::new("prune").await;
+    let pg = dest_db(&db, "dst").await;
+    let mut dest = DestDb::connect(&pg).await.expect("destination");
+    let s = pg.connect().await.expect("session");
+    s.batch_execute(
+        "INSERT INTO ferry.applied_batches (batch_id, origin_topic, origin_partition, first_offset, last_offset, rows, applied_at)
+           VALUES ('old', 't', 0, 0, 1, 1, now() - interval '30 days'), ('new', 't', 0, 2, 3, 1, now());
+         INSERT INTO ferry.tombstones (tbl, key, lsn, seq, batch, at)
+           VALUES ('public.t', '1', 1, 0, 'old', now() - interval '30 days'), ('public.t', '2', 2, 0, 'new', now());",
+    )
+    .await
+    .expect("bookkeeping");
+    let mut cfg = db.cfg.clone();
+    let horizon = cfg.bookkeeping_horizon().expect("a horizon by default");
+    assert_eq!(horizon, Duration::from_secs(14 * 86_400));
+    assert_eq!(dest.prune(horizon).await.expect("prune"), (1, 1));
+    let left: Vec<String> = s
+        .query(
+            "SELECT batch_id FROM ferry.applied_batches UNION ALL SELECT key FROM ferry.tombstones ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["2", "new"]);
+    cfg.topics.retention_ms = -1;
+    assert_eq!(
+        cfg.bookkeeping_horizon(),
+        None,
+        "kept for ever with the topics"
+    );
+    cfg.apply.bookkeeping_ms = 3_600_000;
+    assert_eq!(cfg.bookkeeping_horizon(), Some(Duration::from_secs(3600)));
+    drop_db(&pg).await;
+    db.cleanup().await;
+}
