@@ -1231,6 +1231,33 @@ impl<'a> LiveShipper<'a> {
         buf.bytes = 0;
         buf.opened = None;
         let floor = buf.position;
+        // The fence: committing where the batch starts (what is committed already) succeeds
+        // only for the group's current owner of the partition. A shipper stalled past its
+        // session (a pause, a cut link) learns here that it lost the partition, before it
+        // produces a batch its successor is cutting too.
+        let first = records.first().map_or(0, |r| r.offset);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(first))
+            .map_err(client("origin", "commit"))?;
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+            // Not shipped: read again from `first` (a partition still ours after a passing
+            // error, or a rebalance in progress, goes on from there; one lost is revoked).
+            self.buffers.remove(tp);
+            let _ = self.consumer.seek(
+                &tp.topic,
+                tp.partition,
+                Offset::Offset(first),
+                Duration::from_secs(10),
+            );
+            tracing::warn!(
+                topic = tp.topic,
+                partition = tp.partition,
+                error = %e,
+                "ownership of the partition not confirmed (stalled past the session, or a \
+                 rebalance under way); its buffer is dropped unshipped and read again"
+            );
+            return Ok(());
+        }
         match self
             .shipper
             .ship(&tp.topic, tp.partition, records, floor)

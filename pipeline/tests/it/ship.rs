@@ -971,3 +971,74 @@ async fn a_crash_after_replicating_leaves_each_change_once_in_the_replicated_top
     );
     db.cleanup().await;
 }
+
+/// A shipper stalled past its session (SIGSTOP) while another took its partitions over and
+/// shipped them: resumed (SIGCONT), it must not ship its stale buffers. Its commit of where the
+/// batch starts fails (the group moved on), so it drops them instead: every range is shipped
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shipper_that_lost_its_partitions_ships_nothing_of_them() {
+    let db = TestDb::new("shipzombie").await;
+    captured_workload(&db).await;
+    let mut cfg = ship_config(&db);
+    cfg.ship.max_events = 100_000;
+    cfg.ship.linger_ms = 8000;
+    let file = config_file(&db, &cfg);
+    let text = std::fs::read_to_string(&file)
+        .expect("config")
+        .replace("[apply]", "session_timeout_ms = 6000\n[apply]");
+    std::fs::write(&file, text).expect("config");
+    let log = std::env::temp_dir().join(format!("{}-ship.log", db.name));
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["--config", &file.to_string_lossy(), "ship"])
+            .env("FERRY_LOG", "info,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("spawn ferry ship")
+    };
+    let signal = |pid: u32, sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    // A joins and buffers everything (it would ship after 8 s of linger), then stalls.
+    let mut a = spawn();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal(a.id(), "-STOP");
+    // B takes the partitions over once A's session expired, and ships them.
+    let mut b = spawn();
+    let shipped = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    // A comes back with its stale buffers, its linger long over.
+    signal(a.id(), "-CONT");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = a.wait();
+    let _ = b.wait();
+    let all = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || batches(&cfg))
+            .await
+            .expect("task")
+    };
+    let ends = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
+            .await
+            .expect("task")
+    };
+    assert!(!shipped.is_empty());
+    assert_exact_coverage(&all, &ends);
+    db.cleanup().await;
+}
