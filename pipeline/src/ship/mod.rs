@@ -1239,7 +1239,24 @@ impl<'a> LiveShipper<'a> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(first))
             .map_err(client("origin", "commit"))?;
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+        let asked = Instant::now();
+        let committed = self.consumer.commit(&tpl, CommitMode::Sync);
+        // A commit that had to wait for the group (a member rejoining after its session ran
+        // out) succeeds under the new generation, which proves nothing about this buffer; nor
+        // does one a rebalance overtook.
+        let waited = asked.elapsed();
+        self.on_rebalances()?;
+        let refused = match committed {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if waited > Duration::from_millis(self.cfg.ship.session_timeout_ms / 3) => {
+                Some(format!("the commit waited {waited:?} for the group"))
+            }
+            Ok(()) if !self.buffers.contains_key(tp) => {
+                Some("a rebalance moved the partition meanwhile".into())
+            }
+            Ok(()) => None,
+        };
+        if let Some(e) = refused {
             // Not shipped: read again from `first` (a partition still ours after a passing
             // error, or a rebalance in progress, goes on from there; one lost is revoked).
             self.buffers.remove(tp);
