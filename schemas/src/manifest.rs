@@ -96,11 +96,13 @@ impl Manifest {
     }
 }
 
-/// The deterministic id of a batch covering `first..=last` of an origin partition.
+/// The deterministic id of a batch covering `first..=last` of an origin partition, in the
+/// topic's first incarnation.
 pub fn batch_id(cluster: &str, topic: &str, partition: i32, first: i64, last: i64) -> String {
     BatchId {
         cluster: cluster.to_string(),
         topic: topic.to_string(),
+        incarnation: 0,
         partition,
         first,
         last,
@@ -108,15 +110,19 @@ pub fn batch_id(cluster: &str, topic: &str, partition: i32, first: i64, last: i6
     .to_string()
 }
 
-/// A batch's identity: the origin range it covers, `<cluster>/<topic>/<partition>/<first>-<last>`
-/// (offsets inclusive). Shipping the same range again gives the same id, which is what makes
-/// apply idempotent.
+/// A batch's identity: the origin range it covers,
+/// `<cluster>/<topic>[@<incarnation>]/<partition>/<first>-<last>` (offsets inclusive). Shipping
+/// the same range again gives the same id, which is what makes apply idempotent. A topic
+/// deleted and created again starts its offsets over: its incarnation (1, 2, … after the
+/// first, written only then) keeps the new topic's ranges apart from the old one's.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BatchId {
     /// The origin cluster's name (`origin`).
     pub cluster: String,
-    /// The origin topic (Kafka topic names hold no `/`).
+    /// The origin topic (Kafka topic names hold no `/` and no `@`).
     pub topic: String,
+    /// Which incarnation of the topic: 0 for the first.
+    pub incarnation: u32,
     /// The origin partition.
     pub partition: i32,
     /// First origin offset in the batch.
@@ -130,17 +136,22 @@ impl std::fmt::Display for BatchId {
         let BatchId {
             cluster,
             topic,
+            incarnation,
             partition,
             first,
             last,
         } = self;
-        write!(f, "{cluster}/{topic}/{partition}/{first}-{last}")
+        write!(f, "{cluster}/{topic}")?;
+        if *incarnation > 0 {
+            write!(f, "@{incarnation}")?;
+        }
+        write!(f, "/{partition}/{first}-{last}")
     }
 }
 
 /// Text that is not a batch id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a batch id (<cluster>/<topic>/<partition>/<first>-<last>)")]
+#[error("{0:?} is not a batch id (<cluster>/<topic>[@<incarnation>]/<partition>/<first>-<last>)")]
 pub struct NotABatchId(pub String);
 
 impl std::str::FromStr for BatchId {
@@ -153,9 +164,18 @@ impl std::str::FromStr for BatchId {
             return Err(bad());
         };
         let (first, last) = range.split_once('-').ok_or_else(bad)?;
+        let (topic, incarnation) = match topic.split_once('@') {
+            Some((topic, text)) => match text.parse::<u32>() {
+                // The first incarnation is written without one: one spelling per id.
+                Ok(n) if n > 0 && n.to_string() == text => (topic, n),
+                _ => return Err(bad()),
+            },
+            None => (*topic, 0),
+        };
         let id = BatchId {
             cluster: cluster.to_string(),
             topic: topic.to_string(),
+            incarnation,
             partition: partition.parse().map_err(|_| bad())?,
             first: first.parse().map_err(|_| bad())?,
             last: last.parse().map_err(|_| bad())?,
@@ -264,13 +284,20 @@ impl Manifest {
                 "offset range or event counts are inconsistent".into(),
             ));
         }
-        let expected = batch_id(
-            &self.origin_cluster,
-            &self.origin_topic,
-            self.origin_partition,
-            self.first_offset,
-            self.last_offset,
-        );
+        // The id names the range (in any incarnation of its topic).
+        let incarnation = self
+            .batch_id
+            .parse::<BatchId>()
+            .map_or(0, |id| id.incarnation);
+        let expected = BatchId {
+            cluster: self.origin_cluster.clone(),
+            topic: self.origin_topic.clone(),
+            incarnation,
+            partition: self.origin_partition,
+            first: self.first_offset,
+            last: self.last_offset,
+        }
+        .to_string();
         if self.kind() == ManifestKind::Changes && self.batch_id != expected {
             return Err(mismatch(format!(
                 "batch id does not match its range ({expected})"
@@ -340,6 +367,7 @@ mod tests {
         let id = BatchId {
             cluster: "origin".into(),
             topic: "ferry.My_Schema.t-1".into(),
+            incarnation: 0,
             partition: 2,
             first: 0,
             last: 41,
@@ -350,6 +378,13 @@ mod tests {
             batch_id("origin", "ferry.My_Schema.t-1", 2, 0, 41),
             id.to_string()
         );
+        let again = BatchId {
+            incarnation: 3,
+            ..id.clone()
+        };
+        assert_eq!(again.to_string(), "origin/ferry.My_Schema.t-1@3/2/0-41");
+        assert_eq!(again.to_string().parse::<BatchId>(), Ok(again.clone()));
+        assert_ne!(again.to_string(), id.to_string());
         for bad in [
             "",
             "nonsense",
@@ -360,6 +395,11 @@ mod tests {
             "origin/t/0/-1-2",
             "origin//0/1-2",
             "origin/t/0/1-2/aggregate:sum",
+            "origin/t@0/0/1-2",
+            "origin/t@01/0/1-2",
+            "origin/t@x/0/1-2",
+            "origin/t@/0/1-2",
+            "origin/@1/0/1-2",
         ] {
             assert!(bad.parse::<BatchId>().is_err(), "{bad:?}");
         }
@@ -401,6 +441,26 @@ mod tests {
         let (back, p) = unframe(&framed).expect("unframes");
         assert_eq!(back, m);
         assert_eq!(p, payload);
+    }
+
+    /// A batch id names its range, in whichever incarnation of the topic; another range (or
+    /// another topic) under the id is caught.
+    #[test]
+    fn the_batch_id_must_name_the_range_in_any_incarnation() {
+        let payload = b"columnar bytes";
+        let mut m = manifest(payload);
+        m.batch_id = "origin/ferry.public.t@2/2/100-199".into();
+        assert!(m.verify(payload).is_ok());
+        for bad in [
+            "origin/ferry.public.t@2/2/100-198",
+            "origin/ferry.public.u@2/2/100-199",
+            "origin/ferry.public.t@2/1/100-199",
+            "origin/ferry.public.t@02/2/100-199",
+            "elsewhere/ferry.public.t/2/100-199",
+        ] {
+            m.batch_id = bad.into();
+            assert!(m.verify(payload).is_err(), "{bad}");
+        }
     }
 
     #[test]

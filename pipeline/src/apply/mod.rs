@@ -341,6 +341,8 @@ impl DestDb {
                    ADD COLUMN IF NOT EXISTS batch_offset bigint;
                  CREATE INDEX IF NOT EXISTS applied_batches_applied_at
                    ON ferry.applied_batches (applied_at);
+                 CREATE INDEX IF NOT EXISTS applied_batches_origin
+                   ON ferry.applied_batches (origin_topic, origin_partition, last_offset);
                  CREATE TABLE IF NOT EXISTS ferry.tombstones (
                    tbl text NOT NULL, key text NOT NULL, lsn bigint NOT NULL, seq bigint NOT NULL,
                    batch text NOT NULL, PRIMARY KEY (tbl, key));
@@ -942,6 +944,35 @@ impl DestDb {
         Ok(self.applied_from(batch_id).await?.is_some())
     }
 
+    /// The newest origin offset covered by an applied batch with rows of an origin partition
+    /// in one incarnation of its topic.
+    pub async fn covered(
+        &mut self,
+        (topic, partition, incarnation): &(String, i32, u32),
+    ) -> Result<Option<i64>, ApplyError> {
+        let id = ferry_schemas::manifest::BatchId {
+            cluster: "origin".into(),
+            topic: topic.clone(),
+            incarnation: *incarnation,
+            partition: *partition,
+            first: 0,
+            last: 0,
+        }
+        .to_string();
+        let prefix = id.strip_suffix("0-0").unwrap_or(&id).to_string();
+        let row = self
+            .session
+            .query_one(
+                "SELECT max(last_offset) FROM ferry.applied_batches
+                 WHERE origin_topic = $1 AND origin_partition = $2 AND rows > 0
+                   AND starts_with(batch_id, $3)",
+                &[topic, partition, &prefix],
+            )
+            .await
+            .map_err(db_err(&self.target, "reading what applied batches covered"))?;
+        Ok(row.get(0))
+    }
+
     /// Where in the batch topic a batch applied before came from: `Some(None)` when that was
     /// not recorded (before this version), `None` when it was not applied.
     pub async fn applied_from(
@@ -1438,6 +1469,8 @@ struct Incoming {
     offset: i64,
     key: Option<Vec<u8>>,
     value: Vec<u8>,
+    /// Shipped by the live lane (not a replay or reship).
+    live: bool,
 }
 
 /// One run of the applier: a consumer of the batch topic, the destination database, and the
@@ -1456,6 +1489,9 @@ struct Applier<'a> {
     /// fences this one and aborts a transaction it left open at once (read_committed
     /// consumers would wait for it otherwise).
     txns: HashMap<i32, ferry_connectors::kafka::Producer>,
+    /// Per origin partition (and topic incarnation), the newest origin offset an applied live
+    /// batch with rows covered: a later live batch's rows at or below it are left out.
+    covered: HashMap<(String, i32, u32), i64>,
     db: Option<DestDb>,
     /// Writer schemas from the destination's schema topic.
     registry: Registry,
@@ -1466,7 +1502,9 @@ struct Applier<'a> {
     batch_topic: String,
     quarantine: String,
     /// Replicated topics known to exist.
-    known_topics: HashSet<String>,
+    /// Replicated topics made sure of, with their real partition counts (an existing topic
+    /// keeps its own, whatever `capture.partitions` says now).
+    known_topics: HashMap<String, i32>,
     /// Batch partitions stopped on a corrupt batch (`apply.on_corrupt = stop`) or on batches
     /// retention deleted before they were applied.
     stopped: HashSet<i32>,
@@ -1556,11 +1594,12 @@ impl<'a> Applier<'a> {
             producer,
             txn: None,
             txns: HashMap::new(),
+            covered: HashMap::new(),
             db,
             consumer,
             batch_topic,
             quarantine,
-            known_topics: HashSet::new(),
+            known_topics: HashMap::new(),
             stopped: HashSet::new(),
             next: HashMap::new(),
             checked: HashSet::new(),
@@ -1603,11 +1642,20 @@ impl<'a> Applier<'a> {
             _ = self.tick.tick() => Ok(Event::Tick),
             m = self.consumer.recv() => {
                 let m = m.map_err(client_err("consuming"))?;
+                let live = {
+                    use rdkafka::message::Headers as _;
+                    m.headers().is_none_or(|h| {
+                        !h.iter().any(|h| {
+                            h.key == crate::ship::LANE_HEADER && h.value == Some(b"range".as_slice())
+                        })
+                    })
+                };
                 Ok(Event::Batch(Incoming {
                     partition: m.partition(),
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().unwrap_or_default().to_vec(),
+                    live,
                 }))
             }
         }
@@ -1671,6 +1719,20 @@ impl<'a> Applier<'a> {
                 None => true,
                 Some(at) => self.txn.is_some() && at == Some(from),
             };
+        // A live batch overlapping one applied before (a stalled shipper's late batch beside
+        // its successor's): what the earlier one covered is left out, so nothing older comes
+        // after something newer, in the database or the replicated topics.
+        let origin = (
+            m.origin_topic.clone(),
+            m.origin_partition,
+            crate::ship::incarnation_of(&m.batch_id),
+        );
+        let trimmed = if b.live && before.is_none() {
+            self.trim(&origin, m, runs).await?
+        } else {
+            None
+        };
+        let runs = trimmed.as_deref().unwrap_or(runs);
         self.txn = if self.cfg.apply.topics && self.cfg.apply.exactly_once_topics {
             Some(self.transactional(b.partition).await?)
         } else {
@@ -1718,10 +1780,69 @@ impl<'a> Applier<'a> {
         }
         if applied {
             self.stats.applied(&m.batch_id, m.events_out);
+            if b.live && m.events_out > 0 {
+                let c = self.covered.entry(origin).or_insert(m.last_offset);
+                *c = (*c).max(m.last_offset);
+            }
         } else {
             self.stats.duplicate(&m.batch_id);
         }
         Ok(())
+    }
+
+    /// `runs` without the rows at or below the newest origin offset an applied live batch of
+    /// the partition covered; `None` when nothing is left out.
+    async fn trim(
+        &mut self,
+        origin: &(String, i32, u32),
+        m: &Manifest,
+        runs: &[Run],
+    ) -> Result<Option<Vec<Run>>, ApplyError> {
+        let covered = match self.covered.get(origin) {
+            Some(c) => Some(*c),
+            None => {
+                let c = match self.db.as_mut() {
+                    Some(db) => db.covered(origin).await?,
+                    None => None,
+                };
+                if let Some(c) = c {
+                    self.covered.insert(origin.clone(), c);
+                }
+                c
+            }
+        };
+        let Some(covered) = covered.filter(|c| m.first_offset <= *c) else {
+            return Ok(None);
+        };
+        let mut left_out = 0usize;
+        let trimmed: Vec<Run> = runs
+            .iter()
+            .map(|r| {
+                let events: Vec<_> = r
+                    .events
+                    .iter()
+                    .filter(|(offset, _)| *offset > covered)
+                    .cloned()
+                    .collect();
+                left_out += r.events.len() - events.len();
+                Run {
+                    schema: r.schema.clone(),
+                    events,
+                }
+            })
+            .filter(|r| !r.events.is_empty())
+            .collect();
+        self.stats
+            .rows_trimmed_total
+            .fetch_add(left_out as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            batch = m.batch_id,
+            covered,
+            rows_left_out = left_out,
+            "a live batch overlaps origin offsets an applied one covered (a stalled shipper's late \
+             batch): those rows are left out"
+        );
+        Ok(Some(trimmed))
     }
 
     /// The destination refused a batch of one table (a constraint, a value out of range, a
@@ -2010,15 +2131,31 @@ impl<'a> Applier<'a> {
         let mut pending = Vec::new();
         for r in runs {
             let topic = crate::topics::table_topic(&cfg.capture.topic_prefix, &r.schema.table().id);
-            if self.known_topics.insert(topic.clone()) {
-                self.dest
-                    .ensure_topics(&[TopicSpec {
-                        name: topic.clone(),
-                        partitions: cfg.capture.partitions,
-                        config: crate::topics::change_settings(cfg.topics.retention_ms),
-                    }])
-                    .await?;
-            }
+            let partitions = match self.known_topics.get(&topic) {
+                Some(p) => *p,
+                None => {
+                    self.dest
+                        .ensure_topics(&[TopicSpec {
+                            name: topic.clone(),
+                            partitions: cfg.capture.partitions,
+                            config: crate::topics::change_settings(cfg.topics.retention_ms),
+                        }])
+                        .await?;
+                    let (dest, t) = (self.dest.clone(), topic.clone());
+                    let real = tokio::task::spawn_blocking(move || {
+                        dest.partition_count(&t, Duration::from_secs(15))
+                    })
+                    .await
+                    .map_err(|e| ApplyError::Permanent(e.to_string()))??;
+                    let p = if real > 0 {
+                        real
+                    } else {
+                        cfg.capture.partitions
+                    };
+                    self.known_topics.insert(topic.clone(), p);
+                    p
+                }
+            };
             let headers = match &self.dest_registry {
                 // Cached after the first call; the shipper registered them before the batch.
                 Some(reg) => (
@@ -2046,7 +2183,7 @@ impl<'a> Applier<'a> {
                     .map_err(|err| {
                         ApplyError::Permanent(format!("encoding a row for {topic}: {err}"))
                     })?;
-                for p in crate::record::targets(e.op, cfg.capture.partitions, r.schema.has_key()) {
+                for p in crate::record::targets(e.op, partitions, r.schema.has_key()) {
                     let mut rec = FutureRecord::to(&topic).payload(&value);
                     if keyed {
                         rec = rec.key(&key);

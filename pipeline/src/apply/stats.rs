@@ -21,6 +21,9 @@ pub struct ApplyStats {
     pub rows_deleted_total: AtomicU64,
     /// Changes ignored because the destination already held a newer position.
     pub rows_stale_total: AtomicU64,
+    /// Rows of live batches left out because an earlier live batch covered their origin
+    /// offsets (a stalled shipper's late batch overlapping its successor's).
+    pub rows_trimmed_total: AtomicU64,
     /// Partitions stopped on a corrupt batch.
     pub stopped: Mutex<Vec<String>>,
     /// Batch-topic offsets deleted by retention before they were applied.
@@ -61,6 +64,11 @@ pub const ROWS_DELETED: Family = Family::counter(
 pub const ROWS_STALE: Family = Family::counter(
     "ferry_apply_rows_stale_total",
     "changes ignored because the destination held a newer position",
+);
+/// `ferry_apply_rows_trimmed_total`.
+pub const ROWS_TRIMMED: Family = Family::counter(
+    "ferry_apply_rows_trimmed_total",
+    "rows of live batches left out because an applied live batch covered their origin offsets",
 );
 /// `ferry_apply_tables_held`.
 pub const HELD: Family = Family::gauge(
@@ -166,6 +174,7 @@ impl ApplyStats {
             (ROWS_WRITTEN, &self.rows_written_total),
             (ROWS_DELETED, &self.rows_deleted_total),
             (ROWS_STALE, &self.rows_stale_total),
+            (ROWS_TRIMMED, &self.rows_trimmed_total),
         ] {
             out.single(family, &[], counter.load(Ordering::Relaxed));
         }

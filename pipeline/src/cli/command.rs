@@ -220,7 +220,7 @@ pub enum Command {
         /// The table, as schema.table.
         table: String,
     },
-    /// List the ranges of a table's origin topic (or with --batches, of the batch topic) that retention deleted before they were shipped (applied); with --accept, go on after them (backfill or repair first).
+    /// List the ranges of a table's origin topic (or with --batches, of the batch topic) that retention deleted before they were shipped (applied), and origin partitions whose topic was deleted and created again; with --accept, go on after them (backfill or repair first).
     AcceptGap {
         /// The table, as schema.table.
         #[arg(required_unless_present = "batches", conflicts_with = "batches")]
@@ -668,18 +668,36 @@ pub async fn run(command: Command, cfg: Config) -> Result<ExitCode, CliError> {
                 println!("{id}: nothing is missing before what was shipped");
             }
             for g in &gaps {
-                println!(
-                    "{}[{}] offsets {}-{}: deleted before they were shipped{}",
-                    g.topic,
-                    g.partition,
-                    g.first,
-                    g.last,
-                    if accept {
-                        "; accepted (shipped as an empty batch): restart `ferry ship`"
-                    } else {
-                        ""
-                    }
-                );
+                match g.kind {
+                    crate::ship::GapKind::Retention => println!(
+                        "{}[{}] offsets {}-{}: deleted before they were shipped{}",
+                        g.topic,
+                        g.partition,
+                        g.first,
+                        g.last,
+                        if accept {
+                            "; accepted (shipped as an empty batch): restart `ferry ship`"
+                        } else {
+                            ""
+                        }
+                    ),
+                    crate::ship::GapKind::Recreated => println!(
+                        "{}[{}]: deleted and created again since it was shipped from ({}){}",
+                        g.topic,
+                        g.partition,
+                        g.detail,
+                        if accept {
+                            format!(
+                                "; accepted: its new records are shipped from offset {} on, as \
+                                 incarnation {}: restart `ferry ship`",
+                                g.first,
+                                g.incarnation + 1
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
+                }
             }
             if !accept && !gaps.is_empty() {
                 println!(

@@ -108,10 +108,16 @@ pub async fn print(cfg: &Config) -> Result<(), InspectError> {
         match crate::ship::topic_gaps(cfg, &l.topic, None, false).await {
             Ok(gaps) => {
                 for g in gaps {
-                    println!(
-                        "  GAP [{}] offsets {}-{}: deleted by retention before they were shipped (the partition is stopped; see `ferry accept-gap`)",
-                        g.partition, g.first, g.last
-                    );
+                    match g.kind {
+                        crate::ship::GapKind::Retention => println!(
+                            "  GAP [{}] offsets {}-{}: deleted by retention before they were shipped (the partition is stopped; see `ferry accept-gap`)",
+                            g.partition, g.first, g.last
+                        ),
+                        crate::ship::GapKind::Recreated => println!(
+                            "  GAP [{}] the topic was deleted and created again since it was shipped from ({}); the partition is stopped (see `ferry accept-gap`)",
+                            g.partition, g.detail
+                        ),
+                    }
                 }
             }
             Err(e) => println!("  gaps of {}: {e}", l.topic),

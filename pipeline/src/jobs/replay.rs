@@ -143,18 +143,28 @@ fn resolve(origin: &Cluster, topic: &str, p: i32, b: Bound) -> Result<i64, ShipE
 }
 
 /// Ranges already shipped for `topic[p]`, from the manifests in the destination.
-async fn shipped_ranges(cfg: &Config, topic: &str, p: i32) -> Result<Vec<(i64, i64)>, ShipError> {
+/// Only the ranges of the topic's incarnation the live lane ships from count: an older one's
+/// offsets name other records.
+async fn shipped_ranges(
+    cfg: &Config,
+    shipper: &RangeShipper<'_>,
+    topic: &str,
+    p: i32,
+) -> Result<Vec<(i64, i64)>, ShipError> {
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let origin = TopicPartition::new(topic, p);
+    let incarnation = shipper.incarnation(&origin).await?;
     let batches = TopicPartition::new(
         cfg.batch_topic(),
-        batch_partition(topic, p, cfg.ship.batch_partitions),
+        batch_partition(topic, p, shipper.batch_partitions()),
     );
-    let origin = TopicPartition::new(topic, p);
     // One record at a time: the partition holds every batch shipped within its retention.
     let (mut out, _) = dest
         .fold_partition(&batches, Span::ALL, Vec::new(), move |out, r| {
             if let Some(Ok((m, _))) = r.value.as_deref().map(manifest::unframe) {
-                if m.covers_changes_of(&origin.topic, origin.partition) {
+                if m.covers_changes_of(&origin.topic, origin.partition)
+                    && crate::ship::incarnation_of(&m.batch_id) == incarnation
+                {
                     out.push((m.first_offset, m.last_offset));
                 }
             }
@@ -167,8 +177,16 @@ async fn shipped_ranges(cfg: &Config, topic: &str, p: i32) -> Result<Vec<(i64, i
 }
 
 /// The ranges to ship for `[from, to)`: existing batch ranges where they start at the cursor,
-/// fresh ranges of at most `max` changes elsewhere.
+/// fresh ranges of at most `max` changes elsewhere. Shipped ranges are never cut: `from` and
+/// `to` inside one widen to take it whole (the same id, so the destination skips it rather than
+/// taking part of it again under a new one).
 pub fn plan(from: i64, to: i64, shipped: &[(i64, i64)], max: i64) -> Vec<((i64, i64), bool)> {
+    if from >= to {
+        return Vec::new();
+    }
+    let inside = |o: i64| shipped.iter().find(|(a, b)| *a < o && o <= *b).copied();
+    let from = inside(from).map_or(from, |(a, _)| a);
+    let to = inside(to).map_or(to, |(_, b)| b + 1);
     let mut out = Vec::new();
     let mut at = from;
     while at < to {
@@ -271,6 +289,22 @@ pub async fn run(
         })
         .await
         .map_err(other)??;
+        // What the live lane has not shipped yet is its to ship: a replay ahead of it would put
+        // newer changes in front of older ones in the replicated topics, and cut ranges the live
+        // lane cuts too.
+        let live = crate::ship::live_end(cfg, &TopicPartition::new(&spec.topic, p)).await?;
+        let end = if end > live {
+            tracing::info!(
+                topic = spec.topic,
+                partition = p,
+                to = end,
+                live,
+                "the replay ends where live shipping is: the rest is the live lane's to ship"
+            );
+            live.max(start)
+        } else {
+            end
+        };
         cp.next.insert(p, start);
         cp.end.insert(p, end);
     }
@@ -295,7 +329,7 @@ pub async fn run(
     let started = Instant::now();
     let mut shipped_bytes = 0u64;
     for &p in &partitions {
-        let shipped = shipped_ranges(cfg, &spec.topic, p).await?;
+        let shipped = shipped_ranges(cfg, &shipper, &spec.topic, p).await?;
         let steps = plan(
             cp.next[&p],
             cp.end[&p],
@@ -422,8 +456,17 @@ mod tests {
                 ((400, 419), false),
             ]
         );
-        // Starting inside a shipped range cuts a fresh one up to the next.
-        assert_eq!(plan(120, 160, &shipped, 1000), vec![((120, 159), false)]);
+        // Starting or ending inside a shipped range takes it whole.
+        assert_eq!(
+            plan(120, 160, &shipped, 1000),
+            vec![((100, 149), true), ((150, 159), false)]
+        );
+        assert_eq!(
+            plan(160, 350, &shipped, 1000),
+            vec![((160, 299), false), ((300, 399), true)]
+        );
+        assert_eq!(plan(5, 6, &shipped, 10), vec![((0, 99), true)]);
         assert!(plan(5, 5, &shipped, 10).is_empty());
+        assert!(plan(0, 0, &shipped, 10).is_empty());
     }
 }

@@ -263,6 +263,88 @@ pub struct ShippedEnd {
     /// The newest stream position shipped up to there (batches from before the
     /// [`POSITION_HEADER`] have none).
     pub position: Option<StreamPosition>,
+    /// The incarnation of the origin topic it was shipped from ([`INCARNATION_HEADER`]).
+    pub incarnation: u32,
+    /// The fingerprint of the last origin record shipped ([`ANCHOR_HEADER`]; none from before
+    /// the header, or after an accepted recreation, when nothing of the new topic is shipped).
+    pub anchor: Option<u64>,
+}
+
+/// The batch-record header that names the origin topic's incarnation a live batch was cut from
+/// (absent: the first, 0). It goes up by one each time an operator accepts that the topic was
+/// deleted and created again.
+pub const INCARNATION_HEADER: &str = "ferry.incarnation";
+
+/// The batch-record header that holds the fingerprint of the last origin record of the range
+/// ([`anchor`], 16 hex digits): a resumed shipper reads that record again, and a different one
+/// (or none, the topic being shorter) means the topic was deleted and created again.
+pub const ANCHOR_HEADER: &str = "ferry.anchor";
+
+/// The fingerprint of an origin record: its key and value (not its timestamp: a record written
+/// again byte for byte at the same offset is the same change).
+pub fn anchor(key: Option<&[u8]>, value: &[u8]) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    match key {
+        Some(k) => {
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(k);
+        }
+        None => h.update(&u64::MAX.to_le_bytes()),
+    }
+    h.update(value);
+    (u64::from(h.finalize()) << 32) | u64::from(crc32fast::hash(value))
+}
+
+fn parse_anchor(b: &[u8]) -> Option<u64> {
+    u64::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok()
+}
+
+/// The incarnation a batch id names (0 for ids that are not batch ids).
+pub fn incarnation_of(batch_id: &str) -> u32 {
+    batch_id
+        .parse::<manifest::BatchId>()
+        .map_or(0, |id| id.incarnation)
+}
+
+/// Why a partition's origin topic is not the one the live lane shipped from, if it is not: it
+/// is shorter than what was shipped, or its record at the last shipped offset is another one.
+/// `None` when it is the same (or cannot be told: that record is gone to retention, and the
+/// retention check then stops the partition if anything is missing).
+pub async fn recreated(
+    origin: &Cluster,
+    tp: &TopicPartition,
+    e: &ShippedEnd,
+) -> Result<Option<String>, ShipError> {
+    let (low, high) = origin.watermarks(tp)?.unwrap_or_default();
+    let last = e.next - 1;
+    if high < e.next {
+        return Ok(Some(format!(
+            "it ends at offset {high} but offsets up to {last} were shipped from it"
+        )));
+    }
+    let Some(want) = e.anchor else {
+        return Ok(None);
+    };
+    if last < low {
+        return Ok(None);
+    }
+    let (found, _) = origin
+        .fold_partition(tp, Span::between(last, last + 1), None, |found, r| {
+            *found = Some(anchor(
+                r.key.as_deref(),
+                r.value.as_deref().unwrap_or_default(),
+            ));
+            false
+        })
+        .await?;
+    Ok(match found {
+        Some(a) if a == want => None,
+        Some(_) => Some(format!(
+            "its record at offset {last} is not the one shipped from there"
+        )),
+        // Deleted between the two reads: retention, not a new topic.
+        None => None,
+    })
 }
 
 /// What the live lane shipped of an origin partition; `None` when nothing was shipped. Reads
@@ -292,11 +374,20 @@ pub async fn shipped_end(
                 let live = Lane::of(&r) == Lane::Live;
                 match r.value.as_deref().map(manifest::unframe) {
                     Some(Ok((m, _))) if live && m.covers_changes_of(&o.topic, o.partition) => {
-                        let next = m.last_offset + 1;
-                        if best.is_none_or(|b: ShippedEnd| b.next < next) {
+                        let incarnation = incarnation_of(&m.batch_id);
+                        // An accepted recreation starts the new topic at its first offset,
+                        // nothing of it shipped yet.
+                        let next = if r.header(GAP_HEADER) == Some(RECREATED.as_bytes()) {
+                            m.first_offset
+                        } else {
+                            m.last_offset + 1
+                        };
+                        if best.is_none_or(|b: ShippedEnd| (b.incarnation, b.next) < (incarnation, next)) {
                             *best = Some(ShippedEnd {
                                 next,
                                 position: r.header(POSITION_HEADER).and_then(parse_position),
+                                incarnation,
+                                anchor: r.header(ANCHOR_HEADER).and_then(parse_anchor),
                             });
                         }
                     }
@@ -338,12 +429,18 @@ struct Buffer {
     /// The newest stream position shipped of the partition: stream changes at or below it are
     /// repeats, left out.
     position: Option<StreamPosition>,
+    /// The origin topic's incarnation the live lane ships from.
+    incarnation: u32,
+    /// A record at `expect` was read: the consumer's position going back after that means the
+    /// topic may have been deleted and created again under the running shipper.
+    caught_up: bool,
     stopped: bool,
 }
 
 /// The origin range a batch covers and what was consumed for it.
 struct Covered<'a> {
     topic: &'a str,
+    incarnation: u32,
     partition: i32,
     first: i64,
     last: i64,
@@ -360,6 +457,8 @@ struct Shipper<'a> {
     wire: ferry_connectors::kafka::WireContext,
     registry: Registry,
     batch_topic: String,
+    /// The batch topic's real partition count (the configured one until it exists).
+    batch_partitions: i32,
     stats: Arc<ShipStats>,
     uncompacted: HashSet<String>,
     /// Fingerprints already published to the destination's schema topic.
@@ -451,6 +550,7 @@ impl<'a> Shipper<'a> {
         let origin = Cluster::new("origin", cfg.origin.kafka.clone());
         let dest = Cluster::new("destination", cfg.destination.kafka.clone());
         let (producer, wire) = dest.producer_metered(5, "none")?;
+        let batch_partitions = tokio::task::block_in_place(|| batch_partitions(cfg, &dest))?;
         Ok(Shipper {
             cfg,
             producer,
@@ -458,6 +558,7 @@ impl<'a> Shipper<'a> {
             registry: Registry::new(origin, &cfg.capture.topic_prefix)
                 .with_ids(cfg.origin_registry()?),
             batch_topic: cfg.batch_topic(),
+            batch_partitions,
             stats,
             uncompacted: cfg.ship.uncompacted_tables.iter().cloned().collect(),
             published: HashSet::new(),
@@ -477,8 +578,13 @@ impl<'a> Shipper<'a> {
     ) -> Result<(), ShipError> {
         let encoded = payload::encode(&[], self.cfg.ship.zstd_level)
             .map_err(|e| ShipError::Unexpected(e.to_string()))?;
+        let incarnation = match gap.kind {
+            GapKind::Retention => gap.incarnation,
+            GapKind::Recreated => gap.incarnation + 1,
+        };
         let range = Covered {
             topic: &gap.topic,
+            incarnation,
             partition: gap.partition,
             first: gap.first,
             last: gap.last,
@@ -495,25 +601,47 @@ impl<'a> Shipper<'a> {
             &encoded.bytes,
             encoded.uncompressed,
         );
-        let d = batch_partition(&gap.topic, gap.partition, self.cfg.ship.batch_partitions);
+        let d = batch_partition(&gap.topic, gap.partition, self.batch_partitions);
         let batch_topic = self.batch_topic.clone();
-        let mut headers = self.headers(position);
-        headers.push((GAP_HEADER, "retention".into()));
+        let mut headers = self.headers(position, incarnation, None);
+        headers.push((GAP_HEADER, gap.kind.name().into()));
         self.produce(&batch_topic, Some(d), &m, &encoded.bytes, &headers)
             .await?;
-        tracing::warn!(
-            batch = m.batch_id,
-            table,
-            "an origin range lost to retention is shipped as an empty batch, as accepted"
-        );
+        match gap.kind {
+            GapKind::Retention => tracing::warn!(
+                batch = m.batch_id,
+                table,
+                "an origin range lost to retention is shipped as an empty batch, as accepted"
+            ),
+            GapKind::Recreated => tracing::warn!(
+                batch = m.batch_id,
+                table,
+                incarnation,
+                from = gap.first,
+                "the origin topic's recreation is accepted: its new records are shipped from \
+                 this offset on, as incarnation {incarnation}"
+            ),
+        }
         Ok(())
     }
 
-    /// The headers of a batch record: its lane, and the stream position shipped up to it.
-    fn headers(&self, position: Option<StreamPosition>) -> Vec<(&'static str, String)> {
+    /// The headers of a batch record: its lane, the stream position shipped up to it, the
+    /// origin topic's incarnation (after the first) and the last origin record's fingerprint.
+    fn headers(
+        &self,
+        position: Option<StreamPosition>,
+        incarnation: u32,
+        anchor: Option<u64>,
+    ) -> Vec<(&'static str, String)> {
         let mut h = vec![(LANE_HEADER, self.lane.name().to_string())];
         if let Some(p) = position {
             h.push((POSITION_HEADER, position_text(p)));
+        }
+        if incarnation > 0 {
+            h.push((INCARNATION_HEADER, incarnation.to_string()));
+        }
+        if let Some(a) = anchor {
+            h.push((ANCHOR_HEADER, format!("{a:016x}")));
         }
         h
     }
@@ -523,7 +651,7 @@ impl<'a> Shipper<'a> {
     /// shipped.
     async fn ship(
         &mut self,
-        topic: &str,
+        (topic, incarnation): (&str, u32),
         partition: i32,
         records: Vec<Record>,
         floor: Option<StreamPosition>,
@@ -532,6 +660,7 @@ impl<'a> Shipper<'a> {
             return Err(ShipError::Unexpected("empty batch".into()));
         };
         let (first_offset, last_offset) = (first.offset, last.offset);
+        let last_anchor = anchor(last.key.as_deref(), &last.value);
         let data_err = |offset: i64, reason: String| ShipError::Data {
             topic: topic.to_string(),
             partition,
@@ -584,6 +713,7 @@ impl<'a> Shipper<'a> {
         let replace_rows = transforms.iter().any(|t| t.replace_rows);
         let range = Covered {
             topic,
+            incarnation,
             partition,
             first: first_offset,
             last: last_offset,
@@ -607,7 +737,7 @@ impl<'a> Shipper<'a> {
                 &bytes,
                 out.len(),
             );
-            let headers = self.headers(position);
+            let headers = self.headers(position, incarnation, Some(last_anchor));
             self.produce(&agg_topic, None, &m, &bytes, &headers).await?;
         }
         let enabled = self.cfg.ship.compaction && !self.uncompacted.contains(&table);
@@ -633,7 +763,7 @@ impl<'a> Shipper<'a> {
             &encoded.bytes,
             encoded.uncompressed,
         );
-        let d = batch_partition(topic, partition, self.cfg.ship.batch_partitions);
+        let d = batch_partition(topic, partition, self.batch_partitions);
         let batch_topic = self.batch_topic.clone();
         let shipped = self
             .produce(
@@ -641,7 +771,7 @@ impl<'a> Shipper<'a> {
                 Some(d),
                 &m,
                 &encoded.bytes,
-                &self.headers(position),
+                &self.headers(position, incarnation, Some(last_anchor)),
             )
             .await?;
         crate::runtime::failpoint::hit(crate::runtime::failpoint::SHIP_AFTER_PRODUCE);
@@ -678,7 +808,15 @@ impl<'a> Shipper<'a> {
             (c.topic, c.partition, c.first, c.last, c.table);
         let (events_in, lsns, raw_bytes) = (c.events_in, c.lsns, c.raw_bytes);
         let cluster = "origin";
-        let id = manifest::batch_id(cluster, topic, partition, first, last);
+        let id = manifest::BatchId {
+            cluster: cluster.into(),
+            topic: topic.into(),
+            incarnation: c.incarnation,
+            partition,
+            first,
+            last,
+        }
+        .to_string();
         Manifest {
             batch_id: if kind == ManifestKind::Changes {
                 id
@@ -1092,8 +1230,16 @@ impl<'a> LiveShipper<'a> {
             self.recover(&tp, offset).await?;
         }
         let buf = self.buffers.entry(tp.clone()).or_default();
+        if buf.stopped {
+            return Ok(());
+        }
         if let Some(want) = buf.expect {
             if offset < want {
+                if std::mem::take(&mut buf.caught_up) {
+                    if let Some(e) = self.shipped_end(&tp).await? {
+                        self.stop_if_recreated(&tp, &e).await?;
+                    }
+                }
                 return Ok(());
             }
             if offset > want {
@@ -1132,6 +1278,7 @@ impl<'a> LiveShipper<'a> {
             }
         }
         buf.expect = Some(offset + 1);
+        buf.caught_up = true;
         let size = value.len() + key.as_ref().map_or(0, Vec::len);
         let max = self.cfg.ship.max_record_bytes;
         if size > max {
@@ -1163,13 +1310,14 @@ impl<'a> LiveShipper<'a> {
 
     /// Learns what was shipped of `tp` before (from the batch topic) and skips past it.
     async fn recover(&mut self, tp: &TopicPartition, first_seen: i64) -> Result<(), ShipError> {
-        let end = shipped_end(
-            &self.dest,
-            &self.shipper.batch_topic,
-            self.cfg.ship.batch_partitions,
-            tp,
-        )
-        .await?;
+        let end = self.shipped_end(tp).await?;
+        // Offsets start over in a topic deleted and created again: shipping on from the old end
+        // would skip the new records, so the partition stops until an operator accepts.
+        if let Some(e) = &end {
+            if self.stop_if_recreated(tp, e).await? {
+                return Ok(());
+            }
+        }
         if let Some(e) = end.map(|e| e.next).filter(|e| *e > first_seen) {
             tracing::info!(
                 topic = tp.topic,
@@ -1204,7 +1352,46 @@ impl<'a> LiveShipper<'a> {
         buf.recovered = true;
         buf.expect = Some(expect);
         buf.position = end.and_then(|e| e.position);
+        buf.incarnation = end.map_or(0, |e| e.incarnation);
         Ok(())
+    }
+
+    /// What the live lane shipped of `tp`, from the batch topic.
+    /// (The future holds no reference to `self`, which is not `Sync`.)
+    fn shipped_end(
+        &self,
+        tp: &TopicPartition,
+    ) -> impl std::future::Future<Output = Result<Option<ShippedEnd>, ShipError>> + Send + 'static
+    {
+        let (dest, topic, partitions, tp) = (
+            self.dest.clone(),
+            self.shipper.batch_topic.clone(),
+            self.shipper.batch_partitions,
+            tp.clone(),
+        );
+        async move { shipped_end(&dest, &topic, partitions, &tp).await }
+    }
+
+    /// Stops `tp` if its origin topic is not the one the live lane shipped `e` from (deleted and
+    /// created again): true when it stopped.
+    async fn stop_if_recreated(
+        &mut self,
+        tp: &TopicPartition,
+        e: &ShippedEnd,
+    ) -> Result<bool, ShipError> {
+        let Some(why) = recreated(&self.origin, tp, e).await? else {
+            return Ok(false);
+        };
+        let err = ShipError::Data {
+            topic: tp.topic.clone(),
+            partition: tp.partition,
+            offset: e.next - 1,
+            reason: recreated_reason(&why),
+        };
+        self.stats.recreated();
+        self.buffers.entry(tp.clone()).or_default().recovered = true;
+        self.stop_partition(tp, &err);
+        Ok(true)
     }
 
     /// Stops one partition on bad data: the rest go on.
@@ -1230,7 +1417,7 @@ impl<'a> LiveShipper<'a> {
         let records = std::mem::take(&mut buf.records);
         buf.bytes = 0;
         buf.opened = None;
-        let floor = buf.position;
+        let (floor, incarnation) = (buf.position, buf.incarnation);
         // The fence: committing where the batch starts (what is committed already) succeeds
         // only for the group's current owner of the partition. A shipper stalled past its
         // session (a pause, a cut link) learns here that it lost the partition, before it
@@ -1277,7 +1464,7 @@ impl<'a> LiveShipper<'a> {
         }
         match self
             .shipper
-            .ship(&tp.topic, tp.partition, records, floor)
+            .ship((&tp.topic, incarnation), tp.partition, records, floor)
             .await
         {
             Ok((next, position)) => {
@@ -1326,22 +1513,64 @@ impl<'a> LiveShipper<'a> {
     }
 }
 
-/// A range of an origin partition deleted from its topic (retention) before it was shipped.
+/// Where an origin partition's live shipping stopped because records are missing: a range
+/// deleted from its topic (retention) before it was shipped, or the topic deleted and created
+/// again (its offsets started over).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gap {
     /// The origin table topic.
     pub topic: String,
     /// Its partition.
     pub partition: i32,
-    /// First offset lost.
+    /// Which.
+    pub kind: GapKind,
+    /// The incarnation of the topic the live lane shipped from.
+    pub incarnation: u32,
+    /// First offset lost (recreated: the new topic's first offset, where shipping goes on).
     pub first: i64,
-    /// Last offset lost.
+    /// Last offset lost (recreated: `first`).
     pub last: i64,
+    /// What was seen (recreated: how the topic differs from the one shipped from).
+    pub detail: String,
 }
 
-/// The batch-record header of an empty batch standing for a range lost to retention
-/// (`retention`), shipped by [`accept_gaps`].
+/// What a [`Gap`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapKind {
+    /// Offsets deleted by the topic's retention before they were shipped.
+    Retention,
+    /// The topic was deleted and created again after offsets were shipped from it.
+    Recreated,
+}
+
+impl GapKind {
+    /// Its name in the [`GAP_HEADER`].
+    pub fn name(self) -> &'static str {
+        match self {
+            GapKind::Retention => "retention",
+            GapKind::Recreated => RECREATED,
+        }
+    }
+}
+
+/// The batch-record header of an empty batch an operator's acceptance shipped for a gap:
+/// `retention` (it stands for the range lost), or [`RECREATED`] (it starts the new
+/// incarnation of the topic at its first offset).
 pub const GAP_HEADER: &str = "ferry.gap";
+
+/// The [`GAP_HEADER`] value of an accepted recreation.
+pub const RECREATED: &str = "recreated";
+
+/// What the shipper says when a partition's topic was recreated: what it saw, and the way out.
+fn recreated_reason(why: &str) -> String {
+    format!(
+        "the origin topic was deleted and created again since it was shipped from ({why}); \
+         nothing of the new topic is shipped. Whatever the old topic held that was not shipped \
+         is gone from Kafka. Recover: `ferry backfill --table <schema.table>` if anything may be \
+         missing, then `ferry accept-gap <schema.table> --accept` (ships the new topic from its \
+         first offset), then restart `ferry ship`"
+    )
+}
 
 /// What the shipper says when a partition stops at a gap: the range, and the way out.
 fn gap_reason(first: i64, last: i64) -> String {
@@ -1358,17 +1587,56 @@ fn gap_reason(first: i64, last: i64) -> String {
 async fn live_next(
     cfg: &Config,
     dest: &Cluster,
+    batch_partitions: i32,
     tp: &TopicPartition,
-) -> Result<(i64, Option<StreamPosition>), ShipError> {
-    if let Some(e) = shipped_end(dest, &cfg.batch_topic(), cfg.ship.batch_partitions, tp).await? {
-        return Ok((e.next, e.position));
+) -> Result<ShippedEnd, ShipError> {
+    if let Some(e) = shipped_end(dest, &cfg.batch_topic(), batch_partitions, tp).await? {
+        return Ok(e);
     }
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
     let (group, tp) = (cfg.ship.group_id.clone(), tp.clone());
     let committed = tokio::task::spawn_blocking(move || origin.committed_offset(&group, &tp))
         .await
         .map_err(|e| ShipError::Unexpected(e.to_string()))??;
-    Ok((committed.unwrap_or(0), None))
+    Ok(ShippedEnd {
+        next: committed.unwrap_or(0),
+        position: None,
+        incarnation: 0,
+        anchor: None,
+    })
+}
+
+/// Where the live lane goes on in `tp` (see `live_next`): a replay never ships past it, the
+/// rest being the live lane's to ship.
+pub async fn live_end(cfg: &Config, tp: &TopicPartition) -> Result<i64, ShipError> {
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    let partitions = {
+        let (cfg, dest) = (cfg.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || batch_partitions(&cfg, &dest))
+            .await
+            .map_err(|e| ShipError::Unexpected(e.to_string()))??
+    };
+    Ok(live_next(cfg, &dest, partitions, tp).await?.next)
+}
+
+/// The batch topic's real partition count, which decides where each origin partition's
+/// batches go; the configured one until the topic exists. Blocking.
+fn batch_partitions(cfg: &Config, dest: &Cluster) -> Result<i32, ShipError> {
+    let real = dest.partition_count(&cfg.batch_topic(), Duration::from_secs(15))?;
+    if real > 0 && real != cfg.ship.batch_partitions {
+        tracing::warn!(
+            batch_topic = cfg.batch_topic(),
+            partitions = real,
+            configured = cfg.ship.batch_partitions,
+            "the batch topic has another partition count than ship.batch_partitions; its real \
+             count is used"
+        );
+    }
+    Ok(if real > 0 {
+        real
+    } else {
+        cfg.ship.batch_partitions
+    })
 }
 
 /// The ranges of `table`'s origin topic that retention deleted before the live lane shipped
@@ -1409,23 +1677,43 @@ pub async fn topic_gaps(
     } else {
         None
     };
+    let batch_partitions = {
+        let (cfg, dest) = (cfg.clone(), dest.clone());
+        tokio::task::spawn_blocking(move || batch_partitions(&cfg, &dest))
+            .await
+            .map_err(|e| ShipError::Unexpected(e.to_string()))??
+    };
     let mut out = Vec::new();
     for partition in 0..partitions {
         let tp = TopicPartition::new(&topic, partition);
-        let (next, position) = live_next(cfg, &dest, &tp).await?;
+        let e = live_next(cfg, &dest, batch_partitions, &tp).await?;
         let (low, _) = origin.watermarks(&tp)?.unwrap_or_default();
-        if low <= next {
+        let gap = if let Some(detail) = recreated(&origin, &tp, &e).await? {
+            Gap {
+                topic: topic.clone(),
+                partition,
+                kind: GapKind::Recreated,
+                incarnation: e.incarnation,
+                first: low,
+                last: low,
+                detail,
+            }
+        } else if low > e.next {
+            Gap {
+                topic: topic.clone(),
+                partition,
+                kind: GapKind::Retention,
+                incarnation: e.incarnation,
+                first: e.next,
+                last: low - 1,
+                detail: String::new(),
+            }
+        } else {
             continue;
-        }
-        let gap = Gap {
-            topic: topic.clone(),
-            partition,
-            first: next,
-            last: low - 1,
         };
         if let Some(s) = &mut shipper {
             let table = table.map(ToString::to_string).unwrap_or_default();
-            s.ship_gap(&gap, &table, position).await?;
+            s.ship_gap(&gap, &table, e.position).await?;
         }
         out.push(gap);
     }
@@ -1463,6 +1751,7 @@ async fn read_range(
 pub struct RangeShipper<'a> {
     shipper: Shipper<'a>,
     origin: Cluster,
+    dest: Cluster,
 }
 
 impl<'a> RangeShipper<'a> {
@@ -1471,7 +1760,26 @@ impl<'a> RangeShipper<'a> {
         Ok(RangeShipper {
             shipper: Shipper::new(cfg, Lane::Range, Arc::new(ShipStats::default()))?,
             origin: Cluster::new("origin", cfg.origin.kafka.clone()),
+            dest: Cluster::new("destination", cfg.destination.kafka.clone()),
         })
+    }
+
+    /// The batch topic's partition count it ships by.
+    pub fn batch_partitions(&self) -> i32 {
+        self.shipper.batch_partitions
+    }
+
+    /// The incarnation of `tp`'s topic the live lane ships from, so a range shipped again
+    /// carries the id the live lane gave it.
+    pub async fn incarnation(&self, tp: &TopicPartition) -> Result<u32, ShipError> {
+        let end = shipped_end(
+            &self.dest,
+            &self.shipper.batch_topic,
+            self.shipper.batch_partitions,
+            tp,
+        )
+        .await?;
+        Ok(end.map_or(0, |e| e.incarnation))
     }
 
     /// Ships `first..=last` of an origin partition as one batch; returns (events in, rows out).
@@ -1483,9 +1791,12 @@ impl<'a> RangeShipper<'a> {
         last: i64,
     ) -> Result<(u64, u64, u64), ShipError> {
         let tp = TopicPartition::new(topic, partition);
+        let incarnation = self.incarnation(&tp).await?;
         let records = read_range(&self.origin, &tp, first, last).await?;
         let before = self.shipper.stats.total();
-        self.shipper.ship(topic, partition, records, None).await?;
+        self.shipper
+            .ship((topic, incarnation), partition, records, None)
+            .await?;
         let after = self.shipper.stats.total();
         Ok((
             after.events_in - before.events_in,
@@ -1495,22 +1806,40 @@ impl<'a> RangeShipper<'a> {
     }
 }
 
-/// Parses a batch id `origin/<topic>/<partition>/<first>-<last>` into (topic, partition,
-/// first, last).
-pub fn parse_batch_id(batch_id: &str) -> Result<(String, i32, i64, i64), ShipError> {
-    let id: manifest::BatchId = batch_id
+/// Parses a batch id `origin/<topic>[@<incarnation>]/<partition>/<first>-<last>`.
+pub fn parse_batch_id(batch_id: &str) -> Result<manifest::BatchId, ShipError> {
+    batch_id
         .parse()
-        .map_err(|e: manifest::NotABatchId| ShipError::Permanent(e.to_string()))?;
-    Ok((id.topic, id.partition, id.first, id.last))
+        .map_err(|e: manifest::NotABatchId| ShipError::Permanent(e.to_string()))
 }
 
 /// Re-ships exactly the origin range of a batch (`ferry reship --batch <id>`), under the same
 /// id: the destination applies it if the earlier copy never was (say it was quarantined) and
 /// skips it otherwise. Returns (events in, rows out).
 pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipError> {
-    let (topic, partition, first, last) = parse_batch_id(batch_id)?;
-    let (events_in, events_out, _) = RangeShipper::new(cfg)?
-        .ship_range(&topic, partition, first, last)
+    let id = parse_batch_id(batch_id)?;
+    let mut shipper = RangeShipper::new(cfg)?;
+    let now = shipper
+        .incarnation(&TopicPartition::new(&id.topic, id.partition))
+        .await?;
+    if now != id.incarnation {
+        return Err(ShipError::Permanent(format!(
+            "batch {batch_id} was cut from incarnation {} of {}, which was deleted and created \
+             again since (the live lane ships incarnation {now}): its records are gone from \
+             Kafka; `ferry backfill` the table instead",
+            id.incarnation, id.topic
+        )));
+    }
+    let live = live_end(cfg, &TopicPartition::new(&id.topic, id.partition)).await?;
+    if id.last >= live {
+        return Err(ShipError::Permanent(format!(
+            "batch {batch_id} covers offsets the live lane has not shipped yet (it ships {} from \
+             offset {live} on): it ships them itself",
+            id.topic
+        )));
+    }
+    let (events_in, events_out, _) = shipper
+        .ship_range(&id.topic, id.partition, id.first, id.last)
         .await?;
     Ok((events_in, events_out))
 }
@@ -1610,7 +1939,9 @@ mod tests {
     #[test]
     fn batch_ids_from_the_command_line_are_checked() {
         assert_eq!(
-            parse_batch_id("origin/ferry.public.t/2/10-20").expect("id"),
+            parse_batch_id("origin/ferry.public.t/2/10-20")
+                .map(|id| (id.topic, id.partition, id.first, id.last))
+                .expect("id"),
             ("ferry.public.t".to_string(), 2, 10, 20)
         );
         let e = parse_batch_id("ferry.public.t/2/10-20").expect_err("not an id");

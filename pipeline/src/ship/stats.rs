@@ -29,6 +29,8 @@ pub struct ShipStats {
     pub repeats_total: AtomicU64,
     /// Origin offsets deleted by retention before they were shipped (their partitions stop).
     pub lost_offsets: AtomicU64,
+    /// Partitions whose origin topic was deleted and created again (they stop until accepted).
+    pub recreated_partitions: AtomicU64,
 }
 
 /// `ferry_ship_batches_total`.
@@ -83,6 +85,13 @@ pub const LOST: Family = Family::gauge(
     "origin offsets deleted by retention before they were shipped (their partitions stopped)",
 );
 
+/// `ferry_ship_recreated_partitions`.
+pub const RECREATED: Family = Family::gauge(
+    "ferry_ship_recreated_partitions",
+    "partitions whose origin topic was deleted and created again since it was shipped from \
+     (stopped until `ferry accept-gap`)",
+);
+
 /// A per-table series and how to read it from a table's figures.
 type Series = (Family, fn(&Egress) -> u64);
 
@@ -114,6 +123,12 @@ impl ShipStats {
     pub fn gap(&self, offsets: i64) {
         self.lost_offsets
             .fetch_add(offsets.max(0) as u64, Ordering::Relaxed);
+    }
+
+    /// A partition's origin topic was deleted and created again (it stops: see
+    /// [`ShipStats::partition_stopped`]).
+    pub fn recreated(&self) {
+        self.recreated_partitions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Live shipping was paused or resumed by an operator.
@@ -162,5 +177,10 @@ impl ShipStats {
         out.single(PAUSED, &[], u8::from(self.paused.load(Ordering::Relaxed)));
         out.single(REPEATS, &[], self.repeats_total.load(Ordering::Relaxed));
         out.single(LOST, &[], self.lost_offsets.load(Ordering::Relaxed));
+        out.single(
+            RECREATED,
+            &[],
+            self.recreated_partitions.load(Ordering::Relaxed),
+        );
     }
 }

@@ -242,6 +242,7 @@ pub fn check_dest_db(
     }
     let mut changes: HashMap<(i64, (i64, i64)), u32> = HashMap::new();
     let mut versions: HashMap<(i64, i64), u32> = HashMap::new();
+    let mut first_change: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
     let mut top: HashMap<i64, i64> = HashMap::new();
     let mut rewrites = 0u64;
     for a in audit {
@@ -257,8 +258,15 @@ pub fn check_dest_db(
         }
         let same = versions.entry((k, v)).or_default();
         *same += 1;
+        let first = *first_change.entry((k, v)).or_insert(a.change);
         if *same > 1 {
             rewrites += 1;
+            if rewrites <= 5 {
+                f.notes.push(format!(
+                    "key {k}: version {v} written again, by the change at {:?} (first by {first:?})",
+                    a.change
+                ));
+            }
         }
         let t = top.entry(k).or_insert(v);
         if v < *t {

@@ -27,6 +27,8 @@ pub enum Role {
     Capture,
     Ship,
     Apply,
+    /// A second `ferry ship` in the same group, as another static member.
+    ShipB,
 }
 
 impl Role {
@@ -36,8 +38,16 @@ impl Role {
     fn command(self) -> &'static str {
         match self {
             Role::Capture => "capture",
-            Role::Ship => "ship",
+            Role::Ship | Role::ShipB => "ship",
             Role::Apply => "apply",
+        }
+    }
+
+    /// Its log's name.
+    fn name(self) -> &'static str {
+        match self {
+            Role::ShipB => "ship-b",
+            r => r.command(),
         }
     }
 }
@@ -56,8 +66,10 @@ pub struct Opts {
     pub create: &'static str,
     /// Rows per initial snapshot chunk.
     pub snapshot_chunk_rows: Option<usize>,
-    /// Extra TOML appended to the config.
+    /// Extra TOML appended to the config (in its `[apply]` table, unless it opens another).
     pub toml: String,
+    /// Extra keys of the `[ship]` table.
+    pub ship_toml: String,
 }
 
 impl Default for Opts {
@@ -75,6 +87,7 @@ impl Default for Opts {
             create: "",
             snapshot_chunk_rows: None,
             toml: String::new(),
+            ship_toml: String::new(),
         }
     }
 }
@@ -108,6 +121,9 @@ pub struct Lab {
     workload: Option<Workload>,
     shape: Shape,
     pub figures: Figures,
+    /// Records of the workload table's origin topic that are gone from it (the topic was
+    /// deleted and created again): the checker reads them before the topic's present ones.
+    pub earlier_origin: Vec<(i64, i64)>,
 }
 
 /// A memory figure of a process from /proc/<pid>/status, in KiB: `VmHWM` (peak resident) or
@@ -208,6 +224,7 @@ group_id = "{name}-ship"
 instance_id = "chaos-ship"
 max_events = 300
 linger_ms = 200
+{ship_toml}
 [apply]
 group_id = "{name}-apply"
 instance_id = "chaos-apply"
@@ -217,6 +234,7 @@ instance_id = "chaos-apply"
             user = dest_pg.user,
             name = db.name,
             toml = opts.toml,
+            ship_toml = opts.ship_toml,
         );
         let text = std::fs::read_to_string(&config).expect("config") + &extra;
         std::fs::write(&config, text).expect("config");
@@ -264,6 +282,7 @@ instance_id = "chaos-apply"
         };
         Lab {
             figures: Figures::new(scenario),
+            earlier_origin: Vec::new(),
             db,
             cfg,
             config,
@@ -305,7 +324,7 @@ instance_id = "chaos-apply"
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("{}.log", role.command())))
+            .open(self.dir.join(format!("{}.log", role.name())))
             .expect("log file");
         let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
         c.args(["--config", &self.config.to_string_lossy(), role.command()])
@@ -313,6 +332,9 @@ instance_id = "chaos-apply"
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        if role == Role::ShipB {
+            c.env("FERRY__SHIP__INSTANCE_ID", "chaos-ship-b");
+        }
         if let Some(f) = failpoint {
             c.env("FERRY_FAILPOINT", f);
         } else {
@@ -395,7 +417,7 @@ instance_id = "chaos-apply"
     }
 
     fn log_path(&self, role: Role) -> PathBuf {
-        self.dir.join(format!("{}.log", role.command()))
+        self.dir.join(format!("{}.log", role.name()))
     }
 
     /// Where a process logs, with the log's last lines: the lab's directory is gone by the
@@ -583,6 +605,7 @@ instance_id = "chaos-apply"
         })
         .await
         .expect("task");
+        let origin_records = [std::mem::take(&mut self.earlier_origin), origin_records].concat();
         checker::check_origin_topic(f, &history, &origin_records);
         checker::check_dest_topic(f, &history, &dest_records);
         let rows: BTreeMap<i64, i64> = self

@@ -140,6 +140,15 @@ scenario!(s09_slot_wal_budget, "9 slot WAL budget", |f, n| {
 scenario!(s10_pause_resume, "10 pause/resume", |f, n| {
     scenarios::pause_resume(&mut f, n, if full() { 6 } else { 3 })
 });
+scenario!(s11_replay_beside_live, "11 replay beside live", |f, n| {
+    scenarios::replay_beside_live(&mut f, n, if full() { 6 } else { 2 })
+});
+scenario!(s12_zombie_shipper, "12 zombie shipper", |f, n| {
+    scenarios::zombie_shipper(&mut f, n, if full() { 4 } else { 2 })
+});
+scenario!(s13_recreated_topic, "13 recreated topic", |f, n| {
+    scenarios::recreated_topic(&mut f, n)
+});
 scenario!(
     #[ignore = "long: ops/chaos runs it"]
     s08_poison_data,

@@ -842,3 +842,217 @@ pub async fn poison(f: &mut Figures, iterations: u32) {
         f.merge(lab.finish(DRAIN).await);
     }
 }
+
+/// Now, in epoch milliseconds.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Scenario 11: replays beside live shipping: each cycle pauses live shipping (it lags), replays
+/// the newest range of the origin topic (ahead of the live lane), restarts the shipper while
+/// paused, then resumes. The live lane must go on from its own progress, not the replay's end:
+/// a hole would lose the changes between.
+pub async fn replay_beside_live(f: &mut Figures, iterations: u32, cycles: u32) {
+    for _ in 0..iterations {
+        let mut lab = Lab::new("replay", Opts::default()).await;
+        lab.start_all();
+        // No snapshot overlapping the workload: the replicated topic then holds every change
+        // exactly once.
+        assert!(
+            lab.await_log(Role::Capture, "snapshot complete", 1, secs(60))
+                .await
+        );
+        lab.start_workload();
+        let topic = format!("{}.public.chaos_item", lab.cfg.capture.topic_prefix);
+        for i in 0..cycles {
+            tokio::time::sleep(secs(3)).await;
+            let out = lab.ferry(&["pause", "live"]);
+            assert!(out.status.success(), "ferry pause live: {out:?}");
+            let paused_at = now_ms();
+            tokio::time::sleep(secs(3)).await;
+            // The range written while paused, and a little before: the live lane has not
+            // shipped most of it.
+            let from = (paused_at - 1_000).to_string();
+            let job = format!("chaos-replay-{i}");
+            let out = tokio::task::block_in_place(|| {
+                lab.ferry(&[
+                    "replay",
+                    "--topic",
+                    &topic,
+                    "--from-time",
+                    &from,
+                    "--job",
+                    &job,
+                ])
+            });
+            if !out.status.success() {
+                lab.figures.failures += 1;
+                lab.figures.notes.push(format!(
+                    "ferry replay failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            if i % 2 == 0 {
+                lab.kill9(Role::Ship);
+                lab.spawn(Role::Ship, None);
+            } else {
+                lab.stop(Role::Ship).await;
+                lab.spawn(Role::Ship, None);
+            }
+            tokio::time::sleep(secs(1)).await;
+            let out = lab.ferry(&["resume", "live"]);
+            assert!(out.status.success(), "ferry resume live: {out:?}");
+            lab.mark_heal();
+            lab.recovery(DRAIN).await;
+        }
+        let mut figures = lab.finish(DRAIN).await;
+        note_dest_duplicates(&mut figures);
+        f.merge(figures);
+    }
+}
+
+/// Counts the changes the destination topic holds more than once (a zombie shipper's batch
+/// next to its successor's, a replay's): with no snapshot overlapping the workload (the run
+/// starts it once capture's snapshot of the empty table is complete), each version is there
+/// once.
+fn note_dest_duplicates(f: &mut Figures) {
+    let twice: u64 = f
+        .dest_copies
+        .iter()
+        .filter(|(copies, _)| **copies > 1)
+        .map(|(_, n)| n)
+        .sum();
+    f.extra
+        .insert("dest_topic_versions_twice".into(), twice as f64);
+    if twice > 0 {
+        f.failures += 1;
+        f.notes.push(format!(
+            "destination topic: {twice} versions more than once ({:?})",
+            f.dest_copies
+        ));
+    }
+}
+
+/// Scenario 12: a zombie shipper. Two shippers share the group; one is stopped (SIGSTOP) past
+/// its session, the other takes its partitions over and ships them, then the stopped one goes
+/// on (SIGCONT) with its stale buffers. It must ship nothing of them: no range twice, no
+/// duplicate in the replicated topic.
+pub async fn zombie_shipper(f: &mut Figures, iterations: u32, cycles: u32) {
+    for _ in 0..iterations {
+        let opts = Opts {
+            ship_toml: "session_timeout_ms = 6000\n".into(),
+            ..Opts::default()
+        };
+        let mut lab = Lab::new("zombie", opts).await;
+        lab.start_all();
+        assert!(
+            lab.await_log(Role::Capture, "snapshot complete", 1, secs(60))
+                .await
+        );
+        lab.start_workload();
+        tokio::time::sleep(secs(3)).await;
+        lab.spawn(Role::ShipB, None);
+        tokio::time::sleep(secs(5)).await;
+        for i in 0..cycles {
+            let victim = if i % 2 == 0 { Role::Ship } else { Role::ShipB };
+            let pid = lab.pid(victim);
+            broker::signal(pid, "-STOP");
+            // Past the session (6 s): the group gives its partitions to the other, which ships.
+            tokio::time::sleep(secs(14)).await;
+            broker::signal(pid, "-CONT");
+            tokio::time::sleep(secs(6)).await;
+        }
+        lab.mark_heal();
+        lab.recovery(DRAIN).await;
+        let mut figures = lab.finish(DRAIN).await;
+        note_dest_duplicates(&mut figures);
+        f.merge(figures);
+    }
+}
+
+/// Deletes the workload table's origin topic and creates it again with `partitions`.
+async fn recreate_origin_topic(lab: &Lab, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let topic = format!("{}.public.chaos_item", lab.cfg.capture.topic_prefix);
+    let origin = Cluster::new("origin", lab.cfg.origin.kafka.clone());
+    let admin: AdminClient<DefaultClientContext> = origin.client_config().create().expect("admin");
+    let deleted = admin
+        .delete_topics(&[&topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let deadline = Instant::now() + secs(60);
+    loop {
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(
+                    &topic,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create topic");
+        if created.iter().all(Result::is_ok) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{created:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Scenario 13: the origin topic deleted and created again (with another partition count, as
+/// a migration does) once everything in it was shipped, while the workload goes on. The
+/// shipper stops those partitions (their offsets started over); once an operator accepts
+/// (`ferry accept-gap --accept`), the new topic is shipped from its start under new batch
+/// ids: every change arrives once.
+pub async fn recreated_topic(f: &mut Figures, iterations: u32) {
+    for i in 0..iterations {
+        let mut lab = Lab::new("recreate", Opts::default()).await;
+        lab.start_all();
+        lab.start_workload();
+        tokio::time::sleep(secs(6)).await;
+        // Everything the old topic will hold is shipped and applied first.
+        lab.stop_workload().await;
+        lab.mark_heal();
+        lab.recovery(DRAIN).await;
+        lab.stop(Role::Capture).await;
+        let (o, prefix) = (
+            Cluster::new("origin", lab.cfg.origin.kafka.clone()),
+            lab.cfg.capture.topic_prefix.clone(),
+        );
+        lab.earlier_origin =
+            tokio::task::spawn_blocking(move || crate::checker::topic_versions(&o, &prefix))
+                .await
+                .expect("task");
+        recreate_origin_topic(&lab, if i % 2 == 0 { 2 } else { 3 }).await;
+        lab.spawn(Role::Capture, None);
+        lab.start_workload();
+        let stopped = lab
+            .await_log(Role::Ship, "deleted and created again", 1, secs(90))
+            .await;
+        if !stopped {
+            lab.figures.failures += 1;
+            lab.figures.notes.push(format!(
+                "the shipper did not stop at the recreated topic; {}",
+                lab.log(Role::Ship)
+            ));
+        }
+        let out = lab.ferry(&["accept-gap", "public.chaos_item", "--accept"]);
+        if !out.status.success() {
+            lab.figures.failures += 1;
+            lab.figures.notes.push(format!(
+                "ferry accept-gap failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        lab.stop(Role::Ship).await;
+        lab.spawn(Role::Ship, None);
+        tokio::time::sleep(secs(4)).await;
+        f.merge(lab.finish(DRAIN).await);
+    }
+}

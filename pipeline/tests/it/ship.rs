@@ -1023,3 +1023,208 @@ async fn a_stalled_shipper_that_lost_its_partitions_ships_nothing_of_them() {
     assert_exact_coverage(&all, &ends);
     db.cleanup().await;
 }
+
+/// Deletes `topic` from the origin cluster and creates it again with `partitions`, as an
+/// operator migrating it does.
+async fn recreate_topic(cfg: &Config, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let admin: AdminClient<DefaultClientContext> = origin.client_config().create().expect("admin");
+    let deleted = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create topic");
+        if created.iter().all(Result::is_ok) {
+            break;
+        }
+        // Still being deleted.
+        assert!(Instant::now() < deadline, "{created:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The batches of the origin topic's incarnation `n` that carry changes (not the empty batch
+/// an accepted recreation ships).
+fn of_incarnation(ms: &[(Manifest, Vec<u8>)], n: u32) -> Vec<(Manifest, Vec<u8>)> {
+    ms.iter()
+        .filter(|(m, _)| ship::incarnation_of(&m.batch_id) == n && m.events_in > 0)
+        .cloned()
+        .collect()
+}
+
+/// An origin topic deleted and created again under a running shipper starts its offsets
+/// over. Shipping on from the old topic's end would skip the new records; the shipper stops
+/// those partitions instead, naming the cause, until an operator accepts. Then it ships the new
+/// topic from its first offset under new batch ids (`…/<topic>@1/…`), which apply takes as new
+/// batches: the destination equals the origin. With another partition count (the group
+/// rebalances) and with the same one (the consumer's position just goes back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_topic_created_again_stops_until_accepted_then_ships_whole() {
+    for partitions in [2, 3] {
+        topic_created_again(partitions).await;
+    }
+}
+
+async fn topic_created_again(partitions: i32) {
+    let mut db = TestDb::new(&format!("shiprecreate{partitions}")).await;
+    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
+    captured_workload(&db).await;
+    let cfg = ship_config(&db);
+    let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
+    let stats = Arc::new(ShipStats::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let old = wait_covered(&cfg, "public.acct", Duration::from_secs(90)).await;
+    let old_end = old
+        .iter()
+        .map(|(m, _)| m.last_offset)
+        .max()
+        .expect("batches");
+
+    // Under the running shipper: the topic goes, comes back (with `partitions`; it had 3), and
+    // capture writes new changes into it, more than the old topic had per partition.
+    assert_eq!(cfg.capture.partitions, 3);
+    recreate_topic(&cfg, &topic, partitions).await;
+    let cap = start_capture(&db.cfg).await;
+    for _ in 0..4 {
+        db.exec("UPDATE acct SET balance = balance + 100").await;
+    }
+    db.exec("DELETE FROM acct WHERE id % 10 = 3; INSERT INTO acct VALUES (5000, 'new', 1)")
+        .await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while stats.stopped_partitions.lock().expect("lock").len() < partitions as usize {
+        assert!(
+            Instant::now() < deadline,
+            "partitions not stopped: {:?}",
+            stats.stopped_partitions.lock().expect("lock")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let stopped = stats.stopped_partitions.lock().expect("lock").clone();
+    assert!(
+        stopped
+            .iter()
+            .all(|s| s.contains("deleted and created again") && s.contains("accept-gap")),
+        "{stopped:?}"
+    );
+    assert_eq!(
+        stats
+            .recreated_partitions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        partitions as u64
+    );
+    let after = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || batches(&cfg))
+            .await
+            .expect("task")
+    };
+    assert_eq!(after.len(), old.len(), "nothing of the new topic shipped");
+
+    // A restarted shipper stops there too; `ferry status` and `ferry accept-gap` say why.
+    let table = ferry_schemas::TableId::new("public", "acct");
+    let listed = ship::gaps(&cfg, &table, false).await.expect("gaps");
+    assert_eq!(listed.len(), partitions as usize, "{listed:?}");
+    assert!(listed
+        .iter()
+        .all(|g| g.kind == ship::GapKind::Recreated && g.first == 0 && g.incarnation == 0));
+    let said = status(&db, &cfg);
+    for g in &listed {
+        let line = format!(
+            "GAP [{}] the topic was deleted and created again since it was shipped from",
+            g.partition
+        );
+        assert!(said.contains(&line), "{line:?} in {said}");
+    }
+    let accepted = ship::gaps(&cfg, &table, true).await.expect("accept");
+    assert_eq!(accepted, listed);
+    let left = ship::gaps(&cfg, &table, false).await.expect("gaps");
+    assert!(left.is_empty(), "{left:?}");
+
+    // The new topic is shipped whole, once, as incarnation 1.
+    let stats = Arc::new(ShipStats::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ship::run(&cfg, rx, stats).await })
+    };
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let ends: BTreeMap<(String, i32), i64> = (0..partitions)
+        .map(|p| {
+            let tp = ferry_connectors::kafka::TopicPartition::new(&topic, p);
+            let (_, high) = origin.watermarks(&tp).expect("marks").expect("partition");
+            ((topic.clone(), p), high)
+        })
+        .collect();
+    assert!(
+        ends.values().any(|high| *high > old_end),
+        "the new topic should reach past the old one's end: {ends:?} vs {old_end}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let all = loop {
+        let all = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || batches(&cfg))
+                .await
+                .expect("task")
+        };
+        let cov = coverage(&of_incarnation(&all, 1));
+        if ends
+            .iter()
+            .all(|(tp, high)| cov.get(tp).and_then(|r| r.last()).map(|r| r.1 + 1) == Some(*high))
+        {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not covered: {cov:?} vs {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let _ = stop.send(true);
+    task.await.expect("join").expect("shipper ok");
+    let new = of_incarnation(&all, 1);
+    assert_exact_coverage(&new, &ends);
+    // A batch of the old topic cannot be shipped again: its records are gone.
+    let e = ship::reship(&cfg, &old[0].0.batch_id)
+        .await
+        .expect_err("the old topic's batch");
+    assert!(e.to_string().contains("deleted and created"), "{e}");
+    assert!(new
+        .iter()
+        .all(|(m, _)| m.batch_id.starts_with(&format!("origin/{topic}@1/"))));
+
+    // Apply takes both incarnations' batches (and the two empty ones): origin = destination.
+    let applied = crate::apply::apply_all(&cfg, all.len() as u64).await;
+    assert_eq!(
+        applied
+            .batches_applied_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        all.len() as u64
+    );
+    let dest = cfg.destination.postgres.clone().expect("destination");
+    let report = ferry_pipeline::verify::verify(&cfg.origin.postgres, &dest, &table)
+        .await
+        .expect("verify");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    db.cleanup().await;
+}
