@@ -1664,6 +1664,18 @@ impl<'a> Applier<'a> {
     /// Verifies a batch and applies it, or quarantines it; false when its partition stopped
     /// instead (its offset is not committed).
     async fn on_batch(&mut self, b: &Incoming) -> Result<bool, ApplyError> {
+        // A schema the schema topic lacks proves nothing against the batch (the shipper
+        // publishes every schema before the batch that uses it): its partition stops there,
+        // nothing quarantined, nothing committed.
+        if let Some((batch, fp)) = self.missing_schema(&b.value)? {
+            self.stopped.insert(b.partition);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.batch_topic, b.partition);
+            let _ = self.consumer.pause(&tpl);
+            self.stats
+                .schema_missing(&self.batch_topic, b.partition, b.offset, &batch, &fp);
+            return Ok(false);
+        }
         match self.check(&b.value)? {
             Ok((m, runs)) => {
                 self.on_verified(b, &m, &runs).await?;
@@ -1671,6 +1683,21 @@ impl<'a> Applier<'a> {
             }
             Err(Rejected(reason)) => self.on_corrupt(b, &reason).await,
         }
+    }
+
+    /// The first schema a batch record names that the destination schema topic lacks, even
+    /// after reading it again, with the batch id; `None` for a record that does not unframe
+    /// (verification then rejects it).
+    fn missing_schema(&mut self, value: &[u8]) -> Result<Option<(String, String)>, ApplyError> {
+        let Ok((m, _)) = manifest::unframe(value) else {
+            return Ok(None);
+        };
+        for fp in &m.schema_fingerprints {
+            if tokio::task::block_in_place(|| self.registry.get(fp))?.is_none() {
+                return Ok(Some((m.batch_id.clone(), fp.clone())));
+            }
+        }
+        Ok(None)
     }
 
     /// Verifies a batch record, loading the schemas it names first (a miss re-reads the
@@ -1948,6 +1975,18 @@ impl<'a> Applier<'a> {
         tracing::info!(table, batches = records.len(), "resuming a held table");
         let mut applied = 0usize;
         for (offset, value) in records {
+            if let Some((batch, fp)) = self.missing_schema(&value)? {
+                // Never skipped: the table stays held, for the next resume request.
+                tracing::error!(
+                    table,
+                    batch,
+                    offset,
+                    schema = fp,
+                    "a held batch names a schema the destination schema topic lacks; the table \
+                     stays held (restore the schema, then `ferry resume-table` again)"
+                );
+                return Ok(());
+            }
             let (m, runs) = match self.check(&value)? {
                 Ok(v) => v,
                 Err(Rejected(reason)) => {

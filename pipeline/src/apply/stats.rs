@@ -120,6 +120,28 @@ impl ApplyStats {
         );
     }
 
+    /// A batch names a schema the destination schema topic lacks: its partition stops there
+    /// (nothing quarantined).
+    pub fn schema_missing(&self, topic: &str, partition: i32, offset: i64, batch: &str, fp: &str) {
+        let reason = format!(
+            "batch {batch} names schema {fp}, which the destination schema topic lacks (deleted, \
+             or compacted away?); the batch is not quarantined and nothing after it is applied. \
+             Restore the schema (restarting `ferry ship` publishes each schema it ships again), \
+             then restart `ferry apply`"
+        );
+        if let Ok(mut s) = self.stopped.lock() {
+            s.push(format!("{topic}[{partition}] at offset {offset}: {reason}"));
+        }
+        tracing::error!(
+            topic,
+            partition,
+            offset,
+            batch,
+            schema = fp,
+            "partition stopped: {reason}"
+        );
+    }
+
     /// Batches of a partition were deleted (retention) before they were applied: it stops.
     pub fn batches_lost(&self, topic: &str, partition: i32, (first, last): (i64, i64)) {
         self.lost_batches

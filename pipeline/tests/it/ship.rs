@@ -1228,3 +1228,124 @@ async fn topic_created_again(partitions: i32) {
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
     db.cleanup().await;
 }
+
+/// A destination schema topic that cannot be read proves nothing against a batch: with
+/// `apply.on_corrupt = "quarantine"`, nothing may be quarantined (that would commit past the
+/// batch, its rows never applied). While the topic is gone, apply retries; once it is back but
+/// lacks the batch's schema, that batch partition stops there, named. Once the schema is back
+/// (a restarted shipper publishes each schema it ships again), apply applies everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut db = TestDb::new("schemagone").await;
+    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
+    captured_workload(&db).await;
+    let mut cfg = ship_config(&db);
+    cfg.apply.on_corrupt = ferry_pipeline::config::OnCorrupt::Quarantine;
+    ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+
+    let schemas = ferry_pipeline::topics::schema_topic(&cfg.capture.topic_prefix);
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let admin: AdminClient<DefaultClientContext> =
+            dest.client_config().create().expect("admin");
+        let deleted = admin
+            .delete_topics(&[&schemas], &AdminOptions::new())
+            .await
+            .expect("delete topic");
+        assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let run_apply = |secs: u64| {
+        let cfg = cfg.clone();
+        async move {
+            let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
+            let (stop, rx) = watch::channel(false);
+            let task = {
+                let (cfg, stats) = (cfg.clone(), stats.clone());
+                tokio::spawn(async move { ferry_pipeline::apply::run(&cfg, rx, stats).await })
+            };
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let _ = stop.send(true);
+            task.await.expect("join").expect("applier ok");
+            stats
+        }
+    };
+    // The topic gone: apply retries (the outage of a broker's topic), quarantines nothing.
+    let stats = run_apply(8).await;
+    assert_eq!(stats.batches_quarantined_total.load(Relaxed), 0);
+    assert_eq!(stats.batches_applied_total.load(Relaxed), 0);
+    assert!(stats.stopped.lock().expect("lock").is_empty());
+
+    // Back, but empty: the batch partitions stop at their first batch.
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+        let admin: AdminClient<DefaultClientContext> =
+            dest.client_config().create().expect("admin");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let created = admin
+                .create_topics(
+                    &[NewTopic::new(&schemas, 1, TopicReplication::Fixed(1))
+                        .set("cleanup.policy", "compact")],
+                    &AdminOptions::new(),
+                )
+                .await
+                .expect("create topic");
+            if created.iter().all(Result::is_ok) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{created:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { ferry_pipeline::apply::run(&cfg, rx, stats).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.stopped.lock().expect("lock").is_empty() {
+        assert!(Instant::now() < deadline, "no partition stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(true);
+    task.await.expect("join").expect("applier ok");
+    let stopped = stats.stopped.lock().expect("lock").clone();
+    assert!(
+        stopped
+            .iter()
+            .all(|s| s.contains("which the destination schema topic lacks")),
+        "{stopped:?}"
+    );
+    assert_eq!(stats.batches_quarantined_total.load(Relaxed), 0);
+    assert_eq!(stats.batches_applied_total.load(Relaxed), 0);
+
+    // More changes: a new shipper publishes the schema again with them; apply takes it all.
+    let cap = start_capture(&db.cfg).await;
+    db.exec("UPDATE acct SET balance = balance + 1 WHERE id < 50")
+        .await;
+    let lsn = db.sync_point().await;
+    db.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    cap.stop().await;
+    let ms = ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
+    let applied = crate::apply::apply_all(&cfg, ms.len() as u64).await;
+    assert_eq!(applied.batches_quarantined_total.load(Relaxed), 0);
+    assert_eq!(applied.batches_applied_total.load(Relaxed), ms.len() as u64);
+    let dest = cfg.destination.postgres.clone().expect("destination");
+    let report = ferry_pipeline::verify::verify(
+        &cfg.origin.postgres,
+        &dest,
+        &ferry_schemas::TableId::new("public", "acct"),
+    )
+    .await
+    .expect("verify");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    db.cleanup().await;
+}
