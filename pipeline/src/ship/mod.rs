@@ -1772,14 +1772,18 @@ impl<'a> RangeShipper<'a> {
     /// The incarnation of `tp`'s topic the live lane ships from, so a range shipped again
     /// carries the id the live lane gave it.
     pub async fn incarnation(&self, tp: &TopicPartition) -> Result<u32, ShipError> {
-        let end = shipped_end(
+        Ok(self.live(tp).await?.map_or(0, |e| e.incarnation))
+    }
+
+    /// What the live lane shipped of `tp`.
+    async fn live(&self, tp: &TopicPartition) -> Result<Option<ShippedEnd>, ShipError> {
+        shipped_end(
             &self.dest,
             &self.shipper.batch_topic,
             self.shipper.batch_partitions,
             tp,
         )
-        .await?;
-        Ok(end.map_or(0, |e| e.incarnation))
+        .await
     }
 
     /// Ships `first..=last` of an origin partition as one batch; returns (events in, rows out).
@@ -1819,15 +1823,21 @@ pub fn parse_batch_id(batch_id: &str) -> Result<manifest::BatchId, ShipError> {
 pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipError> {
     let id = parse_batch_id(batch_id)?;
     let mut shipper = RangeShipper::new(cfg)?;
-    let now = shipper
-        .incarnation(&TopicPartition::new(&id.topic, id.partition))
-        .await?;
-    if now != id.incarnation {
+    let tp = TopicPartition::new(&id.topic, id.partition);
+    let end = shipper.live(&tp).await?;
+    let now = end.map_or(0, |e| e.incarnation);
+    let gone = match &end {
+        Some(e) => recreated(&shipper.origin, &tp, e).await?,
+        None => None,
+    };
+    if now != id.incarnation || gone.is_some() {
         return Err(ShipError::Permanent(format!(
             "batch {batch_id} was cut from incarnation {} of {}, which was deleted and created \
-             again since (the live lane ships incarnation {now}): its records are gone from \
-             Kafka; `ferry backfill` the table instead",
-            id.incarnation, id.topic
+             again since ({}): its records are gone from Kafka; `ferry backfill` the table \
+             instead",
+            id.incarnation,
+            id.topic,
+            gone.unwrap_or_else(|| format!("the live lane ships incarnation {now}"))
         )));
     }
     let live = live_end(cfg, &TopicPartition::new(&id.topic, id.partition)).await?;

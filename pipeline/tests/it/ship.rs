@@ -1024,34 +1024,58 @@ async fn a_stalled_shipper_that_lost_its_partitions_ships_nothing_of_them() {
     db.cleanup().await;
 }
 
-/// Deletes `topic` from the origin cluster and creates it again with `partitions`, as an
-/// operator migrating it does.
-async fn recreate_topic(cfg: &Config, topic: &str, partitions: i32) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+/// Deletes `topic` from `cluster`.
+async fn delete_topic(cluster: &Cluster, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let admin: AdminClient<DefaultClientContext> = origin.client_config().create().expect("admin");
+    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
     let deleted = admin
         .delete_topics(&[topic], &AdminOptions::new())
         .await
         .expect("delete topic");
     assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+}
+
+/// Creates `topic` in `cluster` (retrying while a topic of that name is still being deleted),
+/// compacted or not.
+async fn create_topic(cluster: &Cluster, topic: &str, partitions: i32, compacted: bool) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
+    let mut spec = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    if compacted {
+        spec = spec.set("cleanup.policy", "compact");
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let created = admin
-            .create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
+            .create_topics(std::slice::from_ref(&spec), &AdminOptions::new())
             .await
             .expect("create topic");
         if created.iter().all(Result::is_ok) {
-            break;
+            return;
         }
-        // Still being deleted.
         assert!(Instant::now() < deadline, "{created:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Deletes `topic` from the origin cluster and creates it again with `partitions`, as an
+/// operator migrating it does.
+async fn recreate_topic(cfg: &Config, topic: &str, partitions: i32) {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    delete_topic(&origin, topic).await;
+    create_topic(&origin, topic, partitions, false).await;
+}
+
+/// `ferry verify` of `public.acct` finds nothing different.
+async fn assert_acct_verifies(cfg: &Config) {
+    let dest = cfg.destination.postgres.clone().expect("destination");
+    let table = ferry_schemas::TableId::new("public", "acct");
+    let report = ferry_pipeline::verify::verify(&cfg.origin.postgres, &dest, &table)
+        .await
+        .expect("verify");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
 }
 
 /// The batches of the origin topic's incarnation `n` that carry changes (not the empty batch
@@ -1221,11 +1245,7 @@ async fn topic_created_again(partitions: i32) {
             .load(std::sync::atomic::Ordering::Relaxed),
         all.len() as u64
     );
-    let dest = cfg.destination.postgres.clone().expect("destination");
-    let report = ferry_pipeline::verify::verify(&cfg.origin.postgres, &dest, &table)
-        .await
-        .expect("verify");
-    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    assert_acct_verifies(&cfg).await;
     db.cleanup().await;
 }
 
@@ -1245,18 +1265,8 @@ async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
     ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
 
     let schemas = ferry_pipeline::topics::schema_topic(&cfg.capture.topic_prefix);
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions};
-        use rdkafka::client::DefaultClientContext;
-        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-        let admin: AdminClient<DefaultClientContext> =
-            dest.client_config().create().expect("admin");
-        let deleted = admin
-            .delete_topics(&[&schemas], &AdminOptions::new())
-            .await
-            .expect("delete topic");
-        assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-    }
+    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
+    delete_topic(&dest, &schemas).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let run_apply = |secs: u64| {
         let cfg = cfg.clone();
@@ -1280,29 +1290,7 @@ async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
     assert!(stats.stopped.lock().expect("lock").is_empty());
 
     // Back, but empty: the batch partitions stop at their first batch.
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        use rdkafka::client::DefaultClientContext;
-        let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-        let admin: AdminClient<DefaultClientContext> =
-            dest.client_config().create().expect("admin");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let created = admin
-                .create_topics(
-                    &[NewTopic::new(&schemas, 1, TopicReplication::Fixed(1))
-                        .set("cleanup.policy", "compact")],
-                    &AdminOptions::new(),
-                )
-                .await
-                .expect("create topic");
-            if created.iter().all(Result::is_ok) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{created:?}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    create_topic(&dest, &schemas, 1, true).await;
     let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
     let (stop, rx) = watch::channel(false);
     let task = {
@@ -1338,14 +1326,6 @@ async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
     let applied = crate::apply::apply_all(&cfg, ms.len() as u64).await;
     assert_eq!(applied.batches_quarantined_total.load(Relaxed), 0);
     assert_eq!(applied.batches_applied_total.load(Relaxed), ms.len() as u64);
-    let dest = cfg.destination.postgres.clone().expect("destination");
-    let report = ferry_pipeline::verify::verify(
-        &cfg.origin.postgres,
-        &dest,
-        &ferry_schemas::TableId::new("public", "acct"),
-    )
-    .await
-    .expect("verify");
-    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    assert_acct_verifies(&cfg).await;
     db.cleanup().await;
 }
