@@ -338,7 +338,8 @@ impl DestDb {
                    first_offset bigint NOT NULL, last_offset bigint NOT NULL, rows int NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now());
                  ALTER TABLE ferry.applied_batches ADD COLUMN IF NOT EXISTS batch_partition int,
-                   ADD COLUMN IF NOT EXISTS batch_offset bigint;
+                   ADD COLUMN IF NOT EXISTS batch_offset bigint,
+                   ADD COLUMN IF NOT EXISTS live boolean;
                  CREATE INDEX IF NOT EXISTS applied_batches_applied_at
                    ON ferry.applied_batches (applied_at);
                  CREATE INDEX IF NOT EXISTS applied_batches_origin
@@ -944,8 +945,9 @@ impl DestDb {
         Ok(self.applied_from(batch_id).await?.is_some())
     }
 
-    /// The newest origin offset covered by an applied batch with rows of an origin partition
-    /// in one incarnation of its topic.
+    /// The newest origin offset covered by an applied live-lane batch with rows of an origin
+    /// partition in one incarnation of its topic (a replay's or reship's batches are not the
+    /// live lane's progress; batches from before the `live` column count as not live).
     pub async fn covered(
         &mut self,
         (topic, partition, incarnation): &(String, i32, u32),
@@ -964,7 +966,7 @@ impl DestDb {
             .session
             .query_one(
                 "SELECT max(last_offset) FROM ferry.applied_batches
-                 WHERE origin_topic = $1 AND origin_partition = $2 AND rows > 0
+                 WHERE origin_topic = $1 AND origin_partition = $2 AND rows > 0 AND live
                    AND starts_with(batch_id, $3)",
                 &[topic, partition, &prefix],
             )
@@ -1002,16 +1004,18 @@ impl DestDb {
         runs: &[Run],
         stats: &ApplyStats,
     ) -> Result<bool, ApplyError> {
-        self.apply_from(m, runs, stats, None).await
+        self.apply_from(m, runs, stats, None, false).await
     }
 
-    /// [`DestDb::apply`], recording where in the batch topic the batch came from.
+    /// [`DestDb::apply`], recording where in the batch topic the batch came from and whether
+    /// the live lane shipped it (only those count for [`DestDb::covered`]).
     pub async fn apply_from(
         &mut self,
         m: &Manifest,
         runs: &[Run],
         stats: &ApplyStats,
         from: Option<(i32, i64)>,
+        live: bool,
     ) -> Result<bool, ApplyError> {
         for r in runs {
             // Versions change within a transaction too: order them by (lsn, seq).
@@ -1029,7 +1033,7 @@ impl DestDb {
             .batch_execute("BEGIN")
             .await
             .map_err(db_err(&t, "BEGIN"))?;
-        let result = self.apply_in_txn(m, runs, stats, from).await;
+        let result = self.apply_in_txn(m, runs, stats, from, live).await;
         match result {
             Ok(true) => {
                 self.session
@@ -1058,15 +1062,16 @@ impl DestDb {
         runs: &[Run],
         stats: &ApplyStats,
         from: Option<(i32, i64)>,
+        live: bool,
     ) -> Result<bool, ApplyError> {
         let t = self.target.clone();
         let rows: usize = runs.iter().map(|r| r.events.len()).sum();
         let fresh = self
             .session
             .execute(
-                "INSERT INTO ferry.applied_batches (batch_id, origin_topic, origin_partition, first_offset, last_offset, rows, batch_partition, batch_offset)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (batch_id) DO NOTHING",
-                &[&m.batch_id, &m.origin_topic, &m.origin_partition, &m.first_offset, &m.last_offset, &(rows as i32), &from.map(|f| f.0), &from.map(|f| f.1)],
+                "INSERT INTO ferry.applied_batches (batch_id, origin_topic, origin_partition, first_offset, last_offset, rows, batch_partition, batch_offset, live)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (batch_id) DO NOTHING",
+                &[&m.batch_id, &m.origin_topic, &m.origin_partition, &m.first_offset, &m.last_offset, &(rows as i32), &from.map(|f| f.0), &from.map(|f| f.1), &live],
             )
             .await
             .map_err(db_err(&t, "recording the batch"))?;
@@ -1785,7 +1790,10 @@ impl<'a> Applier<'a> {
         }
         crate::runtime::failpoint::hit(crate::runtime::failpoint::APPLY_AFTER_REPLICATE);
         let applied = match self.db.as_mut() {
-            Some(db) if before.is_none() => db.apply_from(m, runs, &self.stats, Some(from)).await,
+            Some(db) if before.is_none() => {
+                db.apply_from(m, runs, &self.stats, Some(from), b.live)
+                    .await
+            }
             Some(_) => Ok(false),
             None => Ok(true),
         };
