@@ -141,11 +141,25 @@ impl std::fmt::Display for BatchId {
             first,
             last,
         } = self;
-        write!(f, "{cluster}/{topic}")?;
-        if *incarnation > 0 {
-            write!(f, "@{incarnation}")?;
+        let prefix = BatchId::partition_prefix(cluster, topic, *incarnation, *partition);
+        write!(f, "{prefix}{first}-{last}")
+    }
+}
+
+impl BatchId {
+    /// What every batch id of one origin partition (in one incarnation of its topic) starts
+    /// with: `<cluster>/<topic>[@<incarnation>]/<partition>/`.
+    pub fn partition_prefix(
+        cluster: &str,
+        topic: &str,
+        incarnation: u32,
+        partition: i32,
+    ) -> String {
+        if incarnation > 0 {
+            format!("{cluster}/{topic}@{incarnation}/{partition}/")
+        } else {
+            format!("{cluster}/{topic}/{partition}/")
         }
-        write!(f, "/{partition}/{first}-{last}")
     }
 }
 

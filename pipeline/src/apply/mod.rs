@@ -952,16 +952,12 @@ impl DestDb {
         &mut self,
         (topic, partition, incarnation): &(String, i32, u32),
     ) -> Result<Option<i64>, ApplyError> {
-        let id = ferry_schemas::manifest::BatchId {
-            cluster: "origin".into(),
-            topic: topic.clone(),
-            incarnation: *incarnation,
-            partition: *partition,
-            first: 0,
-            last: 0,
-        }
-        .to_string();
-        let prefix = id.strip_suffix("0-0").unwrap_or(&id).to_string();
+        let prefix = ferry_schemas::manifest::BatchId::partition_prefix(
+            "origin",
+            topic,
+            *incarnation,
+            *partition,
+        );
         let row = self
             .session
             .query_one(
@@ -1647,14 +1643,13 @@ impl<'a> Applier<'a> {
             _ = self.tick.tick() => Ok(Event::Tick),
             m = self.consumer.recv() => {
                 let m = m.map_err(client_err("consuming"))?;
-                let live = {
+                let lane = {
                     use rdkafka::message::Headers as _;
-                    m.headers().is_none_or(|h| {
-                        !h.iter().any(|h| {
-                            h.key == crate::ship::LANE_HEADER && h.value == Some(b"range".as_slice())
-                        })
-                    })
+                    m.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == crate::ship::LANE_HEADER))
+                        .and_then(|h| h.value)
                 };
+                let live = crate::ship::Lane::named(lane) == crate::ship::Lane::Live;
                 Ok(Event::Batch(Incoming {
                     partition: m.partition(),
                     offset: m.offset(),

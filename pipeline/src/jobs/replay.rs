@@ -273,6 +273,7 @@ pub async fn run(
     let mut cp: Checkpoint = state::load_value(&origin, &state_topic, &key)
         .await?
         .unwrap_or_default();
+    let mut shipper = RangeShipper::new(cfg)?;
     for &p in &partitions {
         if cp.next.contains_key(&p) {
             continue; // resuming
@@ -292,7 +293,9 @@ pub async fn run(
         // What the live lane has not shipped yet is its to ship: a replay ahead of it would put
         // newer changes in front of older ones in the replicated topics, and cut ranges the live
         // lane cuts too.
-        let live = crate::ship::live_end(cfg, &TopicPartition::new(&spec.topic, p)).await?;
+        let live = shipper
+            .live_end(&TopicPartition::new(&spec.topic, p))
+            .await?;
         let end = if end > live {
             tracing::info!(
                 topic = spec.topic,
@@ -323,7 +326,6 @@ pub async fn run(
     let total = cp.total.max(1);
     let (mut aimd, sampler) = throttle(cfg, spec);
     let mut last_tick = Instant::now();
-    let mut shipper = RangeShipper::new(cfg)?;
     let mut pacer = Pacer::default();
     let mut report = Report::default();
     let started = Instant::now();

@@ -537,7 +537,12 @@ impl Lane {
 
     /// The lane of a batch record (batches from before the header are the live lane's).
     pub fn of(r: &ferry_connectors::kafka::ReadRecord) -> Lane {
-        match r.header(LANE_HEADER) {
+        Lane::named(r.header(LANE_HEADER))
+    }
+
+    /// The lane a [`LANE_HEADER`] value names (none: the live lane's, from before the header).
+    pub fn named(header: Option<&[u8]>) -> Lane {
+        match header {
             Some(b"range") => Lane::Range,
             _ => Lane::Live,
         }
@@ -1593,30 +1598,23 @@ async fn live_next(
     if let Some(e) = shipped_end(dest, &cfg.batch_topic(), batch_partitions, tp).await? {
         return Ok(e);
     }
-    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    let (group, tp) = (cfg.ship.group_id.clone(), tp.clone());
-    let committed = tokio::task::spawn_blocking(move || origin.committed_offset(&group, &tp))
-        .await
-        .map_err(|e| ShipError::Unexpected(e.to_string()))??;
     Ok(ShippedEnd {
-        next: committed.unwrap_or(0),
+        next: group_start(cfg, tp).await?,
         position: None,
         incarnation: 0,
         anchor: None,
     })
 }
 
-/// Where the live lane goes on in `tp` (see `live_next`): a replay never ships past it, the
-/// rest being the live lane's to ship.
-pub async fn live_end(cfg: &Config, tp: &TopicPartition) -> Result<i64, ShipError> {
-    let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    let partitions = {
-        let (cfg, dest) = (cfg.clone(), dest.clone());
-        tokio::task::spawn_blocking(move || batch_partitions(&cfg, &dest))
-            .await
-            .map_err(|e| ShipError::Unexpected(e.to_string()))??
-    };
-    Ok(live_next(cfg, &dest, partitions, tp).await?.next)
+/// Where the live lane starts in `tp` while it has no batch in the destination: the shipper
+/// group's committed offset, else 0.
+async fn group_start(cfg: &Config, tp: &TopicPartition) -> Result<i64, ShipError> {
+    let origin = Cluster::new("origin", cfg.origin.kafka.clone());
+    let (group, tp) = (cfg.ship.group_id.clone(), tp.clone());
+    let committed = tokio::task::spawn_blocking(move || origin.committed_offset(&group, &tp))
+        .await
+        .map_err(|e| ShipError::Unexpected(e.to_string()))??;
+    Ok(committed.unwrap_or(0))
 }
 
 /// The batch topic's real partition count, which decides where each origin partition's
@@ -1775,6 +1773,15 @@ impl<'a> RangeShipper<'a> {
         Ok(self.live(tp).await?.map_or(0, |e| e.incarnation))
     }
 
+    /// Where the live lane goes on in `tp` (see `live_next`): a replay or reship never ships
+    /// past it, the rest being the live lane's to ship.
+    pub async fn live_end(&self, tp: &TopicPartition) -> Result<i64, ShipError> {
+        match self.live(tp).await? {
+            Some(e) => Ok(e.next),
+            None => group_start(self.shipper.cfg, tp).await,
+        }
+    }
+
     /// What the live lane shipped of `tp`.
     async fn live(&self, tp: &TopicPartition) -> Result<Option<ShippedEnd>, ShipError> {
         shipped_end(
@@ -1840,7 +1847,10 @@ pub async fn reship(cfg: &Config, batch_id: &str) -> Result<(u64, u64), ShipErro
             gone.unwrap_or_else(|| format!("the live lane ships incarnation {now}"))
         )));
     }
-    let live = live_end(cfg, &TopicPartition::new(&id.topic, id.partition)).await?;
+    let live = match &end {
+        Some(e) => e.next,
+        None => group_start(cfg, &tp).await?,
+    };
     if id.last >= live {
         return Err(ShipError::Permanent(format!(
             "batch {batch_id} covers offsets the live lane has not shipped yet (it ships {} from \

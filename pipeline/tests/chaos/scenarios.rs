@@ -974,35 +974,10 @@ pub async fn zombie_shipper(f: &mut Figures, iterations: u32, cycles: u32) {
 
 /// Deletes the workload table's origin topic and creates it again with `partitions`.
 async fn recreate_origin_topic(lab: &Lab, partitions: i32) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let topic = format!("{}.public.chaos_item", lab.cfg.capture.topic_prefix);
     let origin = Cluster::new("origin", lab.cfg.origin.kafka.clone());
-    let admin: AdminClient<DefaultClientContext> = origin.client_config().create().expect("admin");
-    let deleted = admin
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .expect("delete topic");
-    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-    let deadline = Instant::now() + secs(60);
-    loop {
-        let created = admin
-            .create_topics(
-                &[NewTopic::new(
-                    &topic,
-                    partitions,
-                    TopicReplication::Fixed(1),
-                )],
-                &AdminOptions::new(),
-            )
-            .await
-            .expect("create topic");
-        if created.iter().all(Result::is_ok) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{created:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::support::delete_topic(&origin, &topic).await;
+    crate::support::create_topic(&origin, &topic, partitions, false).await;
 }
 
 /// Scenario 13: the origin topic deleted and created again (with another partition count, as

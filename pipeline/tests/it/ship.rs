@@ -145,6 +145,16 @@ async fn captured_workload(db: &TestDb) {
     cap.stop().await;
 }
 
+/// `acct` captured (see [`captured_workload`]) with a destination database, and the shipper
+/// configuration of [`ship_config`].
+async fn acct_with_destination(test: &str) -> (TestDb, Config) {
+    let mut db = TestDb::new(test).await;
+    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
+    captured_workload(&db).await;
+    let cfg = ship_config(&db);
+    (db, cfg)
+}
+
 fn ship_config(db: &TestDb) -> Config {
     let mut cfg = db.cfg.clone();
     cfg.ship.group_id = format!("{}_ship", db.name);
@@ -896,10 +906,7 @@ async fn batches_retention_deleted_stop_apply_until_accepted() {
 /// consumer of the replicated topic sees every change exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_replicating_leaves_each_change_once_in_the_replicated_topic() {
-    let mut db = TestDb::new("applyeo").await;
-    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
-    captured_workload(&db).await;
-    let mut cfg = ship_config(&db);
+    let (db, mut cfg) = acct_with_destination("applyeo").await;
     // A restarted applier of the same static member gets its partitions back at once.
     cfg.apply.instance_id = "apply-1".into();
     let ms = ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
@@ -1024,48 +1031,12 @@ async fn a_stalled_shipper_that_lost_its_partitions_ships_nothing_of_them() {
     db.cleanup().await;
 }
 
-/// Deletes `topic` from `cluster`.
-async fn delete_topic(cluster: &Cluster, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
-    let deleted = admin
-        .delete_topics(&[topic], &AdminOptions::new())
-        .await
-        .expect("delete topic");
-    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-}
-
-/// Creates `topic` in `cluster` (retrying while a topic of that name is still being deleted),
-/// compacted or not.
-async fn create_topic(cluster: &Cluster, topic: &str, partitions: i32, compacted: bool) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
-    let mut spec = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    if compacted {
-        spec = spec.set("cleanup.policy", "compact");
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let created = admin
-            .create_topics(std::slice::from_ref(&spec), &AdminOptions::new())
-            .await
-            .expect("create topic");
-        if created.iter().all(Result::is_ok) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{created:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 /// Deletes `topic` from the origin cluster and creates it again with `partitions`, as an
 /// operator migrating it does.
 async fn recreate_topic(cfg: &Config, topic: &str, partitions: i32) {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
-    delete_topic(&origin, topic).await;
-    create_topic(&origin, topic, partitions, false).await;
+    crate::support::delete_topic(&origin, topic).await;
+    crate::support::create_topic(&origin, topic, partitions, false).await;
 }
 
 /// `ferry verify` of `public.acct` finds nothing different.
@@ -1101,10 +1072,7 @@ async fn an_origin_topic_created_again_stops_until_accepted_then_ships_whole() {
 }
 
 async fn topic_created_again(partitions: i32) {
-    let mut db = TestDb::new(&format!("shiprecreate{partitions}")).await;
-    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
-    captured_workload(&db).await;
-    let cfg = ship_config(&db);
+    let (db, cfg) = acct_with_destination(&format!("shiprecreate{partitions}")).await;
     let topic = format!("{}.public.acct", cfg.capture.topic_prefix);
     let stats = Arc::new(ShipStats::default());
     let (stop, rx) = watch::channel(false);
@@ -1263,16 +1231,13 @@ async fn topic_created_again(partitions: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut db = TestDb::new("schemagone").await;
-    db.cfg.destination.postgres = Some(crate::apply::dest_db(&db, "dst").await);
-    captured_workload(&db).await;
-    let mut cfg = ship_config(&db);
+    let (db, mut cfg) = acct_with_destination("schemagone").await;
     cfg.apply.on_corrupt = ferry_pipeline::config::OnCorrupt::Quarantine;
     ship_until_covered(&cfg, Arc::new(ShipStats::default())).await;
 
     let schemas = ferry_pipeline::topics::schema_topic(&cfg.capture.topic_prefix);
     let dest = Cluster::new("destination", cfg.destination.kafka.clone());
-    delete_topic(&dest, &schemas).await;
+    crate::support::delete_topic(&dest, &schemas).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let run_apply = |secs: u64| {
         let cfg = cfg.clone();
@@ -1296,7 +1261,7 @@ async fn a_batch_whose_schema_is_missing_is_never_quarantined() {
     assert!(stats.stopped.lock().expect("lock").is_empty());
 
     // Back, but empty: the batch partitions stop at their first batch.
-    create_topic(&dest, &schemas, 1, true).await;
+    crate::support::create_topic(&dest, &schemas, 1, true).await;
     let stats = Arc::new(ferry_pipeline::apply::ApplyStats::default());
     let (stop, rx) = watch::channel(false);
     let task = {

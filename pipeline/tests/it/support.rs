@@ -390,3 +390,39 @@ pub fn init_logs() {
         });
     }
 }
+
+/// Deletes `topic` from `cluster`.
+pub async fn delete_topic(cluster: &Cluster, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
+    let deleted = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+}
+
+/// Creates `topic` in `cluster` (retrying while a topic of that name is still being deleted),
+/// compacted or not.
+pub async fn create_topic(cluster: &Cluster, topic: &str, partitions: i32, compacted: bool) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = cluster.client_config().create().expect("admin");
+    let mut spec = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    if compacted {
+        spec = spec.set("cleanup.policy", "compact");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = admin
+            .create_topics(std::slice::from_ref(&spec), &AdminOptions::new())
+            .await
+            .expect("create topic");
+        if created.iter().all(Result::is_ok) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{created:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
