@@ -36,6 +36,14 @@ fn batches(cfg: &Config) -> Vec<(Manifest, Vec<u8>)> {
     }
 }
 
+/// [`batches`] from async code.
+async fn read_batches(cfg: &Config) -> Vec<(Manifest, Vec<u8>)> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || batches(&cfg))
+        .await
+        .expect("task")
+}
+
 /// High watermark of every origin table partition.
 fn origin_ends(cfg: &Config, table: &str) -> BTreeMap<(String, i32), i64> {
     let origin = Cluster::new("origin", cfg.origin.kafka.clone());
@@ -430,12 +438,7 @@ async fn kill_9_during_a_replay_resumes_and_keeps_batch_ids() {
 
     // Every batch the replay produced carries an id shipped before: the destination's dedupe
     // makes all of it a no-op, crash included.
-    let all = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&cfg))
-            .await
-            .expect("task")
-    };
+    let all = read_batches(&cfg).await;
     assert!(all.len() > shipped.len(), "the replay produced batches");
     for (m, _) in &all {
         assert!(
@@ -673,12 +676,7 @@ async fn a_range_retention_deleted_stops_its_partition_until_accepted() {
             .load(std::sync::atomic::Ordering::Relaxed),
         lost as u64
     );
-    let after = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&cfg))
-            .await
-            .expect("task")
-    };
+    let after = read_batches(&cfg).await;
     assert!(
         after
             .iter()
@@ -1014,12 +1012,7 @@ async fn a_stalled_shipper_that_lost_its_partitions_ships_nothing_of_them() {
     let _ = b.kill();
     let _ = a.wait();
     let _ = b.wait();
-    let all = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&cfg))
-            .await
-            .expect("task")
-    };
+    let all = read_batches(&cfg).await;
     let ends = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || origin_ends(&cfg, "public.acct"))
@@ -1124,12 +1117,7 @@ async fn topic_created_again(partitions: i32) {
             .load(std::sync::atomic::Ordering::Relaxed),
         partitions as u64
     );
-    let after = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || batches(&cfg))
-            .await
-            .expect("task")
-    };
+    let after = read_batches(&cfg).await;
     assert_eq!(after.len(), old.len(), "nothing of the new topic shipped");
 
     // A restarted shipper stops there too; `ferry status` and `ferry accept-gap` say why.
@@ -1173,12 +1161,7 @@ async fn topic_created_again(partitions: i32) {
     );
     let deadline = Instant::now() + Duration::from_secs(90);
     let all = loop {
-        let all = {
-            let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || batches(&cfg))
-                .await
-                .expect("task")
-        };
+        let all = read_batches(&cfg).await;
         let cov = coverage(&of_incarnation(&all, 1));
         if ends
             .iter()
